@@ -1,0 +1,12 @@
+# Convenience targets; each calls .ci/bootstrap, which installs what is missing first.
+.PHONY: demo test bench env lint
+demo:
+	bash .ci/bootstrap demo
+test:
+	bash .ci/bootstrap test
+bench:
+	bash .ci/bootstrap bench $(NAME)
+env:
+	bash .ci/bootstrap env
+lint:
+	.venv/bin/ruff check . && .venv/bin/mypy
