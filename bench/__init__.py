@@ -1,0 +1,1 @@
+"""Benchmarks: each module measures weavepy against its anchor in the same run."""
