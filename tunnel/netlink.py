@@ -20,7 +20,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.rtnl import (
     RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV4_ROUTE,
@@ -43,6 +43,7 @@ __all__ = [
     "RTMGRP_NEIGH",
     "RTNH_F_ONLINK",
     "RT_TABLE_MAIN",
+    "NetlinkDumpInterrupted",
     "NetlinkError",
     "RtnlEvent",
     "errno_of",

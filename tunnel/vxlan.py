@@ -80,6 +80,7 @@ from tunnel.netlink import (
     RT_TABLE_MAIN,
     RTMGRP_LINK,
     RTNH_F_ONLINK,
+    NetlinkDumpInterrupted,
     NetlinkError,
     RtnlEvent,
     errno_of,
@@ -320,6 +321,7 @@ class ReconcileReport:
     idle_peers: list[str] = field(default_factory=list)
     programmed_peers: int = 0
     device_error: str | None = None
+    mtu: int | None = None  # the device MTU this pass aimed for (pods use the same)
     duration_s: float = 0.0
 
     @property
@@ -958,6 +960,7 @@ def _apply(ipr: Any, op: Op, ifindex: int | None) -> int | None:
     return ifindex
 
 
+_DUMP_ATTEMPTS = 3
 _DELETE_OPS = (DeleteDevice, DeleteAddress, DeleteNeighbour, DeleteFdb, DeleteRoute)
 
 
@@ -1009,7 +1012,7 @@ class VxlanBackend:
             return
         try:
             try:
-                underlay, actual = _read_kernel(ipr, self.config)
+                underlay, actual = self._read(ipr)
             except _UnderlayMissing as exc:
                 report.device_error = str(exc)
                 return
@@ -1017,11 +1020,46 @@ class VxlanBackend:
                 report.device_error = f"cannot read kernel state: {exc}"
                 return
             desired = desired_state(self.config, valid, local_blocks, underlay)
-            ops = plan(desired, actual)
-            failed = self._execute(ipr, ops, actual, report)
-            report.programmed_peers = sum(1 for p in valid if p.name not in failed)
+            report.mtu = desired.device.mtu
+            failed = self._execute(ipr, plan(desired, actual), actual, report)
+            if report.device_error is None:
+                report.programmed_peers = sum(1 for p in valid if p.name not in failed)
         finally:
             ipr.close()
+
+    def _read(self, ipr: Any) -> tuple[UnderlayState, KernelState]:
+        """`_read_kernel`, retried when the kernel flags a dump as interrupted by a change."""
+        for _ in range(_DUMP_ATTEMPTS - 1):
+            try:
+                return _read_kernel(ipr, self.config)
+            except NetlinkDumpInterrupted:
+                continue
+        return _read_kernel(ipr, self.config)
+
+    def remove(self) -> ReconcileReport:
+        """Delete our device (its routes, neighbours and FDB entries go with it): for reset."""
+        with self._lock:
+            started = time.monotonic()
+            report = ReconcileReport()
+            try:
+                ipr = open_iproute(self.netns)
+            except (OSError, NetlinkError) as exc:
+                report.device_error = f"cannot open netlink (netns {self.netns}): {exc}"
+                return report
+            try:
+                link = _get_link(ipr, ifname=self.config.device)
+                if link is not None:
+                    op = DeleteDevice(self.config.device, "removed on request")
+                    try:
+                        _apply(ipr, op, int(link["index"]))
+                        report.changes.append(op.change())
+                    except (OSError, NetlinkError) as exc:
+                        if errno_of(exc) not in GONE_ERRNOS:
+                            report.device_error = f"{op.change()}: {exc}"
+            finally:
+                ipr.close()
+                report.duration_s = time.monotonic() - started
+        return report
 
     def _execute(
         self, ipr: Any, ops: list[Op], actual: KernelState, report: ReconcileReport
