@@ -1,0 +1,123 @@
+"""Putting weavepy on a node's CNI: the plugin executable and the network configuration.
+
+This module owns what `weavepy install-cni` writes. The rules it keeps:
+
+- **The plugin starts with an absolute path to a real interpreter**, with `-IS` (isolated, no
+  site): never `/usr/bin/env python3` or a pyenv shim, which costs 55-180 ms per pod here. The
+  interpreter is checked to be an executable binary, not a shell-script shim.
+- **The plugin is one self-contained file**: the source of `weavepy.cni.plugin` behind that
+  line, so it needs no import path, no virtualenv and no weavepy installation on the host.
+- **Every file is replaced atomically** (written beside its target, then renamed), so a runtime
+  reading the directory never sees half a plugin or half a conflist.
+
+The conflist chains `portmap` after weavepy (with the `portMappings` capability) so that pod
+hostPorts work with the reference plugin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from weavepy.cni.protocol import DEFAULT_SOCKET_PATH
+
+PLUGIN_NAME = "weavepy-cni"
+CONFLIST_NAME = "10-weavepy.conflist"
+NETWORK_NAME = "weavepy"
+DEFAULT_CNI_VERSION = "1.0.0"  # what containerd 1.6 and the Debian reference plugins speak
+MAX_SHEBANG = 255  # the kernel's limit (BINPRM_BUF_SIZE - 1) since Linux 5.1
+
+
+class InstallError(RuntimeError):
+    """The plugin or its configuration cannot be installed as asked."""
+
+
+@dataclass(frozen=True)
+class InstalledCni:
+    plugin: Path
+    conflist: Path
+    interpreter: str
+
+
+def resolve_interpreter(candidate: str | None = None) -> str:
+    """An absolute path to a real Python binary (default: the one running this code)."""
+    path = os.path.realpath(candidate or sys.executable)
+    try:
+        with open(path, "rb") as binary:
+            magic = binary.read(4)
+    except OSError as exc:
+        raise InstallError(f"cannot read interpreter {path}: {exc.strerror}") from None
+    if magic != b"\x7fELF":
+        raise InstallError(f"{path} is not an executable binary (a shim or a script?); "
+                           "pass the real interpreter")
+    if not os.access(path, os.X_OK):
+        raise InstallError(f"interpreter {path} is not executable")
+    if any(c.isspace() for c in path):
+        raise InstallError(f"interpreter path {path!r} has whitespace, which a #! line "
+                           "cannot carry")
+    return path
+
+
+def plugin_script(interpreter: str) -> str:
+    """The text of the standalone plugin executable."""
+    shebang = f"#!{interpreter} -IS"
+    if len(shebang) > MAX_SHEBANG:
+        raise InstallError(f"interpreter path is too long for a #! line: {interpreter}")
+    source = Path(__file__).with_name("plugin.py").read_text()
+    return (f"{shebang}\n# weavepy-cni: installed by `weavepy install-cni`; do not edit.\n"
+            f"{source}")
+
+
+def conflist(*, network_name: str = NETWORK_NAME, cni_version: str = DEFAULT_CNI_VERSION,
+             socket_path: str = DEFAULT_SOCKET_PATH, with_portmap: bool = True,
+             extra_plugins: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The network configuration list: weavepy first, then portmap."""
+    main: dict[str, Any] = {"type": PLUGIN_NAME}
+    if socket_path != DEFAULT_SOCKET_PATH:
+        main["socketPath"] = socket_path
+    plugins = [main]
+    if with_portmap:
+        plugins.append({"type": "portmap", "capabilities": {"portMappings": True},
+                        "snat": True})
+    plugins.extend(extra_plugins or [])
+    return {"cniVersion": cni_version, "name": network_name, "plugins": plugins}
+
+
+def _write_atomically(target: Path, text: str, mode: int) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def install_cni(bin_dir: str | os.PathLike[str], conf_dir: str | os.PathLike[str], *,
+                interpreter: str | None = None, network_name: str = NETWORK_NAME,
+                cni_version: str = DEFAULT_CNI_VERSION,
+                socket_path: str = DEFAULT_SOCKET_PATH, with_portmap: bool = True,
+                conflist_name: str = CONFLIST_NAME,
+                extra_plugins: list[dict[str, Any]] | None = None) -> InstalledCni:
+    """Install `weavepy-cni` into `bin_dir` and the network configuration into `conf_dir`."""
+    real = resolve_interpreter(interpreter)
+    plugin = Path(bin_dir) / PLUGIN_NAME
+    _write_atomically(plugin, plugin_script(real), 0o755)
+    conf = Path(conf_dir) / conflist_name
+    document = conflist(network_name=network_name, cni_version=cni_version,
+                        socket_path=socket_path, with_portmap=with_portmap,
+                        extra_plugins=extra_plugins)
+    _write_atomically(conf, json.dumps(document, indent=2) + "\n", 0o644)
+    return InstalledCni(plugin=plugin, conflist=conf, interpreter=real)

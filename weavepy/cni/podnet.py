@@ -1,0 +1,417 @@
+"""Pod interfaces in the kernel: the node bridge, one veth pair per attachment, and checks.
+
+This module owns every netlink operation of the CNI side (through pyroute2). It keeps three
+rules:
+
+1. **Names are derived, never stored.** A pod's host-side veth is `wpv` + 12 hex digits of
+   sha256(container ID, ifname), so DEL finds it with nothing but CNI_CONTAINERID and
+   CNI_IFNAME (DEL may come with an empty CNI_NETNS), and GC can tell ours from others'.
+2. **One message where the kernel allows it.** ADD creates the pair with its peer already in
+   the pod's namespace under its final name, with MTU, MAC, gso limits and bridge master set
+   (RTM_NEWLINK with IFLA_NET_NS_FD inside VETH_INFO_PEER), then enables hairpin on the bridge
+   port, then configures the pod side: address, link up, routes. A failure part-way removes
+   the pair, so an ADD either completes or leaves nothing behind.
+3. **The calling thread returns to its own namespace.** Work inside a pod's namespace is done
+   on a netlink socket opened while the thread is briefly `setns()`-ed into it; a socket
+   stays bound to the namespace it was created in. If the thread cannot get back, the process
+   exits rather than touch the wrong namespace.
+
+The bridge gets a fixed MAC at creation: a Linux bridge without one takes the lowest MAC of its
+ports, so pods' ARP entries for the gateway would go stale whenever a port comes or goes.
+
+Blocking calls: use one `PodNetwork` from one thread (the CNI server runs it on its worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import ipaddress
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+HOST_VETH_PREFIX = "wpv"
+CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: which kind of namespace it is
+IFF_UP = 0x1
+DEFAULT_ROUTE = ipaddress.IPv4Network("0.0.0.0/0")
+
+
+class PodNetError(Exception):
+    """A kernel operation for a pod failed; the message says which and why."""
+
+
+class NetnsError(PodNetError):
+    """CNI_NETNS does not name a usable network namespace."""
+
+
+class CheckFailed(PodNetError):
+    """CHECK found the pod's network differs from what ADD set up."""
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    """The host end of an attachment's veth pair: fixed prefix + hash, 15 characters."""
+    digest = hashlib.sha256(f"{container_id}\0{ifname}".encode()).hexdigest()
+    return HOST_VETH_PREFIX + digest[:12]
+
+
+def random_mac() -> str:
+    """A random locally administered unicast MAC."""
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+@dataclass(frozen=True)
+class PodRoute:
+    dst: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address | None = None
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    """Everything ADD needs to build one attachment."""
+
+    container_id: str
+    ifname: str
+    netns: str
+    bridge: str
+    address: ipaddress.IPv4Interface
+    routes: Sequence[PodRoute]
+    mtu: int = 1500
+    gso_max_size: int | None = None
+    gso_max_segs: int | None = None
+    mac: str = ""
+
+
+@dataclass(frozen=True)
+class PodInterfaces:
+    """What ADD built, for the CNI result."""
+
+    bridge: str
+    bridge_mac: str
+    host_ifname: str
+    host_mac: str
+    container_ifname: str
+    container_mac: str
+    sandbox: str
+    mtu: int
+
+
+@dataclass(frozen=True)
+class BridgeState:
+    index: int
+    mac: str
+    up: bool
+    mtu: int
+    addresses: tuple[ipaddress.IPv4Interface, ...] = field(default=())
+
+
+def _netlink_code(exc: BaseException) -> int:
+    return exc.code if isinstance(exc, NetlinkError) else 0
+
+
+class PodNetwork:
+    """Netlink work for pods, from the namespace of the thread that created it."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        home = os.fstat(self._home_fd)
+        self._home_id = (home.st_dev, home.st_ino)
+        self._ipr: IPRoute | None = None
+
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+        if self._home_fd >= 0:
+            os.close(self._home_fd)
+            self._home_fd = -1
+
+    # --- namespaces -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def open_netns(self, path: str) -> Iterator[int]:
+        """An fd for the pod namespace at `path`, checked to be a network namespace that is
+        not the agent's own."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NetnsError(f"network namespace {path} does not exist") from None
+        except OSError as exc:
+            raise NetnsError(f"cannot open network namespace {path}: {exc.strerror}") from None
+        try:
+            try:
+                kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+            except OSError:
+                kind = -1
+            if kind != CLONE_NEWNET:
+                raise NetnsError(f"{path} is not a network namespace")
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == self._home_id:
+                raise NetnsError(f"{path} is the agent's own network namespace")
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _setns(self, fd: int) -> None:
+        if self._libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns: {os.strerror(err)}")
+
+    def socket_in(self, netns_fd: int) -> IPRoute:
+        """A netlink socket bound to the namespace `netns_fd`; the thread stays home."""
+        self._setns(netns_fd)
+        try:
+            return IPRoute()
+        finally:
+            try:
+                self._setns(self._home_fd)
+            except OSError:  # pragma: no cover - the kernel refused to let us go home
+                log.critical("cannot return to the agent's network namespace; exiting")
+                os._exit(70)
+
+    # --- the bridge -------------------------------------------------------------------------
+
+    def bridge_state(self, name: str) -> BridgeState | None:
+        links = self._get_link(name)
+        if links is None:
+            return None
+        index = links["index"]
+        addrs = tuple(
+            ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
+            for a in self.ipr.get_addr(index=index, family=2)
+        )
+        return BridgeState(index=index, mac=links.get_attr("IFLA_ADDRESS") or "",
+                           up=bool(links["flags"] & IFF_UP), mtu=links.get_attr("IFLA_MTU"),
+                           addresses=addrs)
+
+    def _get_link(self, name: str) -> Any:
+        try:
+            found = self.ipr.link("get", ifname=name)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise
+        return found[0] if found else None
+
+    def ensure_bridge(self, name: str, gateway_cidrs: Iterable[str | ipaddress.IPv4Interface],
+                      mtu: int, *, forwarding: bool = True) -> BridgeState:
+        """Create or repair the node's pod bridge: up, `mtu`, and exactly the IPv4 gateway
+        addresses given (one per block the node owns). Idempotent."""
+        wanted = {ipaddress.IPv4Interface(c) for c in gateway_cidrs}
+        link = self._get_link(name)
+        if link is None:
+            self.ipr.link("add", ifname=name, kind="bridge", address=random_mac(), mtu=mtu)
+            link = self._get_link(name)
+            log.info("created pod bridge %s (mtu %d)", name, mtu)
+        kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+        if kind != "bridge":
+            raise PodNetError(f"{name} exists but is a {kind or 'plain'} link, not a bridge")
+        index = link["index"]
+        if link.get_attr("IFLA_MTU") != mtu:
+            self.ipr.link("set", index=index, mtu=mtu)
+        if not link["flags"] & IFF_UP:
+            self.ipr.link("set", index=index, state="up")
+        state = self.bridge_state(name)
+        assert state is not None
+        present = set(state.addresses)
+        for cidr in sorted(wanted - present):
+            self.ipr.addr("add", index=index, address=str(cidr.ip),
+                          prefixlen=cidr.network.prefixlen)
+            log.info("bridge %s: added gateway %s", name, cidr)
+        for cidr in sorted(present - wanted):
+            self.ipr.addr("del", index=index, address=str(cidr.ip),
+                          prefixlen=cidr.network.prefixlen)
+            log.info("bridge %s: removed gateway %s", name, cidr)
+        if forwarding:
+            with open("/proc/sys/net/ipv4/ip_forward", "w") as sysctl:
+                sysctl.write("1")
+        final = self.bridge_state(name)
+        assert final is not None
+        return final
+
+    # --- pods -------------------------------------------------------------------------------
+
+    def add_pod(self, spec: PodSpec) -> PodInterfaces:
+        """Create the attachment's veth pair and configure the pod side (see rule 2)."""
+        bridge = self.bridge_state(spec.bridge)
+        if bridge is None or not bridge.up:
+            raise PodNetError(f"the pod bridge {spec.bridge} is missing or down")
+        host_name = host_veth_name(spec.container_id, spec.ifname)
+        host_mac = random_mac()
+        pod_mac = spec.mac or random_mac()
+        with self.open_netns(spec.netns) as ns_fd:
+            peer: dict[str, Any] = {"ifname": spec.ifname, "net_ns_fd": ns_fd,
+                                    "mtu": spec.mtu, "address": pod_mac}
+            if spec.gso_max_size is not None:
+                peer["gso_max_size"] = spec.gso_max_size
+            if spec.gso_max_segs is not None:
+                peer["gso_max_segs"] = spec.gso_max_segs
+            self._create_pair(spec, host_name, host_mac, bridge.index, peer)
+            try:
+                host_index = self.ipr.link_lookup(ifname=host_name)[0]
+                self.ipr.brport("set", index=host_index, mode=1)  # IFLA_BRPORT_MODE: hairpin
+                self._configure_pod_side(ns_fd, spec)
+            except BaseException:
+                self.delete_link(host_name)
+                raise
+        return PodInterfaces(bridge=spec.bridge, bridge_mac=bridge.mac, host_ifname=host_name,
+                             host_mac=host_mac, container_ifname=spec.ifname,
+                             container_mac=pod_mac, sandbox=spec.netns, mtu=spec.mtu)
+
+    def _create_pair(self, spec: PodSpec, host_name: str, host_mac: str, bridge_index: int,
+                     peer: dict[str, Any]) -> None:
+        for attempt in (1, 2):
+            try:
+                self.ipr.link("add", ifname=host_name, kind="veth", address=host_mac,
+                              mtu=spec.mtu, master=bridge_index, state="up", peer=peer)
+                return
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise PodNetError(f"creating veth {host_name} / {spec.ifname} failed: "
+                                      f"{exc}") from None
+                if attempt == 1 and self.delete_link(host_name):
+                    # A stale pair of this same attachment (an ADD without DEL): replace it.
+                    log.warning("replaced stale veth %s of %s/%s", host_name,
+                                spec.container_id, spec.ifname)
+                    continue
+                raise PodNetError(f"interface {spec.ifname} already exists in "
+                                  f"{spec.netns}") from None
+
+    def _configure_pod_side(self, ns_fd: int, spec: PodSpec) -> None:
+        nsr = self.socket_in(ns_fd)
+        try:
+            found = nsr.link_lookup(ifname=spec.ifname)
+            if not found:
+                raise PodNetError(f"{spec.ifname} did not appear in {spec.netns}")
+            index = found[0]
+            nsr.addr("add", index=index, address=str(spec.address.ip),
+                     prefixlen=spec.address.network.prefixlen)
+            nsr.link("set", index=index, state="up")
+            for route in spec.routes:
+                self._add_route(nsr, index, route)
+        except NetlinkError as exc:
+            raise PodNetError(f"configuring {spec.ifname} in {spec.netns} failed: "
+                              f"{exc}") from None
+        finally:
+            nsr.close()
+
+    @staticmethod
+    def _add_route(nsr: IPRoute, index: int, route: PodRoute) -> None:
+        """Add a pod route; one that is already there (a second attachment in the same
+        namespace on the same network) is left as it is."""
+        try:
+            if route.gateway is None:
+                nsr.route("add", dst=route.dst.with_prefixlen, oif=index)
+            else:
+                nsr.route("add", dst=route.dst.with_prefixlen, gateway=str(route.gateway))
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+            log.info("route %s already present in the pod namespace", route.dst)
+
+    def delete_link(self, name: str) -> bool:
+        """Delete a link by name; False if it was not there."""
+        try:
+            self.ipr.link("del", ifname=name)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False
+            raise PodNetError(f"deleting {name} failed: {exc}") from None
+        return True
+
+    def delete_pod(self, container_id: str, ifname: str) -> bool:
+        """Remove an attachment's veth pair (both ends go together). Idempotent: False when it
+        was already gone, e.g. because the runtime deleted the pod's namespace first."""
+        return self.delete_link(host_veth_name(container_id, ifname))
+
+    def host_veths(self) -> list[str]:
+        """Names of all host-side pod veths (ours by prefix) in this namespace."""
+        names = []
+        for link in self.ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME") or ""
+            kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+            if name.startswith(HOST_VETH_PREFIX) and kind == "veth":
+                names.append(name)
+        return names
+
+    def check_pod(self, container_id: str, ifname: str, netns: str, bridge: str,
+                  addresses: Iterable[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+                  routes: Iterable[PodRoute]) -> None:
+        """Raise `CheckFailed` unless the attachment's veth pair exists, its host end is on
+        `bridge`, and the pod side is up with `addresses` and `routes`."""
+        host_name = host_veth_name(container_id, ifname)
+        host = self._get_link(host_name)
+        if host is None:
+            raise CheckFailed(f"host veth {host_name} of {container_id}/{ifname} is missing")
+        bridge_state = self.bridge_state(bridge)
+        if bridge_state is None or host.get_attr("IFLA_MASTER") != bridge_state.index:
+            raise CheckFailed(f"host veth {host_name} is not attached to bridge {bridge}")
+        with self.open_netns(netns) as ns_fd:
+            nsr = self.socket_in(ns_fd)
+            try:
+                self._check_inside(nsr, ifname, netns, addresses, routes)
+            finally:
+                nsr.close()
+
+    @staticmethod
+    def _check_inside(nsr: IPRoute, ifname: str, netns: str,
+                      addresses: Iterable[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+                      routes: Iterable[PodRoute]) -> None:
+        try:
+            link = nsr.link("get", ifname=ifname)[0]
+        except (NetlinkError, IndexError):
+            raise CheckFailed(f"interface {ifname} is missing in {netns}") from None
+        if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "veth":
+            raise CheckFailed(f"{ifname} in {netns} is not a veth")
+        if not link["flags"] & IFF_UP:
+            raise CheckFailed(f"{ifname} in {netns} is down")
+        index = link["index"]
+        present = {
+            ipaddress.ip_interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
+            for a in nsr.get_addr(index=index)
+        }
+        for address in addresses:
+            if address not in present:
+                raise CheckFailed(f"address {address} is missing on {ifname} in {netns}")
+        installed = set()
+        for r in nsr.get_routes(family=2, table=254):
+            dst_text = r.get_attr("RTA_DST") or "0.0.0.0"
+            gw_text = r.get_attr("RTA_GATEWAY")
+            installed.add(PodRoute(ipaddress.IPv4Network(f"{dst_text}/{r['dst_len']}"),
+                                   ipaddress.IPv4Address(gw_text) if gw_text else None))
+        for route in routes:
+            if route not in installed:
+                via = f" via {route.gateway}" if route.gateway else ""
+                raise CheckFailed(f"route {route.dst}{via} is missing in {netns}")
+
+
+def ensure_bridge(name: str, gateway_cidrs: Iterable[str | ipaddress.IPv4Interface],
+                  mtu: int, *, forwarding: bool = True) -> BridgeState:
+    """Create or repair the node's pod bridge in the caller's namespace (see
+    `PodNetwork.ensure_bridge`)."""
+    net = PodNetwork()
+    try:
+        return net.ensure_bridge(name, gateway_cidrs, mtu, forwarding=forwarding)
+    finally:
+        net.close()
