@@ -51,8 +51,7 @@ def compress(data: bytes) -> bytes:
     table: dict[int, int] = {}
     lookup = table.get
     code = data[0]
-    for i in range(1, len(data)):
-        byte = data[i]
+    for byte in memoryview(data)[1:]:
         key = (code << 8) | byte
         found = lookup(key)
         if found is not None:
@@ -124,7 +123,7 @@ def decompress(data: bytes, max_size: int) -> bytes:
     size = 0
     while True:
         if n_bits < width:
-            chunk = data[pos : pos + 3]
+            chunk = data[pos : pos + 6]
             bits |= int.from_bytes(chunk, "little") << n_bits
             n_bits += 8 * len(chunk)
             pos += len(chunk)

@@ -5,13 +5,15 @@ security.go (v0.2.2, as in Debian's serf 0.9.4) and go-msgpack v0.5.5; our own c
 
 Theory of operation
 -------------------
-A message is `[type byte] + msgpack(struct)`: a map keyed by the Go field names in declaration
-order, in go-msgpack's *old* spec (strings and []byte both "raw": fixraw/raw16/raw32, never
-str8/bin), so we encode with `use_bin_type=False` and decode with `raw=True`. go-msgpack v0.5.5
-writes non-negative Go `int`s as msgpack uints, exactly like msgpack-python, so a plain `packb` is
-byte-exact. `omitempty` exists only on the Source* fields of ping and indirect ping; any other
-empty []byte is a nil slice in Go and goes out as msgpack nil. The packet form of a user message
-is `[8] + payload`, unframed.
+A message is `[type byte] + msgpack(struct)`: a map keyed by the Go field names, written sorted by
+name (go-msgpack encodes struct-to-map from its sorted field list, in v0.5.5 and v2 alike), in the
+*old* msgpack spec: strings and []byte are both "raw" (fixraw/raw16/raw32, never str8/bin), so we
+encode with `use_bin_type=False` and decode with `raw=True`. go-msgpack v0.5.5 (Debian's serf)
+writes non-negative Go `int`s as msgpack uints, as msgpack-python does; v2 (newer memberlist)
+writes them as signed ints. Every version decodes any key order and any integer width, so we
+match v0.5.5 byte for byte and read both. `omitempty` exists only on the Source* fields of ping
+and indirect ping; any other empty []byte is a nil slice in Go and goes out as msgpack nil. The
+packet form of a user message is `[8] + payload`, unframed.
 
 Packets (UDP) are layered, outermost first::
 
@@ -195,7 +197,7 @@ def _encode_value(value: Any, kind: _Kind) -> Any:
 
 def _encode_struct(values: Callable[[str], Any], schema: tuple[_Field, ...]) -> bytes:
     fields: dict[bytes, Any] = {}
-    for f in schema:
+    for f in sorted(schema, key=_encode_order):
         value = values(f.attr)
         if f.omitempty and not value:
             continue
@@ -205,6 +207,11 @@ def _encode_struct(values: Callable[[str], Any], schema: tuple[_Field, ...]) -> 
             raise type(exc)(f"{f.key.decode()}: {exc}") from exc
     packed: bytes = msgpack.packb(fields, use_bin_type=False)
     return packed
+
+
+def _encode_order(f: _Field) -> bytes:
+    """go-msgpack writes a struct's fields sorted by name (bytewise), not in declaration order."""
+    return f.key
 
 
 def _encode_object(obj: object, schema: tuple[_Field, ...]) -> bytes:
