@@ -307,6 +307,11 @@ class GossipService:
         self._nursery.cancel_scope.cancel()
         try:
             return await self._exit_stack.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # The body's own error, alone: hand it back as it was raised, not wrapped.
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                raise exc from None
+            raise
         finally:
             self._close_sockets()
             self._event_send.close()
