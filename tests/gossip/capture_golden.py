@@ -293,7 +293,7 @@ class Peer:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             msg = self._read_stream(conn, "tcp inbound")
-            reply = None
+            reply: PushPull | Ack | None = None
             if isinstance(msg, PushPull):
                 reply = self.push_pull(msg.join)
             elif isinstance(msg, Ping) and self.answering:
@@ -309,7 +309,7 @@ class Peer:
                 raw = encode_stream(msg, keyring=self.keyring, compression=False)  # type: ignore[arg-type]
             conn.sendall(raw)
             agent = self.agent_ports.get(port)
-            return self._read_stream(conn, origin, compression=agent and agent.compression)
+            return self._read_stream(conn, origin, compression=agent.compression if agent else None)
 
 
 @contextlib.contextmanager

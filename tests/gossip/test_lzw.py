@@ -28,11 +28,11 @@ VECTORS = json.loads((Path(__file__).parent / "golden" / "lzw_vectors.json").rea
 def make_input(recipe: dict[str, Any]) -> bytes:
     kind = recipe["kind"]
     if kind == "hex":
-        return bytes.fromhex(recipe["hex"])
+        return bytes.fromhex(str(recipe["hex"]))
     if kind == "random":
         return random.Random(recipe["seed"]).randbytes(recipe["size"])
     if kind == "repeat":
-        return bytes.fromhex(recipe["unit_hex"]) * recipe["count"]
+        return bytes.fromhex(recipe["unit_hex"]) * int(recipe["count"])
     if kind == "random_prefix":
         return random.Random(recipe["seed"]).randbytes(recipe["pool"])[: recipe["size"]]
     raise AssertionError(f"unknown recipe {kind}")
