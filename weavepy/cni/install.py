@@ -7,6 +7,10 @@ This module owns what `weavepy install-cni` writes. The rules it keeps:
   interpreter is checked to be an executable binary, not a shell-script shim.
 - **The plugin is one self-contained file**: the source of `weavepy.cni.plugin` behind that
   line, so it needs no import path, no virtualenv and no weavepy installation on the host.
+  Next to the source the file carries its bytecode, compiled by that same interpreter, and
+  runs the bytecode when the interpreter's cache tag still matches (else it compiles the
+  source). A script run directly is compiled on every start, and for the plugin that is ~2 ms
+  of each pod's ADD (about a fifth of the reference bridge plugin's whole ADD).
 - **Every file is replaced atomically** (written beside its target, then renamed), so a runtime
   reading the directory never sees half a plugin or half a conflist.
 
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import marshal
 import os
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -64,14 +70,62 @@ def resolve_interpreter(candidate: str | None = None) -> str:
     return path
 
 
-def plugin_script(interpreter: str) -> str:
-    """The text of the standalone plugin executable."""
+_COMPILE_PROGRAM = (
+    "import marshal, sys\n"
+    "source = sys.stdin.read()\n"
+    "code = compile(source, sys.argv[1], 'exec', dont_inherit=True)\n"
+    "sys.stdout.buffer.write(sys.implementation.cache_tag.encode() + b'\\n' + "
+    "marshal.dumps(code))\n"
+)
+
+
+def _bytecode(interpreter: str, source: str, filename: str) -> tuple[str, bytes] | None:
+    """(cache tag, marshalled code) of `source` compiled by `interpreter`, or None if that
+    interpreter cannot do it (then the plugin compiles itself at each start)."""
+    if os.path.realpath(sys.executable) == interpreter:
+        code = compile(source, filename, "exec", dont_inherit=True)
+        return sys.implementation.cache_tag, marshal.dumps(code)
+    try:
+        proc = subprocess.run([interpreter, "-IS", "-c", _COMPILE_PROGRAM, filename],
+                              input=source.encode(), capture_output=True, timeout=60,
+                              check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    tag, _, code_bytes = proc.stdout.partition(b"\n")
+    return (tag.decode(), code_bytes) if tag and code_bytes else None
+
+
+def plugin_script(interpreter: str, filename: str = PLUGIN_NAME) -> str:
+    """The text of the standalone plugin executable for `interpreter`."""
     shebang = f"#!{interpreter} -IS"
     if len(shebang) > MAX_SHEBANG:
         raise InstallError(f"interpreter path is too long for a #! line: {interpreter}")
     source = Path(__file__).with_name("plugin.py").read_text()
-    return (f"{shebang}\n# weavepy-cni: installed by `weavepy install-cni`; do not edit.\n"
-            f"{source}")
+    quotes = "'" * 3
+    if quotes in source or source.endswith("\\"):
+        raise InstallError("plugin.py cannot be embedded in a raw triple-quoted string")
+    lines = [
+        shebang,
+        "# weavepy-cni, written by `weavepy install-cni` (do not edit): the source of",
+        "# weavepy/cni/plugin.py, and its bytecode for this interpreter so that the plugin",
+        "# does not compile itself on every pod start.",
+        "import sys",
+        f"SOURCE = r{quotes}{source}{quotes}",
+    ]
+    compiled = _bytecode(interpreter, source, filename)
+    if compiled is None:
+        lines.append("exec(compile(SOURCE, __file__, 'exec'))")
+    else:
+        tag, code = compiled
+        lines += [
+            f"CODE = {code!r}",
+            f"if sys.implementation.cache_tag == {tag!r}:",
+            "    import marshal",
+            "    exec(marshal.loads(CODE))",
+            "else:  # the interpreter was upgraded in place: fall back to the source",
+            "    exec(compile(SOURCE, __file__, 'exec'))",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def conflist(*, network_name: str = NETWORK_NAME, cni_version: str = DEFAULT_CNI_VERSION,
@@ -114,7 +168,7 @@ def install_cni(bin_dir: str | os.PathLike[str], conf_dir: str | os.PathLike[str
     """Install `weavepy-cni` into `bin_dir` and the network configuration into `conf_dir`."""
     real = resolve_interpreter(interpreter)
     plugin = Path(bin_dir) / PLUGIN_NAME
-    _write_atomically(plugin, plugin_script(real), 0o755)
+    _write_atomically(plugin, plugin_script(real, str(plugin.absolute())), 0o755)
     conf = Path(conf_dir) / conflist_name
     document = conflist(network_name=network_name, cni_version=cni_version,
                         socket_path=socket_path, with_portmap=with_portmap,

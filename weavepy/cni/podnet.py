@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,11 @@ class NetnsError(PodNetError):
 
 class CheckFailed(PodNetError):
     """CHECK found the pod's network differs from what ADD set up."""
+
+
+class _BridgeGone(PodNetError):
+    """Creating a port was refused with EINVAL: most likely the cached bridge ifindex is gone
+    because the bridge was recreated."""
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -132,6 +138,7 @@ class PodNetwork:
         home = os.fstat(self._home_fd)
         self._home_id = (home.st_dev, home.st_ino)
         self._ipr: IPRoute | None = None
+        self._bridges: dict[str, tuple[int, str]] = {}  # name -> (ifindex, MAC), see add_pod
 
     @property
     def ipr(self) -> IPRoute:
@@ -178,17 +185,27 @@ class PodNetwork:
             err = ctypes.get_errno()
             raise OSError(err, f"setns: {os.strerror(err)}")
 
-    def socket_in(self, netns_fd: int) -> IPRoute:
-        """A netlink socket bound to the namespace `netns_fd`; the thread stays home."""
+    @contextlib.contextmanager
+    def inside(self, netns_fd: int) -> Iterator[None]:
+        """Run the block with this thread in the namespace `netns_fd`, then return home.
+
+        Keep the block short: open sockets (they stay bound to the namespace) and look up
+        names; do the work after it.
+        """
         self._setns(netns_fd)
         try:
-            return IPRoute()
+            yield
         finally:
             try:
                 self._setns(self._home_fd)
             except OSError:  # pragma: no cover - the kernel refused to let us go home
                 log.critical("cannot return to the agent's network namespace; exiting")
                 os._exit(70)
+
+    def socket_in(self, netns_fd: int) -> IPRoute:
+        """A netlink socket bound to the namespace `netns_fd`; the thread stays home."""
+        with self.inside(netns_fd):
+            return IPRoute()
 
     # --- the bridge -------------------------------------------------------------------------
 
@@ -248,15 +265,27 @@ class PodNetwork:
                 sysctl.write("1")
         final = self.bridge_state(name)
         assert final is not None
+        self._bridges[name] = (final.index, final.mac)
         return final
+
+    def _bridge(self, name: str, *, refresh: bool = False) -> tuple[int, str]:
+        """The bridge's (ifindex, MAC), cached: ADD needs them on every call, and they change
+        only when the bridge is recreated (then creating a port fails and we look again)."""
+        if not refresh and name in self._bridges:
+            return self._bridges[name]
+        self._bridges.pop(name, None)
+        link = self._get_link(name)
+        if link is None or not link["flags"] & IFF_UP:
+            raise PodNetError(f"the pod bridge {name} is missing or down")
+        found = (link["index"], link.get_attr("IFLA_ADDRESS") or "")
+        self._bridges[name] = found
+        return found
 
     # --- pods -------------------------------------------------------------------------------
 
     def add_pod(self, spec: PodSpec) -> PodInterfaces:
         """Create the attachment's veth pair and configure the pod side (see rule 2)."""
-        bridge = self.bridge_state(spec.bridge)
-        if bridge is None or not bridge.up:
-            raise PodNetError(f"the pod bridge {spec.bridge} is missing or down")
+        bridge_index, bridge_mac = self._bridge(spec.bridge)
         host_name = host_veth_name(spec.container_id, spec.ifname)
         host_mac = random_mac()
         pod_mac = spec.mac or random_mac()
@@ -267,15 +296,19 @@ class PodNetwork:
                 peer["gso_max_size"] = spec.gso_max_size
             if spec.gso_max_segs is not None:
                 peer["gso_max_segs"] = spec.gso_max_segs
-            self._create_pair(spec, host_name, host_mac, bridge.index, peer)
             try:
-                host_index = self.ipr.link_lookup(ifname=host_name)[0]
+                self._create_pair(spec, host_name, host_mac, bridge_index, peer)
+            except _BridgeGone:
+                bridge_index, bridge_mac = self._bridge(spec.bridge, refresh=True)
+                self._create_pair(spec, host_name, host_mac, bridge_index, peer)
+            try:
+                host_index = socket.if_nametoindex(host_name)
                 self.ipr.brport("set", index=host_index, mode=1)  # IFLA_BRPORT_MODE: hairpin
                 self._configure_pod_side(ns_fd, spec)
             except BaseException:
                 self.delete_link(host_name)
                 raise
-        return PodInterfaces(bridge=spec.bridge, bridge_mac=bridge.mac, host_ifname=host_name,
+        return PodInterfaces(bridge=spec.bridge, bridge_mac=bridge_mac, host_ifname=host_name,
                              host_mac=host_mac, container_ifname=spec.ifname,
                              container_mac=pod_mac, sandbox=spec.netns, mtu=spec.mtu)
 
@@ -287,6 +320,9 @@ class PodNetwork:
                               mtu=spec.mtu, master=bridge_index, state="up", peer=peer)
                 return
             except NetlinkError as exc:
+                if exc.code == errno.EINVAL and attempt == 1:
+                    raise _BridgeGone(f"creating veth {host_name} on bridge {spec.bridge} "
+                                      f"failed: {exc}") from None
                 if exc.code != errno.EEXIST:
                     raise PodNetError(f"creating veth {host_name} / {spec.ifname} failed: "
                                       f"{exc}") from None
@@ -299,12 +335,14 @@ class PodNetwork:
                                   f"{spec.netns}") from None
 
     def _configure_pod_side(self, ns_fd: int, spec: PodSpec) -> None:
-        nsr = self.socket_in(ns_fd)
+        with self.inside(ns_fd):
+            nsr = IPRoute()
+            try:
+                index = socket.if_nametoindex(spec.ifname)
+            except OSError:
+                nsr.close()
+                raise PodNetError(f"{spec.ifname} did not appear in {spec.netns}") from None
         try:
-            found = nsr.link_lookup(ifname=spec.ifname)
-            if not found:
-                raise PodNetError(f"{spec.ifname} did not appear in {spec.netns}")
-            index = found[0]
             nsr.addr("add", index=index, address=str(spec.address.ip),
                      prefixlen=spec.address.network.prefixlen)
             nsr.link("set", index=index, state="up")

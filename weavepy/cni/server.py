@@ -198,8 +198,12 @@ class CniServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("CNI client went away: %s", exc)
         finally:
-            if result is not None and self.on_request is not None:
-                self.on_request(result.command, result.code, trio.current_time() - started)
+            if result is not None:
+                elapsed = trio.current_time() - started
+                log.debug("CNI %s -> code %d in %.2f ms", result.command, result.code,
+                          elapsed * 1e3)
+                if self.on_request is not None:
+                    self.on_request(result.command, result.code, elapsed)
 
     @staticmethod
     async def _read_request(stream: trio.SocketStream) -> bytes | None:
