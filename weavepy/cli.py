@@ -1,17 +1,31 @@
 """The `weavepy` command line: one click group; each command is a thin shell over a module.
 
-Rule: a user mistake prints one readable line (click's `Error: ...`) and exits non-zero; a
-traceback means a bug in weavepy.
+Rule: a user mistake, or an agent that is down, prints one readable line (click's
+`Error: ...`) and exits non-zero; a traceback means a bug in weavepy. Commands that talk to a
+running agent use its local HTTP API through `weavepy.apiclient` (stdlib only, so they start
+fast); only `launch` imports the agent.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from weavepy import __version__
+from weavepy.config import SETTINGS, ConfigError, load_config, parse_peer
 from weavepy.sandbox_cli import sandbox_group
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +36,7 @@ def main(log_level: str) -> None:
     """weavepy: a pod network with memberlist gossip, VXLAN or WireGuard tunnels, and CNI."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug log is every message
 
 
 @main.command("demo")
@@ -36,6 +51,283 @@ def demo(nodes: int, keep: bool) -> None:
 
 
 main.add_command(sandbox_group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent commands
+
+def _setting_options(names: set[str] | None = None) -> Callable[[F], F]:
+    """click options for the settings in weavepy.config.SETTINGS (all, or those in `names`)."""
+
+    def decorate(fn: F) -> F:
+        for setting in reversed(SETTINGS):
+            if not setting.flag or (names is not None and setting.name not in names):
+                continue
+            envs = ", ".join(f"${e}" for e in setting.envs)
+            help_text = f"{setting.help}" + (f" [env: {envs}]" if envs else "")
+            if setting.is_flag:
+                option = click.option(setting.flag_name, setting.name, is_flag=True,
+                                      default=None, help=help_text)
+            else:
+                option = click.option(setting.flag_name, setting.name, default=None,
+                                      metavar=setting.metavar, help=help_text)
+            fn = option(fn)
+        fn = click.option("--config", "config_file", default=None, metavar="FILE",
+                          help="YAML file with the same settings [env: $WEAVEPY_CONFIG]")(fn)
+        return fn
+
+    return decorate
+
+
+def _load(flags: dict[str, Any], config_file: str | None) -> Any:
+    try:
+        return load_config(flags, os.environ, config_file)
+    except ConfigError as exc:
+        for problem in exc.problems[:-1]:
+            click.echo(f"Error: {problem}", err=True)
+        raise click.ClickException(exc.problems[-1]) from None
+
+
+def _client(api_addr: str | None) -> Any:
+    from weavepy.apiclient import ApiClient
+
+    text = api_addr or os.environ.get("WEAVEPY_API_ADDR") or "127.0.0.1:6784"
+    try:
+        host, port = parse_peer(text, 6784)
+    except ValueError as exc:
+        raise click.ClickException(f"--api-addr: {exc}") from None
+    return ApiClient(host, port)
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    from weavepy.apiclient import AgentRefused, AgentUnavailable
+
+    try:
+        return fn()
+    except (AgentUnavailable, AgentRefused) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+api_option = click.option("--api-addr", default=None, metavar="IP:PORT",
+                          help="the agent's API [env: $WEAVEPY_API_ADDR; default 127.0.0.1:6784]")
+
+
+@main.command("launch")
+@click.argument("peers", nargs=-1)
+@_setting_options()
+@click.option("--detach", is_flag=True, help="run in the background; log to RUN_DIR/agent.log")
+def launch(peers: tuple[str, ...], config_file: str | None, detach: bool,
+           **flags: Any) -> None:
+    """Run the node agent (in the foreground unless --detach), joining PEERS (host[:port])."""
+    if peers:
+        flags["peers"] = list(peers)
+    config = _load(flags, config_file)
+    if detach:
+        _detach(config)
+        return
+    from weavepy.agent import AgentError, run_agent
+
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    try:
+        run_agent(config)
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def _detach(config: Any) -> None:
+    from weavepy.apiclient import AgentUnavailable, ApiClient
+
+    argv = [a for a in sys.argv[1:] if a != "--detach"]
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = config.run_dir / "agent.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "weavepy.cli", *argv], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    client = ApiClient(config.api_addr[0], config.api_addr[1], timeout=2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise click.ClickException(f"the agent exited ({proc.returncode}): "
+                                       f"{tail[0] if tail else 'see ' + str(log_path)}")
+        try:
+            client.get("/healthz")
+            click.echo(f"weavepy agent running, pid {proc.pid}, log {log_path}")
+            return
+        except AgentUnavailable:
+            time.sleep(0.2)
+    raise click.ClickException(f"the agent (pid {proc.pid}) did not answer within 30 s; "
+                               f"see {log_path}")
+
+
+def _plain_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _echo_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for column in header:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    else:
+        click.echo(f"{title}:")
+        click.echo(_plain_table(header, rows) if rows else "  (none)")
+
+
+def render_status(doc: dict[str, Any]) -> None:
+    """Human-readable status (rich tables on a terminal, plain text when piped)."""
+    ipam = doc.get("ipam") or {}
+    dataplane = doc.get("dataplane") or {}
+    ready = "ready" if doc.get("ready") else "NOT READY: " + "; ".join(doc.get("not_ready_reasons",
+                                                                             []))
+    click.echo(f"weavepy {doc.get('version')}  node {doc.get('name')}  "
+               f"cluster {doc.get('cluster_id') or '-'}  "
+               f"encryption {'on' if doc.get('encryption') else 'OFF'}  {ready}")
+    members = doc.get("gossip", {}).get("members", {})
+    click.echo("members: " + (", ".join(f"{n} {s}" for s, n in sorted(members.items())) or "-"))
+    click.echo(f"IPAM: {ipam.get('state', '-')}" + (f" ({ipam['detail']})"
+                                                   if ipam.get("detail") else ""))
+    last = dataplane.get("last_pass") or {}
+    click.echo(f"data path: {dataplane.get('path')} dev {dataplane.get('device')} "
+               f"mtu {dataplane.get('mtu')}, last pass "
+               f"{'ok' if last.get('ok') else 'with errors' if last else 'pending'}")
+    targets = doc.get("targets") or []
+    if targets:
+        click.echo("targets: " + ", ".join(
+            f"{t['peer']} {t['state']}" + (f" ({t['last_error']})" if t.get("last_error") else "")
+            for t in targets))
+    rows = [[p["name"], p["state"], p.get("underlay_ip") or "-", " ".join(p.get("blocks", []))
+             or "-", p.get("path") or (p.get("excluded") or p.get("problem") or "-"),
+             "yes" if p.get("programmed") else "no"] for p in doc.get("peers", [])]
+    _echo_table("peers", ["NAME", "STATE", "UNDERLAY", "BLOCKS", "PATH", "ROUTES"], rows)
+    block_rows = [[b["block"], b["owner"]] for b in doc.get("blocks", [])]
+    _echo_table("blocks", ["BLOCK", "OWNER"], block_rows)
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@api_option
+def status(as_json: bool, api_addr: str | None) -> None:
+    """Show this node's agent: peers, blocks, IPAM and data-path state."""
+    doc = _call(lambda: _client(api_addr).get("/status"))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        render_status(doc)
+
+
+@main.command("connect")
+@click.argument("peers", nargs=-1, required=True)
+@click.option("--replace", is_flag=True, help="replace the target list instead of adding")
+@api_option
+def connect(peers: tuple[str, ...], replace: bool, api_addr: str | None) -> None:
+    """Join PEERS (host[:port]) and keep retrying them until `forget`."""
+    for peer in peers:
+        try:
+            parse_peer(peer)
+        except ValueError as exc:
+            raise click.ClickException(f"{peer}: {exc}") from None
+    doc = _call(lambda: _client(api_addr).post("/connect", {"peers": list(peers),
+                                                            "replace": replace}))
+    click.echo(f"targets: {', '.join(doc['targets']) or '(none)'}")
+
+
+@main.command("forget")
+@click.argument("peers", nargs=-1, required=True)
+@api_option
+def forget(peers: tuple[str, ...], api_addr: str | None) -> None:
+    """Stop trying to join PEERS (members already joined stay)."""
+    doc = _call(lambda: _client(api_addr).post("/forget", {"peers": list(peers)}))
+    if doc.get("unknown"):
+        click.echo(f"not targets: {', '.join(doc['unknown'])}", err=True)
+    click.echo(f"targets: {', '.join(doc['targets']) or '(none)'}")
+
+
+@main.command("rmpeer")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="remove even without a majority of voters, or "
+              "while the node still looks live (you promise it is gone)")
+@api_option
+def rmpeer(name: str, force: bool, api_addr: str | None) -> None:
+    """Reclaim the address space of node NAME, which is gone for good."""
+    query = {"force": "true"} if force else None
+    doc = _call(lambda: _client(api_addr).delete(f"/peer/{name}", query))
+    click.echo(doc.get("message") or json.dumps(doc))
+
+
+@main.command("stop")
+@api_option
+def stop(api_addr: str | None) -> None:
+    """Stop the agent gracefully (it leaves the cluster; pods and routes stay)."""
+    client = _client(api_addr)
+    _call(lambda: client.post("/stop"))
+    if not _wait_down(client, 15):
+        raise click.ClickException("the agent accepted the stop but still answers after 15 s")
+    click.echo("weavepy agent stopped")
+
+
+def _wait_down(client: Any, seconds: float) -> bool:
+    from weavepy.apiclient import AgentUnavailable
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            client.get("/healthz")
+        except AgentUnavailable:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@main.command("reset")
+@_setting_options({"state_dir", "run_dir", "vxlan_device", "bridge", "api_addr"})
+@click.option("--force", is_flag=True, help="do not ask for confirmation")
+def reset(config_file: str | None, force: bool, **flags: Any) -> None:
+    """Stop the agent if it runs, then remove this node's VXLAN device, pod bridge, pod veths
+    and state: the node forgets its blocks and identity and can join any cluster as new."""
+    from weavepy.apiclient import AgentRefused, AgentUnavailable, ApiClient
+
+    if os.geteuid() != 0:
+        raise click.ClickException("weavepy reset needs root (it removes network devices)")
+    config = _load(flags, config_file)
+    if not force and sys.stdin.isatty():
+        click.confirm(f"Remove this node's pod network and its state in {config.state_dir}?",
+                      abort=True)
+    client = ApiClient(config.api_addr[0], config.api_addr[1], timeout=5)
+    try:
+        client.post("/stop")
+        if not _wait_down(client, 15):
+            raise click.ClickException("the agent still answers after 15 s; stop it first")
+        click.echo("stopped the running agent")
+    except AgentUnavailable:
+        pass
+    except AgentRefused as exc:
+        raise click.ClickException(f"the agent refused to stop: {exc}") from None
+    from weavepy.agent import reset_node
+
+    try:
+        removed = reset_node(config)
+    except OSError as exc:
+        raise click.ClickException(f"reset failed: {exc}") from None
+    click.echo(f"removed {len(removed)} items" + (": " + ", ".join(removed) if removed else ""))
+
+
+@main.command("keygen")
+def keygen() -> None:
+    """Print a new random 32-byte gossip key (base64), for --keyring-file or $WEAVEPY_ENCRYPT."""
+    click.echo(base64.b64encode(secrets.token_bytes(32)).decode())
 
 
 if __name__ == "__main__":

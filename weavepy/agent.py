@@ -1,0 +1,610 @@
+"""The weavepy node agent: one trio process per node that ties every part together.
+
+Theory of operation
+===================
+
+Data flows one way::
+
+    gossip (GossipService) --member events--> ClusterView --+
+         |  user messages / push-pull state                  |
+         v                                                   v
+    IpamLink (IpamCore, persisted) --block table--> Reconciler --> tunnel.vxlan + pod bridge
+         |
+         +--> pod allocator --> CNI server (weavepy-cni clients)
+    API (127.0.0.1) reads status and asks for connect / forget / rmpeer / stop
+
+`prepare()` does everything that can fail because of the host or the user before any task
+starts, and raises `AgentError` with one readable line: not root, a bad or renamed state
+directory, a corrupt identity or IPAM file, an unreadable keyring, no usable underlay, a
+cluster range that overlaps the host's routes, an API port already taken.
+
+`Agent.run()` then runs, as children of one nursery: the gossip service, the membership task
+(events -> view -> reconciler and IPAM), the IPAM link, the join-target task, the reconciler,
+the CNI server, the API and the signal task. A restart re-derives everything from the state
+directory (identity, IPAM), the run directory (peers programmed last time) and the kernel; the
+reconciler keeps working routes until the view has settled, so nothing flaps.
+
+Stopping (SIGTERM, SIGINT, `POST /stop`): leave the gossip cluster (peers see `left` and
+remove their routes to us), persist, close the CNI socket, and exit 0. Kernel state stays:
+pods keep their addresses and local traffic keeps flowing. `reset` (see `reset_node`) is the
+only thing that removes kernel objects and state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gossip.config import GossipConfig
+from gossip.events import MemberEventKind, MemberState
+from gossip.keyring import Keyring
+from gossip.transport import GossipService, JoinError
+from tunnel.vxlan import VxlanBackend, VxlanConfig
+from weavepy import __version__
+from weavepy.cluster import ClusterView, DataPlaneIdentity, encode_tags_for
+from weavepy.config import AgentConfig, parse_peer
+from weavepy.hostnet import HostNetError, Underlay, find_underlay, range_conflicts
+from weavepy.identity import Identity, IdentityError, load_or_create
+from weavepy.ipam_link import IpamLink, IpamLinkError
+from weavepy.reconcile import Reconciler, desired_data_plane
+from weavepy.targets import TargetSchedule
+
+__all__ = ["Agent", "AgentError", "Prepared", "prepare", "reset_node", "run_agent"]
+
+log = logging.getLogger(__name__)
+
+ENCAP_OVERHEAD = 50
+LEAVE_TIMEOUT = 3.0
+SETTLE_AFTER_JOIN = 2.0  # seconds after the first successful join before retained peers go
+SETTLE_MAX = 15.0  # ... and at most this long after start, joined or not
+CONNECT_TIMEOUT = 10.0
+RMPEER_TIMEOUT = 15.0
+CNI_BRIDGE_WAIT = 10.0
+
+
+class AgentError(Exception):
+    """The agent cannot start or went down; the message is one readable line."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` found out about the host and the node."""
+
+    config: AgentConfig
+    identity: Identity
+    keyring: Keyring | None
+    underlay: Underlay
+    advertise: tuple[str, int]
+    mtu: int
+    gossip: GossipConfig
+
+
+def _gossip_profile(name: str) -> GossipConfig:
+    return {"lan": GossipConfig.lan, "wan": GossipConfig.wan, "local": GossipConfig.local}[name]()
+
+
+def _load_keyring(config: AgentConfig) -> Keyring | None:
+    if config.keyring_file is not None:
+        try:
+            return Keyring.from_file(config.keyring_file)
+        except OSError as exc:
+            raise AgentError(f"--keyring-file {config.keyring_file}: cannot read it: "
+                             f"{exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise AgentError(f"--keyring-file: {exc}") from None
+    if config.encrypt is not None:
+        return Keyring([config.encrypt])
+    return None
+
+
+def prepare(config: AgentConfig) -> Prepared:
+    """Check the host and load the node's state; raise AgentError with one line if unusable."""
+    if os.geteuid() != 0:
+        raise AgentError("weavepy launch needs root (CAP_NET_ADMIN) to program the kernel")
+    for directory in (config.state_dir, config.run_dir):
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise AgentError(f"cannot create {directory}: {exc.strerror or exc}") from None
+    try:
+        identity, created = load_or_create(config.state_dir, config.name)
+    except IdentityError as exc:
+        raise AgentError(str(exc)) from None
+    if created:
+        log.info("new node identity %s (VTEP MAC %s) in %s", identity.name, identity.vtep_mac,
+                 config.state_dir)
+    keyring = _load_keyring(config)
+    if keyring is None:
+        log.warning("*** gossip is NOT encrypted: anyone who can reach port %d can join this "
+                    "cluster and claim address space. Set --keyring-file or $WEAVEPY_ENCRYPT "
+                    "(make a key with `weavepy keygen`). ***", config.gossip_port)
+    own_devices = [config.vxlan_device, config.bridge]
+    try:
+        underlay = find_underlay(config.iface, config.peers, own_devices)
+        range_conflicts(config.ipalloc_range, own_devices)
+    except HostNetError as exc:
+        raise AgentError(str(exc)) from None
+    if underlay.local_ip in config.ipalloc_range:
+        raise AgentError(f"the underlay address {underlay.local_ip} lies inside the cluster "
+                         f"range {config.ipalloc_range}; pick another --ipalloc-range")
+    if config.advertise_addr is not None:
+        advertise = parse_peer(config.advertise_addr, config.gossip_port)
+    else:
+        advertise = (str(underlay.local_ip), config.gossip_port)
+    mtu = config.mtu if config.mtu is not None else underlay.mtu - ENCAP_OVERHEAD
+    if mtu + ENCAP_OVERHEAD > underlay.mtu:
+        log.warning("--mtu %d plus %d bytes of VXLAN overhead exceeds the underlay MTU %d of "
+                    "%s: large packets will be fragmented or dropped", mtu, ENCAP_OVERHEAD,
+                    underlay.mtu, underlay.iface)
+    from weavepy.api import check_bindable
+
+    try:
+        check_bindable(*config.api_addr)
+    except OSError as exc:
+        raise AgentError(str(exc)) from None
+    log.info("underlay %s %s (mtu %d, chosen by %s); overlay mtu %d; advertising %s:%d",
+             underlay.iface, underlay.local_ip, underlay.mtu, underlay.how, mtu, *advertise)
+    return Prepared(config, identity, keyring, underlay, advertise, mtu,
+                    _gossip_profile(config.profile))
+
+
+class Agent:
+    """One running node agent; implements `weavepy.api.AgentControl`."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.config = prepared.config
+        self.identity = prepared.identity
+        self.started_at = time.time()
+        self.view = ClusterView(self.config.name)
+        self.rng = random.Random()
+        self.targets = TargetSchedule(self.rng)
+        self.ipam = IpamLink(self.config, self.identity, on_table_change=self._table_changed,
+                             on_cluster_id=self._cluster_id_learned)
+        self.backend = VxlanBackend(VxlanConfig(
+            vtep_mac=self.identity.vtep_mac,
+            local_ip=prepared.underlay.local_ip,
+            underlay_iface=prepared.underlay.iface,
+            device=self.config.vxlan_device,
+            vni=self.config.vxlan_vni,
+            port=self.config.vxlan_port,
+            mtu=prepared.mtu,
+            pod_range=self.config.ipalloc_range,
+        ))
+        self.reconciler = Reconciler(
+            self.backend, self._desired, run_dir=self.config.run_dir, bridge=self.config.bridge,
+            mtu=prepared.mtu, ensure_bridge=_ensure_bridge,
+            interval=self.config.reconcile_interval)
+        self.svc: GossipService | None = None
+        self.cni_listening = False
+        self.cni_requests: dict[str, int] = {}
+        self._stop = trio.Event()
+        self._targets_changed = trio.Event()
+        self._first_join: float | None = None
+        self._gossip_ready = False
+        self._nursery: trio.Nursery | None = None
+
+    # -- derived values --------------------------------------------------------------------------
+
+    def data_plane_identity(self) -> DataPlaneIdentity:
+        return DataPlaneIdentity(
+            underlay_ip=IPv4Address(self.prepared.advertise[0]),
+            vtep_mac=self.identity.vtep_mac,
+            vxlan_vni=self.config.vxlan_vni,
+            vxlan_port=self.config.vxlan_port,
+            wg_public_key=self.identity.wg_public_key,
+            capabilities=frozenset({"vxlan"}),
+            cluster_id=self.ipam.cluster_id,
+        )
+
+    def _desired(self) -> tuple[Any, set[str]]:
+        desired = desired_data_plane(self.view.peers(), self.ipam.blocks_by_node(),
+                                     self.config.name, self.data_plane_identity())
+        return desired, {p.name for p in self.view.peers()}
+
+    # -- callbacks from the IPAM link ------------------------------------------------------------
+
+    def _table_changed(self) -> None:
+        self.reconciler.poke("block table changed")
+
+    def _cluster_id_learned(self, cluster_id: str) -> None:
+        if self.identity.cluster_id != cluster_id:
+            self.identity = self.identity.with_cluster_id(cluster_id)
+            try:
+                self.identity.save(self.config.state_dir)
+            except OSError as exc:
+                log.error("cannot save the cluster ID in %s: %s", self.config.state_dir, exc)
+        if self.svc is not None:
+            self.svc.update_tags(self.data_plane_identity().to_tags())
+
+    # -- running ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        config = self.config
+        tags = self.data_plane_identity()
+        encode_tags_for(tags)  # fails now, not in the middle of the cluster, if too large
+        try:
+            service = GossipService(
+                self.prepared.gossip, config.name, ("0.0.0.0", config.gossip_port),
+                self.prepared.advertise, keyring=self.prepared.keyring,
+                delegate=self.ipam.delegate, tags=tags.to_tags(), rng=self.rng)
+            async with service as svc, trio.open_nursery() as nursery:
+                self.svc, self._nursery = svc, nursery
+                self.ipam.attach(svc)
+                log.info("weavepy %s: node %s gossiping on %s:%d", __version__, config.name,
+                         *svc.address)
+                await nursery.start(self.ipam.run)
+                nursery.start_soon(self._membership, svc)
+                await nursery.start(self.reconciler.run)
+                nursery.start_soon(self._settle)
+                nursery.start_soon(self._join_loop, svc)
+                nursery.start_soon(self._signals)
+                await nursery.start(self._serve_cni)
+                from weavepy.api import build_app, serve_api
+
+                await nursery.start(serve_api, build_app(self), *config.api_addr)
+                await self._stop.wait()
+                log.info("stopping: leaving the cluster (kernel state stays)")
+                with trio.move_on_after(LEAVE_TIMEOUT + 2):
+                    await svc.leave(LEAVE_TIMEOUT)
+                await self.ipam.flush()
+                nursery.cancel_scope.cancel()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AgentError(f"cannot bind the gossip port {config.gossip_port}: "
+                                 f"already in use (another agent or serf?)") from None
+            raise
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("got %s", signal.Signals(signum).name)
+                self.request_stop()
+
+    async def _membership(self, svc: GossipService) -> None:
+        """Member events -> cluster view -> reconciler, and liveness -> IPAM."""
+        self.view.sync(svc.members(), trio.current_time())
+        for member in svc.members():
+            if member.state in (MemberState.ALIVE, MemberState.SUSPECT):
+                self.ipam.member_alive(member.name)
+        dropped_seen = 0
+        async for event in svc.events():
+            if self.view.apply(event):
+                self.reconciler.poke(f"{event.name} {event.kind.value}")
+            if event.name != self.config.name:
+                if event.kind in (MemberEventKind.JOIN, MemberEventKind.ALIVE,
+                                  MemberEventKind.UPDATE):
+                    self.ipam.member_alive(event.name)
+                elif event.kind in (MemberEventKind.FAILED, MemberEventKind.LEAVE):
+                    self.ipam.member_dead(event.name)
+                level = logging.DEBUG if event.kind is MemberEventKind.UPDATE else logging.INFO
+                log.log(level, "member %s: %s", event.name, event.kind.value)
+            dropped = svc.stats.transport["events_dropped"]
+            if dropped != dropped_seen:  # we lost events: re-read the whole membership
+                dropped_seen = dropped
+                log.warning("member events were dropped; re-reading the member list")
+                if self.view.sync(svc.members(), trio.current_time()):
+                    self.reconciler.poke("member resync")
+
+    async def _settle(self) -> None:
+        """End start-up retention once the view is complete (joined, or nobody to join)."""
+        with trio.move_on_after(SETTLE_MAX):
+            while True:
+                if not self.config.peers and not self.targets.addresses():
+                    await trio.sleep(SETTLE_AFTER_JOIN)
+                    break
+                if self._first_join is not None:
+                    await trio.sleep_until(self._first_join + SETTLE_AFTER_JOIN)
+                    break
+                await trio.sleep(0.1)
+        self._gossip_ready = True
+        self.reconciler.settle()
+
+    def _live_addresses(self, svc: GossipService) -> set[str]:
+        found: set[str] = set()
+        for member in svc.members():
+            if member.state in (MemberState.ALIVE, MemberState.SUSPECT) and \
+                    member.name != self.config.name:
+                with contextlib.suppress(ValueError):
+                    found.add(f"{IPv4Address(member.addr)}:{member.port}")
+        return found
+
+    def _normalise(self, peers: list[str]) -> list[str]:
+        out = []
+        for peer in peers:
+            host, port = parse_peer(peer, self.config.gossip_port)
+            out.append(f"{host}:{port}")
+        return out
+
+    async def _join_loop(self, svc: GossipService) -> None:
+        """Join the targets (retrying with backoff) and reconnect to failed members."""
+        self.targets.add(self._normalise(list(self.config.peers)), trio.current_time())
+        async with trio.open_nursery() as attempts:
+            while True:
+                now = trio.current_time()
+                self.targets.observe(self._live_addresses(svc), now)
+                for address in self.targets.due(now):
+                    attempts.start_soon(self._attempt, svc, address)
+                if self.targets.reconnect_due(now):
+                    failed = [m for m in svc.members() if m.state == MemberState.DEAD]
+                    if failed:
+                        member = self.rng.choice(failed)
+                        address = f"{IPv4Address(member.addr)}:{member.port}"
+                        attempts.start_soon(self._attempt, svc, address, True)
+                with trio.move_on_at(min(self.targets.next_deadline(), now + 1.0)):
+                    await self._targets_changed.wait()
+                self._targets_changed = trio.Event()
+
+    async def _attempt(self, svc: GossipService, address: str, reconnect: bool = False) -> None:
+        host, port = parse_peer(address, self.config.gossip_port)
+        ok, error = False, None
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT + 2):
+                await svc.join([(host, port)])
+            ok = True
+        except JoinError as exc:
+            error = "; ".join(r.error for r in exc.results) or str(exc)
+        except (OSError, trio.TooSlowError) as exc:
+            error = str(exc) or type(exc).__name__
+        now = trio.current_time()
+        if not reconnect:
+            self.targets.attempted(address, ok, error, now)
+        if ok:
+            if self._first_join is None:
+                self._first_join = now
+            log.info("joined the cluster through %s", address)
+        elif reconnect:
+            log.debug("reconnect to failed member at %s: %s", address, error)
+        else:
+            hint = ""
+            if error and ("decrypt" in error or "EOF" in error or "closed" in error):
+                hint = " (a different gossip key on either side?)"
+            log.warning("cannot join %s: %s%s; retrying", address, error, hint)
+        self._targets_changed.set()
+
+    async def _serve_cni(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        from weavepy.cni.server import CniServer
+
+        def observe(command: str, code: int, seconds: float) -> None:
+            key = f"{command.lower()}_{'ok' if code == 0 else 'error'}"
+            self.cni_requests[key] = self.cni_requests.get(key, 0) + 1
+
+        server = CniServer(lambda: self.ipam.cni_backend(self.prepared.mtu),
+                           self.config.cni_socket, on_request=observe)
+        try:
+            await server.serve(task_status=_Started(task_status, self))
+        finally:
+            self.cni_listening = False
+
+    # -- AgentControl ----------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        reasons = []
+        ipam = self.ipam.status()
+        if ipam is None or not ipam.owned_blocks:
+            reasons.append(f"no usable block yet (IPAM {ipam.state.value if ipam else 'n/a'}: "
+                           f"{ipam.detail if ipam else 'starting'})")
+        last = self.reconciler.last
+        if last is None:
+            reasons.append("routes not programmed yet")
+        elif not last.report.ok or last.bridge_error:
+            reasons.append("the last reconcile pass had errors")
+        if not self.cni_listening:
+            reasons.append("the CNI socket is not listening")
+        return not reasons, reasons
+
+    def status(self) -> dict[str, Any]:
+        svc = self.svc
+        desired, _ = self._desired()
+        programmed = self.reconciler.programmed
+        blocks = self.ipam.blocks_by_node()
+        peers = []
+        for peer in self.view.peers():
+            entry = peer.to_json()
+            entry["blocks"] = [str(b) for b in blocks.get(peer.name, ())]
+            entry["path"] = desired.paths.get(peer.name)
+            entry["programmed"] = peer.name in programmed
+            entry["excluded"] = desired.excluded.get(peer.name)
+            peers.append(entry)
+        ready, reasons = self.readiness()
+        last = self.reconciler.last
+        gossip: dict[str, Any] = {}
+        if svc is not None:
+            stats = svc.stats
+            gossip = {
+                "address": "{}:{}".format(*svc.advertise_address),
+                "members": dict(self.view.counts()),
+                "health_score": svc.node.health_score,
+                "drops": dict(stats.drops()),
+                "packets_in": stats.node.packets_in,
+                "packets_out": stats.node.packets_out,
+                "tag_problems": dict(self.view.tag_problems),
+            }
+        return {
+            "version": __version__,
+            "name": self.config.name,
+            "cluster_id": self.ipam.cluster_id,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "encryption": self.prepared.keyring is not None,
+            "ready": ready,
+            "not_ready_reasons": reasons,
+            "gossip": gossip,
+            "targets": self.targets.to_json(),
+            "peers": peers,
+            "blocks": [{"block": str(b), "owner": owner} for owner, owned in sorted(blocks.items())
+                       for b in owned],
+            "ipam": self.ipam.status_json(),
+            "dataplane": {
+                "path": "vxlan",
+                "device": self.config.vxlan_device,
+                "vni": self.config.vxlan_vni,
+                "port": self.config.vxlan_port,
+                "mtu": self.prepared.mtu,
+                "bridge": self.config.bridge,
+                "local_blocks": [str(b) for b in self.reconciler.local_blocks],
+                "underlay": {"iface": self.prepared.underlay.iface,
+                             "address": str(self.prepared.underlay.local_ip),
+                             "mtu": self.prepared.underlay.mtu},
+                "settled": self.reconciler.settled,
+                "passes": self.reconciler.passes,
+                "pass_errors": self.reconciler.errors,
+                "last_pass": last.to_json() if last else None,
+                "programmed_peers": sorted(programmed),
+            },
+            "cni": {"socket": str(self.config.cni_socket), "listening": self.cni_listening,
+                    "requests": dict(self.cni_requests)},
+            "config": self.config.to_public_dict(),
+        }
+
+    async def connect(self, peers: list[str], replace: bool) -> dict[str, Any]:
+        from weavepy.api import ApiError
+
+        try:
+            normalised = self._normalise(peers)
+        except ValueError as exc:
+            raise ApiError(400, f"bad peer address: {exc}") from None
+        now = trio.current_time()
+        if replace:
+            self.targets.replace(normalised, now)
+            added = normalised
+        else:
+            added = self.targets.add(normalised, now)
+        self._targets_changed.set()
+        return {"targets": self.targets.addresses(), "added": added}
+
+    def forget(self, peers: list[str]) -> dict[str, Any]:
+        from weavepy.api import ApiError
+
+        try:
+            normalised = self._normalise(peers)
+        except ValueError as exc:
+            raise ApiError(400, f"bad peer address: {exc}") from None
+        removed = self.targets.remove(normalised)
+        unknown = [p for p in normalised if p not in removed]
+        return {"targets": self.targets.addresses(), "forgotten": removed, "unknown": unknown}
+
+    async def rmpeer(self, name: str, force: bool) -> dict[str, Any]:
+        from weavepy.api import ApiError
+
+        if name == self.config.name:
+            raise ApiError(409, "a node cannot rmpeer itself; run `weavepy reset` on it instead")
+        member = self.view.get(name)
+        if member is not None and member.live and not force:
+            raise ApiError(409, f"{name} is {member.state.value}; rmpeer is for nodes that are "
+                           f"gone (stop it first, or add --force if you are sure)")
+        try:
+            with trio.fail_after(RMPEER_TIMEOUT):
+                return await self.ipam.rmpeer(name, force)
+        except IpamLinkError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        except trio.TooSlowError:
+            raise ApiError(503, f"no decision on removing {name} within {RMPEER_TIMEOUT:.0f} s "
+                           f"(IPAM {self.ipam.state_name()}); a majority of voters must be "
+                           f"reachable, or use --force") from None
+
+
+@dataclasses.dataclass
+class _Started:
+    """Wraps a task_status so the agent learns when the CNI socket is listening."""
+
+    inner: trio.TaskStatus[None]
+    agent: Agent
+
+    def started(self, value: None = None) -> None:
+        self.agent.cni_listening = True
+        self.inner.started()
+
+
+def _ensure_bridge(name: str, gateways: list[Any], mtu: int) -> object:
+    from weavepy.cni.podnet import ensure_bridge
+
+    return ensure_bridge(name, gateways, mtu)
+
+
+def run_agent(config: AgentConfig) -> None:
+    """Prepare and run the agent until it stops; AgentError (one line) if it cannot."""
+    prepared = prepare(config)
+    try:
+        agent = Agent(prepared)
+    except IpamLinkError as exc:
+        raise AgentError(str(exc)) from None
+    trio.run(agent.run)
+
+
+# ---------------------------------------------------------------------------------------------
+# reset
+
+
+def _remove_link(ipr: Any, name: str) -> bool:
+    from tunnel.netlink import NetlinkError
+
+    try:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        ipr.link("del", index=found[0])
+        return True
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return False
+        raise
+
+
+def reset_node(config: AgentConfig) -> list[str]:
+    """Remove this node's kernel objects and state (the agent must be stopped). Returns what
+    was removed, for the user."""
+    from tunnel.netlink import open_iproute
+    from weavepy.cni.podnet import PodNetwork
+
+    removed: list[str] = []
+    ipr = open_iproute()
+    try:
+        for name in (config.vxlan_device, config.bridge):
+            if _remove_link(ipr, name):
+                removed.append(f"link {name}")
+    finally:
+        ipr.close()
+    podnet = PodNetwork()
+    try:
+        for veth in podnet.host_veths():
+            if podnet.delete_link(veth):
+                removed.append(f"pod veth {veth}")
+    finally:
+        podnet.close()
+    for path in _state_files(config):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(str(path))
+    return removed
+
+
+def _state_files(config: AgentConfig) -> Iterator[Path]:
+    """weavepy's own files in the state and run directories (nothing else is touched)."""
+    from weavepy.identity import IDENTITY_FILE
+    from weavepy.ipam_link import CORE_FILE, PODS_FILE
+    from weavepy.reconcile import PROGRAMMED_FILE
+
+    for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE):
+        yield config.state_dir / name
+        if config.state_dir.is_dir():
+            yield from sorted(config.state_dir.glob(f"{name}.corrupt-*"))
+            yield from sorted(config.state_dir.glob(f".{name}.*"))
+    yield config.run_dir / PROGRAMMED_FILE

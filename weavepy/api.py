@@ -1,0 +1,204 @@
+"""The agent's local HTTP API: a small Starlette app served by hypercorn's trio worker.
+
+This module owns the HTTP surface (routes, request parsing, status codes, JSON shapes) and
+nothing else: every answer comes from an `AgentControl`, the narrow interface the agent
+implements. The documented contract is docs/api.md.
+
+The rules it keeps:
+
+* It listens on loopback only (the configuration refuses anything else): the API can stop the
+  agent and remove peers, and it has no authentication, exactly like Weave's 127.0.0.1:6784.
+* Every error is JSON `{"error": "<one readable sentence>"}` with a fitting status code
+  (400 bad request, 404 unknown peer, 409 refused, 503 not ready), so the CLI can print it as
+  one line.
+* Handlers do no blocking work; what takes time (a join, an rmpeer decision) is awaited on the
+  agent's trio loop, bounded by the agent.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import socket
+from functools import partial
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+__all__ = ["AgentControl", "ApiError", "build_app", "check_bindable", "serve_api"]
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A request the agent refuses; `status` is the HTTP code, the message one sentence."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class AgentControl(Protocol):
+    """What the API needs from the agent."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """(ready, reasons it is not ready)."""
+        ...
+
+    async def connect(self, peers: list[str], replace: bool) -> dict[str, Any]: ...
+
+    def forget(self, peers: list[str]) -> dict[str, Any]: ...
+
+    async def rmpeer(self, name: str, force: bool) -> dict[str, Any]: ...
+
+    def request_stop(self) -> None: ...
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _truthy(text: str | None) -> bool:
+    return (text or "").lower() in ("1", "true", "yes", "on")
+
+
+async def _peer_list(request: Request) -> tuple[list[str], bool]:
+    """Peers and `replace` from a JSON body ({"peers": [...], "replace": bool}), a form or the
+    query string (Weave's `peer=...&replace=true`)."""
+    replace = _truthy(request.query_params.get("replace"))
+    peers = list(request.query_params.getlist("peer"))
+    body = await request.body()
+    if len(body) > 65536:
+        raise ApiError(413, "request body larger than 64 KiB")
+    content_type = request.headers.get("content-type", "")
+    if body and "json" in content_type:
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ApiError(400, 'the body must be a JSON object like {"peers": ["host:port"]}')
+        raw = doc.get("peers", [])
+        if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+            raise ApiError(400, '"peers" must be a list of strings')
+        peers.extend(raw)
+        replace = replace or bool(doc.get("replace", False))
+    elif body:
+        form = await request.form()
+        peers.extend(str(v) for v in form.getlist("peer"))
+        replace = replace or _truthy(str(form.get("replace", "")))
+    return peers, replace
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def build_app(control: AgentControl) -> Starlette:
+    """The ASGI app over `control`; routes are listed in docs/api.md."""
+
+    def guarded(handler: Handler) -> Handler:
+        async def wrapper(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return _error(exc.status, exc.message)
+
+        return wrapper
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(control.status())
+
+    async def status_part(request: Request) -> Response:
+        part = request.path_params["part"]
+        doc = control.status()
+        if part not in doc or not isinstance(doc[part], dict | list):
+            raise ApiError(404, f"no status section {part!r}")
+        return JSONResponse(doc[part])
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def readyz(request: Request) -> Response:
+        ready, reasons = control.readiness()
+        return JSONResponse({"ready": ready, "reasons": reasons},
+                            status_code=200 if ready else 503)
+
+    async def connect(request: Request) -> Response:
+        peers, replace = await _peer_list(request)
+        if not peers and not replace:
+            raise ApiError(400, "name at least one peer (host or host:port)")
+        return JSONResponse(await control.connect(peers, replace))
+
+    async def forget(request: Request) -> Response:
+        peers, _ = await _peer_list(request)
+        if not peers:
+            raise ApiError(400, "name at least one peer (host or host:port)")
+        return JSONResponse(control.forget(peers))
+
+    async def rmpeer(request: Request) -> Response:
+        name = request.path_params["name"]
+        force = _truthy(request.query_params.get("force"))
+        return JSONResponse(await control.rmpeer(name, force))
+
+    async def stop(request: Request) -> Response:
+        control.request_stop()
+        return JSONResponse({"stopping": True}, status_code=202)
+
+    routes = [
+        Route("/status", guarded(status), methods=["GET"]),
+        Route("/status/{part}", guarded(status_part), methods=["GET"]),
+        Route("/healthz", guarded(healthz), methods=["GET"]),
+        Route("/readyz", guarded(readyz), methods=["GET"]),
+        Route("/connect", guarded(connect), methods=["POST"]),
+        Route("/forget", guarded(forget), methods=["POST"]),
+        Route("/peer/{name}", guarded(rmpeer), methods=["DELETE"]),
+        Route("/stop", guarded(stop), methods=["POST"]),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        code = getattr(exc, "status_code", 404)
+        return _error(code, f"{request.method} {request.url.path}: "
+                      f"{'no such endpoint' if code == 404 else 'method not allowed'}")
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Raise OSError with a readable message if the API address cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            hint = " (is another weavepy agent running?)" if exc.errno == errno.EADDRINUSE else ""
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}{hint}"
+                          ) from None
+
+
+async def serve_api(app: Starlette, host: str, port: int, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `app` on host:port until cancelled (hypercorn's trio worker)."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = log
+    config.graceful_timeout = 1.0
+    config.include_server_header = False
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve, app, config))  # type: ignore[arg-type]
+        log.info("API listening on http://%s:%d", host, port)
+        task_status.started()

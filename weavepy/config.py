@@ -1,0 +1,486 @@
+"""The agent's configuration: one frozen `AgentConfig`, loaded from flags, environment and a file.
+
+This module owns every setting of the node agent, its default, the environment variables that
+set it (Weave-style names such as `IPALLOC_RANGE` and `WEAVE_MTU` are accepted beside the
+`WEAVEPY_*` ones) and its validation. The settings are *data*: the table `SETTINGS` lists them
+once, and the CLI builds its `launch` flags from the same table, so a flag, its variable and its
+file key can never drift apart.
+
+The rules it keeps:
+
+* Precedence is flags > environment > file > defaults, setting by setting.
+* Loading never stops at the first mistake: every bad value becomes one readable line in
+  `ConfigError.problems` (``--mtu: must be between 576 and 9216, got 70``), so a user fixes all
+  of them in one go.
+* Nothing here touches the network or the kernel; what needs the host (the underlay interface,
+  the automatic MTU, overlap with host routes) is resolved by the agent at launch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DEFAULT_API_PORT",
+    "DEFAULT_GOSSIP_PORT",
+    "PROFILES",
+    "SETTINGS",
+    "AgentConfig",
+    "ConfigError",
+    "Setting",
+    "load_config",
+    "parse_duration",
+    "parse_peer",
+]
+
+DEFAULT_GOSSIP_PORT = 6783  # Weave's control port; serf uses 7946
+DEFAULT_API_PORT = 6784  # Weave's local HTTP API port
+DEFAULT_RECLAIM_AFTER = 24 * 3600.0  # long enough that a reboot or an upgrade never triggers it
+PROFILES = ("lan", "wan", "local")
+MIN_MTU, MAX_MTU = 576, 9216
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-]{0,251}[A-Za-z0-9])?$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; `problems` holds one readable line per mistake."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers: each takes what a flag, a variable or a YAML file gives and returns the typed
+# value, or raises ValueError with a message that completes "<setting>: ...".
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return str(value).strip()
+
+
+def _int_between(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        text = _text(value)
+        try:
+            number = int(text, 10)
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {text!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}, got {number}")
+        return number
+
+    return parse
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `90`, `90s`, `500ms`, `30m`, `24h`, `1h30m` or `2d`; must be positive."""
+    text = _text(value).lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pos, seconds = 0, 0.0
+        for match in _DURATION_RE.finditer(text):
+            if match.start() != pos:
+                break
+            seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+            pos = match.end()
+        if pos != len(text) or not text:
+            raise ValueError(f"not a duration (like 90s, 30m, 24h): {text!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"must be positive, got {text!r}")
+    return seconds
+
+
+def _range(value: object) -> ipaddress.IPv4Network:
+    text = _text(value)
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        detail = str(exc)
+        if "has host bits set" in detail:
+            base = ipaddress.ip_network(text, strict=False)
+            detail = f"host bits are set (did you mean {base}?)"
+        raise ValueError(f"not a CIDR range: {text!r}: {detail}") from None
+    if not isinstance(network, ipaddress.IPv4Network):
+        raise ValueError(f"{network} is IPv6; the VXLAN data path is IPv4 only")
+    if network.prefixlen < 8 or network.prefixlen > 30:
+        raise ValueError(f"{network} must have a prefix between /8 and /30")
+    if network.is_loopback or network.is_multicast or network.is_link_local:
+        raise ValueError(f"{network} is a loopback, multicast or link-local range")
+    return network
+
+
+def _name(value: object) -> str:
+    text = _text(value)
+    if not _NAME_RE.match(text):
+        raise ValueError(f"{text!r} is not a node name (1-253 of letters, digits, '.', '-', '_')")
+    return text
+
+
+def _ifname(value: object) -> str:
+    text = _text(value)
+    if not _IFNAME_RE.match(text):
+        raise ValueError(f"{text!r} is not an interface name (1-15 of [A-Za-z0-9_.-])")
+    return text
+
+
+def parse_peer(value: object, default_port: int = DEFAULT_GOSSIP_PORT) -> tuple[str, int]:
+    """`host`, `host:port` or `[v6]:port` as (host, port); the host is an IP or a DNS name."""
+    text = _text(value)
+    host, port = text, default_port
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"unclosed '[' in {text!r}")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"expected ':port' after ']' in {text!r}")
+            port = _int_between(1, 65535)(rest[1:])
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        try:
+            port = _int_between(1, 65535)(port_text)
+        except ValueError as exc:
+            raise ValueError(f"bad port in {text!r}: {exc}") from None
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?$", host):
+            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
+    return host, port
+
+
+def _peers(value: object) -> tuple[str, ...]:
+    """A list (file), or a string of peers separated by spaces or commas (flags, env)."""
+    items: list[object]
+    if isinstance(value, list | tuple):
+        items = []
+        for item in value:
+            items.extend(re.split(r"[\s,]+", _text(item)))
+    else:
+        items = list(re.split(r"[\s,]+", _text(value)))
+    peers: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not item:
+            continue
+        parse_peer(item)
+        if item not in peers:
+            peers.append(item)
+    return tuple(peers)
+
+
+def _advertise(value: object) -> str:
+    text = _text(value)
+    host, _ = parse_peer(text)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"must be an IP address (optionally with :port), got {text!r}") from None
+    if not isinstance(address, ipaddress.IPv4Address) or address.is_unspecified:
+        raise ValueError(f"must be a specific IPv4 address, got {text!r}")
+    return text
+
+
+def _mtu(value: object) -> int | None:
+    text = _text(value).lower()
+    if text in ("", "auto", "0"):
+        return None
+    return _int_between(MIN_MTU, MAX_MTU)(text)
+
+
+def _path(value: object) -> Path:
+    text = _text(value)
+    if not text:
+        raise ValueError("must not be empty")
+    return Path(text).expanduser()
+
+
+def _optional_path(value: object) -> Path | None:
+    text = _text(value)
+    return Path(text).expanduser() if text else None
+
+
+def _api_addr(value: object) -> tuple[str, int]:
+    host, port = parse_peer(value, DEFAULT_API_PORT)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"must be a loopback IP address, got {host!r}") from None
+    if not address.is_loopback:
+        raise ValueError(f"the API listens on loopback only (127.0.0.1 or ::1), not {host}")
+    return host, port
+
+
+def _encrypt_key(value: object) -> bytes | None:
+    text = _text(value)
+    if not text:
+        return None
+    try:
+        key = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise ValueError("must be a base64 key (make one with `weavepy keygen`)") from None
+    if len(key) not in (16, 24, 32):
+        raise ValueError(f"must decode to 16, 24 or 32 bytes, not {len(key)}")
+    return key
+
+
+def _profile(value: object) -> str:
+    text = _text(value).lower()
+    if text not in PROFILES:
+        raise ValueError(f"must be one of {', '.join(PROFILES)}, got {text!r}")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: its field, flag, variables, parser, default and help."""
+
+    name: str
+    parse: Callable[[object], Any]
+    default: Callable[[], Any]
+    help: str
+    envs: tuple[str, ...] = ()
+    metavar: str = "VALUE"
+    flag: bool = True  # False: environment and file only (secrets never go on a command line)
+    is_flag: bool = False  # a boolean switch on the command line
+
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _const(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("name", _name, socket.gethostname, "this node's name (unique in the cluster)",
+            ("WEAVEPY_NAME",), "NAME"),
+    Setting("peers", _peers, _const(()), "peers to join, as host or host:port (also the "
+            "launch arguments)", ("WEAVEPY_PEERS", "WEAVE_PEERS"), "PEERS", flag=False),
+    Setting("ipalloc_range", _range, _const(ipaddress.IPv4Network("10.32.0.0/12")),
+            "the cluster's pod address range", ("IPALLOC_RANGE", "WEAVEPY_IPALLOC_RANGE"), "CIDR"),
+    Setting("block_prefix", _int_between(8, 30), _const(24),
+            "prefix length of the blocks the range is cut into", ("WEAVEPY_BLOCK_PREFIX",), "N"),
+    Setting("gossip_port", _int_between(1, 65535), _const(DEFAULT_GOSSIP_PORT),
+            "gossip port (TCP and UDP)", ("WEAVEPY_GOSSIP_PORT", "WEAVE_PORT"), "PORT"),
+    Setting("vxlan_vni", _int_between(0, (1 << 24) - 1), _const(1), "VXLAN network identifier",
+            ("WEAVEPY_VXLAN_VNI",), "VNI"),
+    Setting("vxlan_port", _int_between(1, 65535), _const(8472), "VXLAN UDP port",
+            ("WEAVEPY_VXLAN_PORT",), "PORT"),
+    Setting("vxlan_device", _ifname, _const("weavepy.1"), "name of the VXLAN device",
+            ("WEAVEPY_VXLAN_DEVICE",), "IFNAME"),
+    Setting("bridge", _ifname, _const("weavepy0"), "name of the pod bridge",
+            ("WEAVEPY_BRIDGE",), "IFNAME"),
+    Setting("iface", _ifname, _const(None), "underlay interface (default: the one with the "
+            "default route, or the only one)", ("WEAVEPY_IFACE",), "IFNAME"),
+    Setting("advertise_addr", _advertise, _const(None), "address (and port) peers reach this "
+            "node at, for NAT (default: the underlay address)",
+            ("WEAVEPY_ADVERTISE_ADDR",), "IP[:PORT]"),
+    Setting("mtu", _mtu, _const(None), "pod and overlay MTU (default auto: underlay MTU - 50)",
+            ("WEAVEPY_MTU", "WEAVE_MTU"), "MTU"),
+    Setting("keyring_file", _optional_path, _const(None), "gossip keyring (serf's JSON list "
+            "of base64 keys, or one key per line)", ("WEAVEPY_KEYRING_FILE",), "FILE"),
+    Setting("encrypt", _encrypt_key, _const(None), "gossip key, base64 (environment or "
+            "file only)", ("WEAVEPY_ENCRYPT", "WEAVE_PASSWORD"), "KEY", flag=False),
+    Setting("state_dir", _path, _const(Path("/var/lib/weavepy")), "persistent state directory",
+            ("WEAVEPY_STATE_DIR",), "DIR"),
+    Setting("run_dir", _path, _const(Path("/run/weavepy")), "runtime directory (CNI socket)",
+            ("WEAVEPY_RUN_DIR",), "DIR"),
+    Setting("api_addr", _api_addr, _const(("127.0.0.1", DEFAULT_API_PORT)),
+            "local HTTP API address (loopback only)", ("WEAVEPY_API_ADDR",), "IP:PORT"),
+    Setting("reclaim_after", parse_duration, _const(DEFAULT_RECLAIM_AFTER),
+            "reclaim a gone node's blocks after this long (like 24h)",
+            ("WEAVEPY_RECLAIM_AFTER",), "DURATION"),
+    Setting("ipam_lease", parse_duration, _const(3600.0),
+            "how long a node may hand out addresses without hearing from a majority of voters",
+            ("WEAVEPY_IPAM_LEASE",), "DURATION"),
+    Setting("reconcile_interval", parse_duration, _const(30.0),
+            "re-check the kernel state at least this often", ("WEAVEPY_RECONCILE_INTERVAL",),
+            "DURATION"),
+    Setting("profile", _profile, _const("lan"), "gossip timing profile: lan, wan or local",
+            ("WEAVEPY_PROFILE",), "PROFILE"),
+)
+SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+CONFIG_FILE_ENV = "WEAVEPY_CONFIG"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the agent needs to know before it touches the host. Build with `load_config`."""
+
+    name: str
+    peers: tuple[str, ...]
+    ipalloc_range: ipaddress.IPv4Network
+    block_prefix: int
+    gossip_port: int
+    vxlan_vni: int
+    vxlan_port: int
+    vxlan_device: str
+    bridge: str
+    iface: str | None
+    advertise_addr: str | None
+    mtu: int | None
+    keyring_file: Path | None
+    encrypt: bytes | None = field(repr=False)
+    state_dir: Path
+    run_dir: Path
+    api_addr: tuple[str, int]
+    reclaim_after: float
+    ipam_lease: float
+    reconcile_interval: float
+    profile: str
+    config_file: Path | None = None
+
+    @property
+    def cni_socket(self) -> Path:
+        return self.run_dir / "cni.sock"
+
+    @property
+    def encrypted(self) -> bool:
+        return self.keyring_file is not None or self.encrypt is not None
+
+    @property
+    def api_url(self) -> str:
+        host, port = self.api_addr
+        return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+    def peer_addresses(self) -> list[tuple[str, int]]:
+        return [parse_peer(p, self.gossip_port) for p in self.peers]
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """The settings as JSON-able values, secrets masked (for `status` and logs)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "encrypt":
+                value = "(set)" if value else None
+            elif isinstance(value, Path | ipaddress.IPv4Network):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def _read_file(path: Path) -> tuple[dict[str, object], list[str]]:
+    """The YAML file as {setting name: raw value}, and problems (unknown keys, bad syntax)."""
+    where = f"config file {path}"
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        return {}, [f"{where}: cannot read it: {exc.strerror or exc}"]
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        return {}, [f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"]
+    if data is None:
+        return {}, []
+    if not isinstance(data, dict):
+        return {}, [f"{where}: must be a mapping of settings, got {type(data).__name__}"]
+    values: dict[str, object] = {}
+    problems: list[str] = []
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in SETTINGS_BY_NAME:
+            known = ", ".join(s.name.replace("_", "-") for s in SETTINGS)
+            problems.append(f"{where}: unknown setting {key!r} (known: {known})")
+            continue
+        values[name] = value
+    return values, problems
+
+
+def load_config(
+    flags: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> AgentConfig:
+    """Build the configuration; raise ConfigError listing every problem found.
+
+    `flags` holds the values given on the command line (absent or None: not given), keyed by
+    setting name; `env` is the environment (usually os.environ); `config_file` (or
+    $WEAVEPY_CONFIG) names an optional YAML file with the same keys.
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = env or {}
+    problems: list[str] = []
+    unknown = sorted(set(flags) - set(SETTINGS_BY_NAME))
+    if unknown:
+        raise ConfigError([f"internal: unknown settings {unknown}"])
+    file_path = config_file or env.get(CONFIG_FILE_ENV) or None
+    file_values: dict[str, object] = {}
+    if file_path:
+        file_values, file_problems = _read_file(Path(file_path))
+        problems.extend(file_problems)
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw: object = None
+        source = ""
+        if setting.name in flags and not (setting.is_flag and flags[setting.name] is False):
+            raw, source = flags[setting.name], setting.flag_name
+        else:
+            for var in setting.envs:
+                if env.get(var, "") != "":
+                    raw, source = env[var], f"${var}"
+                    break
+            else:
+                if setting.name in file_values:
+                    raw, source = file_values[setting.name], f"{file_path}: {setting.name}"
+        if source == "":
+            values[setting.name] = setting.default()
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as exc:
+            problems.append(f"{source}: {exc}")
+            values[setting.name] = setting.default()
+    if not problems:
+        problems.extend(_cross_checks(values))
+    if problems:
+        raise ConfigError(problems)
+    return AgentConfig(**values, config_file=Path(file_path) if file_path else None)
+
+
+def _cross_checks(values: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    network: ipaddress.IPv4Network = values["ipalloc_range"]
+    prefix: int = values["block_prefix"]
+    if prefix < network.prefixlen:
+        problems.append(f"--block-prefix: /{prefix} blocks do not fit in the range {network}")
+    elif prefix - network.prefixlen > 16:
+        problems.append(f"--block-prefix: {network} in /{prefix} blocks makes "
+                        f"{1 << (prefix - network.prefixlen)} blocks; at most 65536 "
+                        f"(use a shorter --block-prefix)")
+    if values["vxlan_device"] == values["bridge"]:
+        problems.append("--bridge: must differ from --vxlan-device")
+    if values["ipam_lease"] > values["reclaim_after"]:
+        problems.append(f"--ipam-lease ({values['ipam_lease']:g}s) must not exceed "
+                        f"--reclaim-after ({values['reclaim_after']:g}s)")
+    if values["keyring_file"] is not None and values["encrypt"] is not None:
+        problems.append("--keyring-file and $WEAVEPY_ENCRYPT both set a gossip key; use one")
+    return problems

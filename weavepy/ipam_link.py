@@ -1,0 +1,511 @@
+"""The IPAM link: the sans-IO `IpamCore` and `PodAllocator` driven on the agent's trio loop.
+
+This module owns everything between gossip and the IPAM core, and between the CNI server and
+the pod allocator:
+
+* `IpamDelegate` is the gossip `Delegate`. It multiplexes user messages and push/pull user
+  state: IPAM payloads (first byte 0xC1, `weavepy.ipam.wire.is_ipam`) go to the core; serf's
+  own user messages (a small type byte) and anything else are counted by reason and ignored.
+  Delegate hooks run synchronously inside the gossip node, so they only queue work.
+* `IpamLink.run` is the one task that feeds the core (queued messages, member liveness, timers)
+  and carries out its outputs in the order the core demands: persist the snapshot (fsync, in a
+  worker thread), `mark_persisted`, and only then send its messages and act on its events.
+  Direct messages go by the gossip layer's reliable stream; broadcasts by gossip (or, when too
+  large for a packet, reliably to each live member).
+* `CniAllocator` serves the CNI server's worker thread: each call hops onto the trio loop
+  (`trio.from_thread`), runs the allocator there under the same lock as the core, persists the
+  allocations before answering, and turns "no address yet" into CNI's "try again later".
+
+The rules it keeps: only `IpamLink` touches the core and the allocator, always under one lock,
+so nothing interleaves with a persist in flight; nothing leaves this node before the state that
+produced it is on disk; bad input is counted by reason (`drops`) and never raises out of a hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gossip.transport import GossipService
+from weavepy.config import AgentConfig
+from weavepy.identity import Identity
+from weavepy.ipam.allocator import Allocation, PodAllocator, Unavailable
+from weavepy.ipam.core import IpamCore
+from weavepy.ipam.errors import ConfigError, CorruptStateError, IpamDecodeError, RmpeerError
+from weavepy.ipam.status import (
+    BlockAcquired,
+    BlockLost,
+    ClusterFounded,
+    ClusterJoined,
+    ClusterMismatch,
+    Event,
+    IpamState,
+    IpamStatus,
+    LeaseChanged,
+    MemberRemoved,
+    RemovedFromCluster,
+    SlotDecided,
+)
+from weavepy.ipam.store import StateFile
+from weavepy.ipam.wire import is_ipam
+
+__all__ = [
+    "CORE_FILE",
+    "PODS_FILE",
+    "CniAllocator",
+    "IpamDelegate",
+    "IpamLink",
+    "IpamLinkError",
+    "corrupt_leftovers",
+]
+
+log = logging.getLogger(__name__)
+
+CORE_FILE = "ipam-core.json"
+PODS_FILE = "ipam-pods.json"
+INBOX_SIZE = 4096
+BATCH = 256
+ADDRESS_WAIT = 8.0  # seconds a CNI ADD waits for a block before answering "try again later"
+SERF_MAX_TYPE = 0x3F  # serf's message types are small integers
+
+
+class IpamLinkError(Exception):
+    """An IPAM request the agent refuses; `status` is the HTTP code for the API."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def corrupt_leftovers(state_dir: Path) -> list[Path]:
+    """State files an earlier start found corrupt and moved aside (they block a new start)."""
+    found: list[Path] = []
+    for name in (CORE_FILE, PODS_FILE):
+        found.extend(sorted(state_dir.glob(f"{name}.corrupt-*")))
+    return found
+
+
+class IpamDelegate:
+    """The gossip Delegate: IPAM user messages and push/pull state in, nothing else."""
+
+    def __init__(self, link: IpamLink) -> None:
+        self._link = link
+
+    def node_meta(self, limit: int) -> bytes:
+        return b""  # the agent passes its tags to the gossip service directly
+
+    def notify_msg(self, payload: bytes) -> None:
+        if is_ipam(payload):
+            self._link.enqueue(("message", payload))
+        elif payload and payload[0] <= SERF_MAX_TYPE:
+            self._link.drops["serf_user_message"] += 1
+        else:
+            self._link.drops["unknown_user_message"] += 1
+
+    def get_broadcasts(self, overhead: int, limit: int) -> list[bytes]:
+        return []  # broadcasts go through GossipService.send_user_message
+
+    def local_state(self, join: bool) -> bytes:
+        return self._link.core.local_state()
+
+    def merge_remote_state(self, buf: bytes, join: bool) -> None:
+        if is_ipam(buf):
+            self._link.enqueue(("state", buf))
+        elif buf:
+            self._link.drops["foreign_push_pull_state"] += 1
+
+
+class IpamLink:
+    """Owns the IPAM core and the pod allocator on the trio loop (see the module docstring)."""
+
+    def __init__(self, config: AgentConfig, identity: Identity, *,
+                 on_table_change: Callable[[], None],
+                 on_cluster_id: Callable[[str], None]) -> None:
+        self.config = config
+        self.on_table_change = on_table_change
+        self.on_cluster_id = on_cluster_id
+        leftovers = corrupt_leftovers(config.state_dir)
+        if leftovers:
+            raise IpamLinkError(
+                f"an earlier start found this node's IPAM state corrupt and moved it aside to "
+                f"{leftovers[0]}; this node would forget blocks it owns, so it will not start "
+                f"empty on its own: restore the file to {config.state_dir / CORE_FILE}, or run "
+                f"`weavepy reset` to start it as a new member")
+        self.core_file = StateFile(config.state_dir / CORE_FILE, "ipam-core")
+        self.pods_file = StateFile(config.state_dir / PODS_FILE, "ipam-pods")
+        try:
+            core_snapshot = self.core_file.load()
+            pods_snapshot = self.pods_file.load()
+            self.core = IpamCore(
+                config.name, config.ipalloc_range, config.block_prefix,
+                rng=random.Random(), reclaim_after=config.reclaim_after,
+                lease=min(config.ipam_lease, config.reclaim_after),
+                bootstrap="join" if config.peers else "found",
+                snapshot=core_snapshot)
+            self.allocator = PodAllocator(self.core, snapshot=pods_snapshot)
+        except CorruptStateError as exc:
+            raise IpamLinkError(str(exc)) from None
+        except ConfigError as exc:
+            raise IpamLinkError(f"IPAM: {exc}") from None
+        except IpamDecodeError as exc:
+            raise IpamLinkError(f"IPAM state in {config.state_dir} cannot be used ({exc}); "
+                                f"restore it, or run `weavepy reset` to start as a new member"
+                                ) from None
+        if identity.cluster_id and self.core.cluster_id and \
+                identity.cluster_id != self.core.cluster_id:
+            raise IpamLinkError(
+                f"the identity in {config.state_dir} says cluster {identity.cluster_id} but the "
+                f"IPAM state says {self.core.cluster_id}; run `weavepy reset` to start afresh")
+        self.delegate = IpamDelegate(self)
+        self.drops: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()
+        self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](INBOX_SIZE)
+        self._lock = trio.Lock()
+        self._svc: GossipService | None = None
+        self._blocks: dict[str, list[IPv4Network]] = {}
+        self._removed: dict[str, MemberRemoved] = {}
+        self._removed_event = trio.Event()
+        self._blocks_event = trio.Event()
+        self._cluster_id = self.core.cluster_id
+        self.trio_token: trio.lowlevel.TrioToken | None = None
+        self._refresh_blocks(notify=False)
+
+    # -- inputs (non-blocking; from the delegate and the membership task) ----------------------
+
+    def attach(self, svc: GossipService) -> None:
+        self._svc = svc
+
+    def enqueue(self, item: tuple[str, Any]) -> None:
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            self.drops["inbox_full"] += 1
+
+    def member_alive(self, name: str) -> None:
+        self.enqueue(("alive", name))
+
+    def member_dead(self, name: str) -> None:
+        self.enqueue(("dead", name))
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    @property
+    def cluster_id(self) -> str | None:
+        return self._cluster_id
+
+    def blocks_by_node(self) -> dict[str, list[IPv4Network]]:
+        """Every member's blocks as the decided state records them (dead members included)."""
+        return self._blocks
+
+    def status(self) -> IpamStatus:
+        return self.core.status(trio.current_time())
+
+    def state_name(self) -> str:
+        return self.status().state.value
+
+    def status_json(self) -> dict[str, Any]:
+        s = self.status()
+        usage = self.allocator.usage()
+        return {
+            "state": s.state.value,
+            "detail": s.detail,
+            "cluster_id": s.cluster_id,
+            "era": list(s.era) if s.era else None,
+            "slot": s.slot,
+            "generation": s.generation,
+            "voters": list(s.voters),
+            "voters_reachable": s.voters_reachable,
+            "quorum": s.quorum,
+            "lease_remaining_s": None if s.lease_remaining is None else round(s.lease_remaining),
+            "owned_blocks": [str(b) for b in s.owned_blocks],
+            "held_blocks": [str(b) for b in s.held_blocks],
+            "total_blocks": s.total_blocks,
+            "free_blocks": s.free_blocks,
+            "quarantined_blocks": s.quarantined_blocks,
+            "unreachable_owners": list(s.unreachable_owners),
+            "pending_block_requests": s.pending_block_requests,
+            "members": [{"name": m.name, "generation": m.generation, "voter": m.voter,
+                         "alive": m.alive, "blocks": list(m.blocks),
+                         "reclaim_in_s": None if m.reclaim_in is None else round(m.reclaim_in)}
+                        for m in s.members],
+            "cluster_mismatches": [m.message for m in s.cluster_mismatches],
+            "pods": {str(block): {"used": used, "capacity": capacity}
+                     for block, (used, capacity) in usage.items()},
+            "dropped": {**s.dropped, **self.drops},
+        }
+
+    def _refresh_blocks(self, notify: bool = True) -> None:
+        now = trio.current_time() if notify else 0.0
+        status = self.core.status(now)
+        blocks = {m.name: [IPv4Network(b) for b in m.blocks] for m in status.members if m.blocks}
+        if blocks != self._blocks:
+            self._blocks = blocks
+            event, self._blocks_event = self._blocks_event, trio.Event()
+            event.set()
+            if notify:
+                self.on_table_change()
+        if status.cluster_id != self._cluster_id and status.cluster_id is not None:
+            self._cluster_id = status.cluster_id
+            if notify:
+                self.on_cluster_id(status.cluster_id)
+
+    # -- the driver task -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.trio_token = trio.lowlevel.current_trio_token()
+        async with self._lock:
+            self.allocator.drop_lost_blocks()
+            self._want_space(trio.current_time())
+            await self._flush()
+        task_status.started()
+        while True:
+            deadline = self.core.next_deadline()
+            items: list[tuple[str, Any]] = []
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                items.append(await self._receive.receive())
+            while len(items) < BATCH:
+                try:
+                    items.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            async with self._lock:
+                now = trio.current_time()
+                for item in items:
+                    self._feed(item, now)
+                deadline = self.core.next_deadline()
+                if deadline is not None and deadline <= now:
+                    self.core.handle_timer(now)
+                self._want_space(now)
+                await self._flush()
+
+    def _feed(self, item: tuple[str, Any], now: float) -> None:
+        kind, value = item
+        try:
+            if kind == "message":
+                self.core.on_message(None, value, now)
+            elif kind == "state":
+                self.core.merge_remote_state(value, now)
+            elif kind == "alive":
+                self.core.on_member_alive(value, now)
+            elif kind == "dead":
+                self.core.on_member_dead(value, now)
+        except IpamDecodeError as exc:
+            self.drops[f"decode_{exc.reason}"] += 1
+            log.debug("dropped an IPAM %s: %s", kind, exc)
+
+    def _want_space(self, now: float) -> None:
+        """A member without blocks asks for one: every node gets a pod block at launch."""
+        if not self.core.held_blocks() and self.core.cluster_id is not None:
+            status = self.core.status(now)
+            if status.pending_block_requests == 0 and status.state not in (
+                    IpamState.OUT_OF_SPACE, IpamState.OWNED_BY_UNREACHABLE_PEERS):
+                self.core.request_block(now)
+
+    async def _flush(self) -> None:
+        """Persist, then release messages and events (caller holds the lock)."""
+        core, allocator = self.core, self.allocator
+        if core.persist_needed:
+            snapshot = core.snapshot()
+            await trio.to_thread.run_sync(self.core_file.save, snapshot)
+            core.mark_persisted(int(snapshot["seq"]))
+        for outgoing in core.messages_to_send():
+            self._send_out(outgoing.to, outgoing.payload)
+        for event in core.events():
+            self._on_event(event)
+        if allocator.persist_needed:
+            await self._persist_pods()
+        self._refresh_blocks()
+
+    async def _persist_pods(self) -> None:
+        snapshot = self.allocator.snapshot()
+        await trio.to_thread.run_sync(self.pods_file.save, snapshot)
+        self.allocator.mark_persisted(int(snapshot["seq"]))
+
+    async def flush(self) -> None:
+        """Persist whatever is pending (on the way out)."""
+        async with self._lock:
+            await self._flush()
+
+    def _send_out(self, to: str | None, payload: bytes) -> None:
+        svc = self._svc
+        if svc is None:
+            self.drops["send_before_gossip"] += 1
+            return
+        try:
+            if to is None:
+                try:
+                    svc.send_user_message(payload)
+                    self.sent["broadcast"] += 1
+                    return
+                except ValueError:  # too large for one packet: reliably to each live member
+                    for member in svc.members():
+                        if member.name != svc.name and member.state.name in ("ALIVE", "SUSPECT"):
+                            svc.send_user_message(payload, to=member.name, reliable=True)
+                    self.sent["broadcast_by_stream"] += 1
+                    return
+            svc.send_user_message(payload, to=to, reliable=True)
+            self.sent["direct"] += 1
+        except LookupError:
+            self.drops["send_to_unknown_member"] += 1
+        except (ValueError, RuntimeError) as exc:
+            self.drops["send_failed"] += 1
+            log.warning("cannot send an IPAM message to %s: %s", to or "everyone", exc)
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, ClusterFounded):
+            log.warning("founded a new cluster %s", event.cluster_id)
+        elif isinstance(event, ClusterJoined):
+            log.info("IPAM member of cluster %s (generation %d)", event.cluster_id,
+                     event.generation)
+        elif isinstance(event, BlockAcquired):
+            log.info("claimed block %s", event.block)
+        elif isinstance(event, BlockLost):
+            log.warning("lost block %s: %s", event.block, event.reason)
+            for lost in self.allocator.drop_lost_blocks():
+                log.warning("pod address %s of %s/%s is gone with its block", lost.address,
+                            lost.container_id[:12], lost.ifname)
+        elif isinstance(event, LeaseChanged):
+            log.log(logging.INFO if event.valid else logging.WARNING, "IPAM lease %s",
+                    "valid: may hand out addresses" if event.valid else
+                    "lapsed: no new addresses until a majority of voters confirms it")
+        elif isinstance(event, MemberRemoved):
+            log.warning("member %s (generation %d) removed: %s; freed %s, quarantined %s",
+                        event.name, event.generation, event.reason,
+                        [str(b) for b in event.freed] or "none",
+                        [str(b) for b in event.quarantined] or "none")
+            self._removed[event.name] = event
+            done, self._removed_event = self._removed_event, trio.Event()
+            done.set()
+        elif isinstance(event, RemovedFromCluster):
+            log.error("THIS NODE WAS REMOVED from the cluster (%s): %s", event.reason,
+                      event.message)
+            self.allocator.drop_lost_blocks()
+        elif isinstance(event, ClusterMismatch):
+            log.error("cluster mismatch with %s: %s", event.peer, event.message)
+        elif isinstance(event, SlotDecided):
+            log.debug("IPAM slot %d decided (%s)", event.slot,
+                      "by us" if event.proposed_here else "by a peer")
+
+    # -- requests from the API -------------------------------------------------------------------
+
+    async def rmpeer(self, name: str, force: bool) -> dict[str, Any]:
+        async with self._lock:
+            self._removed.pop(name, None)
+            try:
+                message = self.core.rmpeer(name, trio.current_time(), force)
+            except RmpeerError as exc:
+                raise IpamLinkError(str(exc)) from None
+            await self._flush()
+        log.warning("rmpeer %s%s: %s", name, " (forced)" if force else "", message)
+        while name not in self._removed:
+            await self._removed_event.wait()
+        removed = self._removed[name]
+        return {"message": message, "removed": name, "generation": removed.generation,
+                "freed": [str(b) for b in removed.freed],
+                "quarantined": [str(b) for b in removed.quarantined]}
+
+    # -- pod addresses (called on the trio loop by CniAllocator) ---------------------------------
+
+    async def allocate(self, container_id: str, ifname: str) -> Allocation:
+        deadline = trio.current_time() + ADDRESS_WAIT
+        while True:
+            async with self._lock:
+                result = self.allocator.add(container_id, ifname, trio.current_time())
+                await self._flush()
+            if isinstance(result, Allocation):
+                return result
+            waited = trio.current_time() >= deadline
+            if waited or result.state in (IpamState.OUT_OF_SPACE,
+                                          IpamState.OWNED_BY_UNREACHABLE_PEERS):
+                raise _NoAddress(result)
+            with trio.move_on_at(deadline):
+                await self._blocks_event.wait()
+
+    async def lookup(self, container_id: str, ifname: str) -> Allocation | None:
+        return self.allocator.get(container_id, ifname)
+
+    async def release(self, container_id: str, ifname: str) -> Allocation | None:
+        async with self._lock:
+            released = self.allocator.release(container_id, ifname)
+            await self._flush()
+        return released
+
+    async def gc(self, valid: list[tuple[str, str]]) -> list[Allocation]:
+        async with self._lock:
+            freed = self.allocator.gc(valid)
+            await self._flush()
+        return freed
+
+    def cni_backend(self, mtu: int) -> Any:
+        """The CNI server's backend (built on its worker thread by CniServer)."""
+        from weavepy.cni.backend import BridgeBackend, PodLinkSettings
+
+        if self.trio_token is None:
+            raise RuntimeError("the IPAM link is not running")
+        return BridgeBackend(CniAllocator(self, self.trio_token), bridge=self.config.bridge,
+                             settings=PodLinkSettings(mtu=mtu))
+
+
+class _NoAddress(Exception):
+    def __init__(self, unavailable: Unavailable) -> None:
+        super().__init__(f"{unavailable.state.value}: {unavailable.detail}")
+        self.unavailable = unavailable
+
+
+class CniAllocator:
+    """The CNI backend's `PodAllocator`, on the CNI worker thread, backed by `IpamLink`."""
+
+    def __init__(self, link: IpamLink, token: Any) -> None:
+        self._link = link
+        self._token = token
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    @staticmethod
+    def _pod_address(allocation: Allocation) -> Any:
+        from weavepy.cni.backend import PodAddress
+
+        return PodAddress(IPv4Interface(allocation.interface), IPv4Address(allocation.gateway))
+
+    def allocate(self, attachment: Any, owner: str) -> Any:
+        from weavepy.cni.backend import AddressesExhausted
+
+        try:
+            allocation = self._run(self._link.allocate, attachment.container_id,
+                                   attachment.ifname)
+        except _NoAddress as exc:
+            raise AddressesExhausted(str(exc)) from None
+        return self._pod_address(allocation)
+
+    def lookup(self, attachment: Any) -> Any:
+        found = self._run(self._link.lookup, attachment.container_id, attachment.ifname)
+        return None if found is None else self._pod_address(found)
+
+    def release(self, attachment: Any) -> Any:
+        released = self._run(self._link.release, attachment.container_id, attachment.ifname)
+        return None if released is None else self._pod_address(released)
+
+    def attachments(self) -> Iterable[Any]:
+        from weavepy.cni.protocol import Attachment
+
+        allocations = self._run(self._allocations)
+        return [Attachment(a.container_id, a.ifname) for a in allocations]
+
+    async def _allocations(self) -> list[Allocation]:
+        return self._link.allocator.allocations()
+
+    def free_count(self) -> int:
+        return int(self._run(self._free_count))
+
+    async def _free_count(self) -> int:
+        usage = self._link.allocator.usage()
+        return sum(capacity - used for used, capacity in usage.values())

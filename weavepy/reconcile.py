@@ -1,0 +1,318 @@
+"""The reconciler: desired data plane = f(live peers, their blocks, chosen path), kept true.
+
+This module owns the step from "what the agent knows" to "what the kernel should hold":
+
+* `desired_data_plane` (pure) takes the cluster view's peers, the IPAM block table and this
+  node's own identity, and returns the peers to program through `tunnel.vxlan` (with their
+  blocks in claim order), this node's own blocks, and every peer left out with the reason
+  (another cluster, a VXLAN VNI/port that differs from ours, no usable path);
+* `Reconciler` (trio) runs that function and applies the result with the VXLAN backend, then
+  makes the pod bridge carry the gateway of each owned block. It runs when poked (a member
+  event, a block change, the device deleted or set down), at least every `interval`, and
+  coalesces bursts of pokes into one pass.
+
+The rules it keeps:
+
+* Data flows one way: it reads the view and the block table, it never writes them.
+* Applying is idempotent (the backend diffs desired against the kernel), so a pass with nothing
+  to do changes nothing.
+* **No flapping across a restart.** The peers programmed by the last pass are saved in the run
+  directory (tmpfs: it dies with the kernel state it describes). A freshly started agent knows
+  nobody yet, so until its view has settled it keeps programming those saved peers unless the
+  view says otherwise (the peer is now dead, or has new data). A restart thus leaves working
+  routes alone, and a peer that died meanwhile is removed once the view has settled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from functools import partial
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tunnel.vxlan import Peer, ReconcileReport, VxlanBackend, watch_device
+from weavepy.cluster import DataPlaneIdentity, PeerView
+from weavepy.identity import write_private_file
+
+__all__ = [
+    "PROGRAMMED_FILE",
+    "DesiredDataPlane",
+    "Reconciler",
+    "choose_path",
+    "desired_data_plane",
+    "load_programmed",
+    "save_programmed",
+    "with_retained",
+]
+
+log = logging.getLogger(__name__)
+
+PROGRAMMED_FILE = "vxlan-peers.json"
+DEBOUNCE = 0.005  # seconds: pokes within this window share one pass
+
+
+def choose_path(local: DataPlaneIdentity, peer: DataPlaneIdentity) -> str | None:
+    """The data path to `peer`, or None if we share none.
+
+    Only kernel VXLAN exists today; the encrypted userspace path ("wireguard") slots in here
+    when both sides list it in their capabilities and encryption is wanted.
+    """
+    if "vxlan" in local.capabilities and "vxlan" in peer.capabilities:
+        return "vxlan"
+    return None
+
+
+@dataclass(frozen=True)
+class DesiredDataPlane:
+    """What the kernel should hold: peers to program, our blocks, who is left out and why."""
+
+    peers: tuple[Peer, ...]
+    local_blocks: tuple[IPv4Network, ...]
+    excluded: Mapping[str, str] = field(default_factory=dict)
+    paths: Mapping[str, str] = field(default_factory=dict)
+
+
+def desired_data_plane(
+    view: Sequence[PeerView],
+    blocks_by_node: Mapping[str, Sequence[IPv4Network]],
+    self_name: str,
+    local: DataPlaneIdentity,
+) -> DesiredDataPlane:
+    """The desired data plane for this node (pure).
+
+    `view` is every known member (live or not); `blocks_by_node` maps node names to their
+    blocks, first claimed first (the VXLAN scheme anchors a peer on its first block).
+    """
+    peers: list[Peer] = []
+    excluded: dict[str, str] = {}
+    paths: dict[str, str] = {}
+    for member in view:
+        if member.name == self_name or not member.live:
+            continue
+        ident = member.identity
+        if ident is None:
+            if member.problem is not None and member.problem.reason != "not-weavepy":
+                excluded[member.name] = f"bad tags: {member.problem}"
+            continue
+        if local.cluster_id and ident.cluster_id and ident.cluster_id != local.cluster_id:
+            excluded[member.name] = (f"belongs to cluster {ident.cluster_id}, "
+                                     f"we are {local.cluster_id}")
+            continue
+        if (ident.vxlan_vni, ident.vxlan_port) != (local.vxlan_vni, local.vxlan_port):
+            excluded[member.name] = (f"VXLAN vni {ident.vxlan_vni} port {ident.vxlan_port} "
+                                     f"differs from ours ({local.vxlan_vni}:{local.vxlan_port})")
+            continue
+        path = choose_path(local, ident)
+        if path is None:
+            excluded[member.name] = f"no common data path (it has {sorted(ident.capabilities)})"
+            continue
+        paths[member.name] = path
+        peers.append(Peer(member.name, ident.underlay_ip, ident.vtep_mac,
+                          tuple(blocks_by_node.get(member.name, ()))))
+    return DesiredDataPlane(tuple(peers), tuple(blocks_by_node.get(self_name, ())),
+                            excluded, paths)
+
+
+def with_retained(desired: DesiredDataPlane, retained: Sequence[Peer],
+                  known: set[str]) -> DesiredDataPlane:
+    """`desired` plus the retained peers the view knows nothing about yet (start-up only)."""
+    extra = [p for p in retained if p.name not in known and p.name not in desired.excluded]
+    if not extra:
+        return desired
+    return DesiredDataPlane((*desired.peers, *extra), desired.local_blocks, desired.excluded,
+                            {**desired.paths, **{p.name: "vxlan (retained)" for p in extra}})
+
+
+def _peer_to_json(peer: Peer) -> dict[str, Any]:
+    return {"name": peer.name, "underlay_ip": str(peer.underlay_ip), "vtep_mac": peer.vtep_mac,
+            "blocks": [str(b) for b in peer.blocks]}
+
+
+def save_programmed(run_dir: Path, peers: Sequence[Peer]) -> None:
+    data = json.dumps({"version": 1, "peers": [_peer_to_json(p) for p in peers]}, indent=1)
+    write_private_file(run_dir / PROGRAMMED_FILE, data.encode())
+
+
+def load_programmed(run_dir: Path) -> list[Peer]:
+    """The peers the previous agent programmed; [] if none or unreadable (logged)."""
+    path = run_dir / PROGRAMMED_FILE
+    try:
+        doc = json.loads(path.read_bytes())
+        return [Peer(str(p["name"]), IPv4Address(p["underlay_ip"]), str(p["vtep_mac"]),
+                     tuple(IPv4Network(b) for b in p["blocks"])) for p in doc["peers"]]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring %s (%s): routes to peers not yet heard from may be re-added "
+                    "a moment later", path, exc)
+        return []
+
+
+@dataclass
+class PassRecord:
+    """The outcome of one reconcile pass, as `status` shows it."""
+
+    started: float
+    reason: str
+    report: ReconcileReport
+    bridge_error: str | None = None
+    retained: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.report
+        return {
+            "at": self.started,
+            "reason": self.reason,
+            "ok": r.ok and self.bridge_error is None,
+            "duration_ms": round(r.duration_s * 1000, 2),
+            "programmed_peers": r.programmed_peers,
+            "changes": [str(c) for c in r.changes],
+            "rejected": [str(p) for p in r.rejected],
+            "errors": [str(p) for p in r.errors],
+            "device_error": r.device_error,
+            "bridge_error": self.bridge_error,
+            "retained_peers": self.retained,
+        }
+
+
+BridgeApplier = Callable[[str, list[IPv4Interface], int], object]
+
+
+class Reconciler:
+    """Keeps the kernel equal to `source()`; see the module docstring.
+
+    `source` returns the desired data plane and the names the view knows (for retention);
+    `ensure_bridge(name, gateways, mtu)` is blocking and runs in a worker thread.
+    """
+
+    def __init__(
+        self,
+        backend: VxlanBackend,
+        source: Callable[[], tuple[DesiredDataPlane, set[str]]],
+        *,
+        run_dir: Path,
+        bridge: str,
+        mtu: int,
+        ensure_bridge: BridgeApplier,
+        interval: float = 30.0,
+    ) -> None:
+        self.backend = backend
+        self.source = source
+        self.run_dir = run_dir
+        self.bridge = bridge
+        self.mtu = mtu
+        self.ensure_bridge = ensure_bridge
+        self.interval = interval
+        self.retained: list[Peer] = load_programmed(run_dir)
+        self.settled = not self.retained
+        self.last: PassRecord | None = None
+        self.passes = 0
+        self.errors = 0
+        self.programmed: dict[str, Peer] = {}
+        self.local_blocks: tuple[IPv4Network, ...] = ()
+        self._wakeup = trio.Event()
+        self._reasons: list[str] = []
+        self._bridge_made = False
+        self._saved: list[dict[str, Any]] | None = None
+        self._pass_done = trio.Event()
+
+    def poke(self, reason: str) -> None:
+        """Ask for a pass soon (cheap; many pokes make one pass)."""
+        self._reasons.append(reason)
+        self._wakeup.set()
+
+    def settle(self) -> None:
+        """The view is complete: stop programming retained peers it does not know."""
+        if not self.settled:
+            self.settled = True
+            if self.retained:
+                log.info("view settled: no longer keeping %d peers from before the restart "
+                         "unless gossip confirms them", len(self.retained))
+            self.retained = []
+            self.poke("view settled")
+
+    async def wait_pass(self) -> None:
+        """Wait until the next pass has finished."""
+        await self._pass_done.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reconcile forever: now, on every poke, and every `interval`; watch the device."""
+        async with trio.open_nursery() as nursery:
+            send, receive = trio.open_memory_channel[Any](16)
+            await nursery.start(partial(watch_device, netns=self.backend.netns),
+                                self.backend.config.device, send)
+            nursery.start_soon(self._device_events, receive)
+            self.poke("start")
+            task_status.started()
+            while True:
+                with trio.move_on_after(self.interval):
+                    await self._wakeup.wait()
+                await trio.sleep(DEBOUNCE)
+                self._wakeup = trio.Event()
+                reasons, self._reasons = self._reasons, []
+                await self.run_pass(", ".join(dict.fromkeys(reasons)) or "periodic")
+
+    async def _device_events(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        async for event in receive:
+            log.warning("VXLAN device %s was %s; reconciling now", event.device, event.reason)
+            self.poke(f"device {event.reason}")
+
+    async def run_pass(self, reason: str) -> PassRecord:
+        started = time.time()
+        desired, known = self.source()
+        retained = 0
+        if not self.settled:
+            before = len(desired.peers)
+            desired = with_retained(desired, self.retained, known)
+            retained = len(desired.peers) - before
+        report = await self.backend.areconcile(desired.peers, desired.local_blocks)
+        bridge_error = await self._apply_bridge(desired.local_blocks)
+        record = PassRecord(started, reason, report, bridge_error, retained)
+        self.last = record
+        self.passes += 1
+        self.local_blocks = desired.local_blocks
+        if not report.ok or bridge_error:
+            self.errors += 1
+        failed = {p.peer for p in report.errors} | {p.peer for p in report.rejected}
+        self.programmed = {p.name: p for p in desired.peers
+                           if p.name not in failed and p.blocks and report.device_error is None}
+        if report.changed:
+            log.info("%s (%s)", report.summary(), reason)
+        self._save(list(self.programmed.values()))
+        done, self._pass_done = self._pass_done, trio.Event()
+        done.set()
+        return record
+
+    async def _apply_bridge(self, blocks: Sequence[IPv4Network]) -> str | None:
+        if not blocks and not self._bridge_made:
+            return None
+        gateways = [IPv4Interface((b.network_address + 1, b.prefixlen)) for b in blocks]
+        try:
+            await trio.to_thread.run_sync(self.ensure_bridge, self.bridge, gateways, self.mtu)
+        except Exception as exc:  # a kernel or pyroute2 error: report it, retry next pass
+            log.error("pod bridge %s: %s", self.bridge, exc)
+            return f"{type(exc).__name__}: {exc}"
+        self._bridge_made = True
+        return None
+
+    def _save(self, peers: list[Peer]) -> None:
+        doc = [_peer_to_json(p) for p in sorted(peers, key=lambda p: p.name)]
+        if doc == self._saved:
+            return
+        try:
+            save_programmed(self.run_dir, peers)
+            self._saved = doc
+        except OSError as exc:
+            log.warning("cannot save programmed peers in %s: %s", self.run_dir, exc)
+
+    def forget_saved(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.run_dir / PROGRAMMED_FILE).unlink()
