@@ -21,8 +21,8 @@ import errno
 import json
 import logging
 import socket
-from functools import partial
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Protocol
 
 import trio
