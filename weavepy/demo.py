@@ -1,26 +1,68 @@
-"""The demo: a local multi-node cluster in network namespaces, shown working, then removed.
+"""The demo: a local multi-node weavepy cluster in network namespaces, shown working, then removed.
 
 It builds on the sandbox only, so it never touches the machine's own network; everything it
 creates carries a fresh prefix and is torn down on the way out, also on Ctrl-C or failure.
+
+What it shows, in order: one weavepy agent per node (the first founds the cluster, the others
+join it; gossip encrypted with a generated key), every node owning a pod block and holding a
+VXLAN route to every other node's block, each node's pod-bridge gateway reaching the others
+through VXLAN, and one pod per node, created through the real `weavepy-cni` plugin, reaching
+the pods on the other nodes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 import time
 from collections.abc import Callable
 
-from weavepy.sandbox import Sandbox, SandboxError
+from weavepy.agentbox import AgentBox, WaitTimeout, gateway_of
+from weavepy.sandbox import Sandbox, SandboxError, SandboxNode
 
 PING_RTT = re.compile(r"= [\d.]+/([\d.]+)/")
 
 
-def _ping(box: Sandbox, src: int, dst_ip: str) -> str:
-    result = box.nodes[src].run(["ping", "-c", "3", "-i", "0.05", "-W", "1", dst_ip],
-                                check=False, timeout=10)
+def _ping(argv_prefix: list[str], dst_ip: str, source: str | None = None) -> str:
+    argv = [*argv_prefix, "ping", "-c", "3", "-i", "0.05", "-W", "1"]
+    if source:
+        argv += ["-I", source]
+    result = subprocess.run([*argv, dst_ip], capture_output=True, text=True, timeout=15,
+                            check=False)
     match = PING_RTT.search(result.stdout)
     return f"{float(match.group(1)):.2f} ms" if result.returncode == 0 and match else "FAIL"
+
+
+def _matrix(echo: Callable[[str], None], names: list[str],
+            cell: Callable[[int, int], str]) -> int:
+    failures = 0
+    echo("      " + "".join(f"{n:>11}" for n in names))
+    for i, src in enumerate(names):
+        cells = []
+        for j in range(len(names)):
+            if i == j:
+                cells.append(f"{'-':>11}")
+                continue
+            value = cell(i, j)
+            failures += value == "FAIL"
+            cells.append(f"{value:>11}")
+        echo(f"{src:<6}" + "".join(cells))
+    return failures
+
+
+def _add_pod(rig: AgentBox, node: SandboxNode, plugin: str, pod_netns: str) -> str:
+    """CNI ADD through the installed weavepy-cni plugin, run in the node; the pod's address."""
+    conf = {"cniVersion": "1.0.0", "name": "weavepy", "type": "weavepy-cni",
+            "socketPath": str(rig.run_dir(node) / "cni.sock")}
+    env = ["CNI_COMMAND=ADD", f"CNI_CONTAINERID={pod_netns}", f"CNI_NETNS=/run/netns/{pod_netns}",
+           "CNI_IFNAME=eth0", f"CNI_PATH={os.path.dirname(plugin)}"]
+    result = node.run(["env", *env, plugin], input=json.dumps(conf), check=False, timeout=30)
+    if result.returncode != 0:
+        raise SandboxError(f"CNI ADD in {node.name} failed: {result.stdout.strip()}")
+    address: str = json.loads(result.stdout)["ips"][0]["address"]
+    return address.split("/")[0]
 
 
 def run_demo(nodes: int, keep: bool, echo: Callable[[str], None]) -> int:
@@ -37,27 +79,59 @@ def run_demo(nodes: int, keep: bool, echo: Callable[[str], None]) -> int:
         return 1
     failures = 0
     try:
+        rig = AgentBox(box, pod_range=str(box.pod_range))
         echo(f"sandbox {box.prefix}: underlay {box.underlay}, pod range {box.pod_range}")
+        echo(f"launching one weavepy agent per node (gossip key {rig.key_file}) ...")
+        rig.launch_all()
+        blocks = rig.wait_mesh(timeout=45)
+        echo(f"every node has a block and a route to every other block "
+             f"({time.monotonic() - started:.1f} s since start)")
         echo("")
-        echo(f"{'node':<6}{'namespace':<18}{'underlay address':<18}")
+        echo(f"{'node':<6}{'underlay':<15}{'block':<17}{'gateway':<14}{'IPAM':<8}peers")
         for node in box.nodes:
-            echo(f"{node.name:<6}{node.netns:<18}{node.underlay_ip:<18}")
+            doc = rig.status(node) or {}
+            alive = sum(1 for p in doc.get("peers", []) if p["state"] == "alive")
+            block = " ".join(blocks[node.name])
+            echo(f"{node.name:<6}{node.underlay_ip:<15}{block:<17}"
+                 f"{gateway_of(blocks[node.name][0]):<14}"
+                 f"{doc.get('ipam', {}).get('state', '?'):<8}{alive} alive")
+        first = box.nodes[0]
         echo("")
-        echo("underlay reachability (ping average round trip, from row to column):")
-        echo("      " + "".join(f"{n.name:>10}" for n in box.nodes))
-        for i, src in enumerate(box.nodes):
-            cells = []
-            for dst in box.nodes:
-                if dst is src:
-                    cells.append(f"{'-':>10}")
-                    continue
-                cell = _ping(box, i, dst.underlay_ip)
-                failures += cell == "FAIL"
-                cells.append(f"{cell:>10}")
-            echo(f"{src.name:<6}" + "".join(cells))
+        echo(f"kernel state on {first.name} (routes via the VXLAN device {rig_device()}):")
+        view = rig.dataplane(first)
+        for block, gateway in sorted(view.routes.items()):
+            echo(f"  {block} via {gateway} onlink, neighbour {gateway} -> "
+                 f"{view.neighbours.get(gateway, '?')}, FDB -> "
+                 f"{view.fdb.get(view.neighbours.get(gateway, ''), '?')}")
         echo("")
-        verdict = "all nodes reach each other" if not failures else f"{failures} paths FAILED"
+        echo("pod bridge gateways reaching each other through VXLAN (ping, average RTT):")
+        names = [n.name for n in box.nodes]
+        gateways = [gateway_of(blocks[n][0]) for n in names]
+        failures += _matrix(echo, names, lambda i, j: _ping(
+            ["ip", "netns", "exec", box.nodes[i].netns], gateways[j], gateways[i]))
+        echo("")
+        echo("one pod per node through the weavepy-cni plugin (CNI ADD):")
+        from weavepy.cni.install import install_cni
+
+        installed = install_cni(box.run_dir / "cni-bin", box.run_dir / "cni-conf")
+        pod_ns: list[str] = []
+        pod_ips: list[str] = []
+        for node in box.nodes:
+            netns = f"{box.prefix}-pod{node.index}"
+            subprocess.run(["ip", "netns", "add", netns], check=True, timeout=10)
+            pod_ns.append(netns)
+            pod_ips.append(_add_pod(rig, node, str(installed.plugin), netns))
+            echo(f"  pod{node.index} on {node.name}: {pod_ips[-1]}")
+        echo("pod-to-pod across nodes (ping, average RTT):")
+        pods = [f"pod{n.index}" for n in box.nodes]
+        failures += _matrix(echo, pods, lambda i, j: _ping(
+            ["ip", "netns", "exec", pod_ns[i]], pod_ips[j]))
+        echo("")
+        verdict = "everything reaches everything" if not failures else f"{failures} paths FAILED"
         echo(f"result: {verdict} ({time.monotonic() - started:.1f} s)")
+    except (WaitTimeout, SandboxError, subprocess.SubprocessError, OSError) as exc:
+        echo(f"Error: {exc}")
+        failures += 1
     finally:
         if keep:
             echo(f"sandbox kept: remove it with `weavepy sandbox down {box.prefix}`")
@@ -65,3 +139,9 @@ def run_demo(nodes: int, keep: bool, echo: Callable[[str], None]) -> int:
             box.destroy()
             echo(f"sandbox {box.prefix} removed")
     return 1 if failures else 0
+
+
+def rig_device() -> str:
+    from weavepy.agentbox import DEVICE
+
+    return DEVICE
