@@ -10,7 +10,7 @@ IPv4, 16 for IPv6) exactly as memberlist carries `net.IP`; names and errors are 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class MessageType(enum.IntEnum):
@@ -144,12 +144,18 @@ PacketMessage = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | User
 StreamMessage = Ping | Ack | PushPull | UserMsg | ErrResp
 
 
-@dataclass(frozen=True, slots=True)
 class DecodeError(Exception):
-    """A packet or stream was malformed; `reason` is a short label used as a metric key."""
+    """A packet or stream was malformed; `reason` is a short label used as a metric key.
 
-    reason: str
-    detail: str = field(default="")
+    A plain exception class, not a frozen dataclass: Python (contextlib, trio, exception groups)
+    assigns `__traceback__`, `__cause__` and notes on exceptions it handles, and a frozen
+    dataclass's `__setattr__` turns each of those into a TypeError.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
