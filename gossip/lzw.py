@@ -28,8 +28,6 @@ CLEAR_CODE = 1 << LITERAL_WIDTH  # 256
 EOF_CODE = CLEAR_CODE + 1  # 257
 MAX_WIDTH = 12
 MAX_CODE = (1 << MAX_WIDTH) - 1  # 4095: the writer clears when it would assign this code
-_FIRST_FREE = EOF_CODE + 1  # 258
-_NO_CODE = -1
 
 
 def compress(data: bytes) -> bytes:
@@ -109,48 +107,50 @@ def decompress(data: bytes, max_size: int) -> bytes:
     """Return the LZW-decompressed `data`; raise DecodeError("lzw") if it is malformed or would
     grow past `max_size` bytes."""
     out = bytearray()
-    # entries[code] is the byte string `code` stands for; slots 256/257 are never read.
+    # entries[code] is the byte string `code` stands for; the empty string marks clear and eof.
+    # Slots at or above `next_code` may hold strings from before the last clear: never read.
     entries: list[bytes] = [bytes((i,)) for i in range(CLEAR_CODE)] + [b""] * (MAX_CODE + 1 - 256)
     width = LITERAL_WIDTH + 1
     mask = (1 << width) - 1
-    next_code = EOF_CODE  # Go's reader `hi`: the code the next new string will get
+    next_code = EOF_CODE  # Go's reader `hi`: codes below it are defined, or clear/eof
     grow_at = 1 << width
-    last = _NO_CODE
-    last_entry = b""
+    last_entry = b""  # the previous code's string; empty after a clear or once the table is full
     bits = 0
     n_bits = 0
     pos = 0
     size = 0
     while True:
         if n_bits < width:
-            chunk = data[pos : pos + 6]
+            chunk = data[pos : pos + 8]
             bits |= int.from_bytes(chunk, "little") << n_bits
             n_bits += 8 * len(chunk)
-            pos += len(chunk)
+            pos += 8
             if n_bits < width:
                 raise DecodeError("lzw", "input ends before the eof code")
         code = bits & mask
         bits >>= width
         n_bits -= width
 
-        if code < CLEAR_CODE or _FIRST_FREE <= code < next_code + (last == _NO_CODE):
+        if code < next_code:
             entry = entries[code]
-            if last != _NO_CODE:
+            if not entry:
+                if code == CLEAR_CODE:
+                    width = LITERAL_WIDTH + 1
+                    mask = (1 << width) - 1
+                    next_code = EOF_CODE
+                    grow_at = 1 << width
+                    last_entry = b""
+                    continue
+                return bytes(out)  # eof
+            if last_entry:
                 entries[next_code] = last_entry + entry[:1]
-        elif code == CLEAR_CODE:
-            width = LITERAL_WIDTH + 1
-            mask = (1 << width) - 1
-            next_code = EOF_CODE
-            grow_at = 1 << width
-            last = _NO_CODE
-            continue
-        elif code == EOF_CODE:
-            return bytes(out)
-        elif code == next_code and last != _NO_CODE:
+        elif code == next_code and last_entry:
             # The one code the writer can send before we have defined it: the previous string
             # followed by its own first byte.
             entry = last_entry + last_entry[:1]
             entries[next_code] = entry
+        elif code == EOF_CODE:  # right after a clear, when next_code is still EOF_CODE
+            return bytes(out)
         else:
             raise DecodeError("lzw", f"invalid code {code} (next free {next_code})")
 
@@ -158,14 +158,13 @@ def decompress(data: bytes, max_size: int) -> bytes:
         if size > max_size:
             raise DecodeError("lzw", f"output exceeds {max_size} bytes")
         out += entry
-        last = code
         last_entry = entry
         next_code += 1
         if next_code >= grow_at:
             if width == MAX_WIDTH:
-                # Table full and no clear from the writer: keep decoding, add nothing.
-                last = _NO_CODE
-                next_code -= 1
+                # Table full and no clear from the writer: keep decoding, define nothing more.
+                last_entry = b""
+                next_code = grow_at
             else:
                 width += 1
                 mask = (1 << width) - 1
