@@ -38,7 +38,11 @@ observed kernel state) into an ordered list of operations (`plan`), with bad inp
 peer (`validate_peers`). The IO shell (`VxlanBackend`) reads the kernel with one request per
 table, applies the operations one by one and reports what changed. A kernel error on one
 operation is recorded against its peer and that peer's later steps are skipped; every other peer
-is still programmed. Only a device that cannot be created stops the pass (reported, not raised).
+is still programmed. Only a device that cannot be deleted, created or brought up stops the pass
+(reported in `ReconcileReport.device_error`, not raised).
+
+Between passes, `watch_device` listens to RTMGRP_LINK and tells the agent at once when our
+device is deleted or set down, so it can reconcile without waiting for its periodic timer.
 
 Which kernel objects are "ours": the device with our name, and the addresses, neighbours, FDB
 entries and main-table routes whose interface is that device. Anything on another interface is
@@ -94,21 +98,38 @@ __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_VNI",
     "ENCAP_OVERHEAD",
+    "AddAddress",
+    "AddRoute",
     "Change",
+    "CreateDevice",
+    "DeleteAddress",
+    "DeleteDevice",
+    "DeleteFdb",
+    "DeleteNeighbour",
+    "DeleteRoute",
     "DesiredState",
     "DeviceEvent",
     "DeviceSpec",
     "DeviceState",
     "KernelState",
+    "Neighbour",
+    "Op",
     "Peer",
     "PeerProblem",
     "ReconcileReport",
+    "ReplaceRoute",
+    "RouteState",
+    "SetDeviceMtu",
+    "SetDeviceUp",
+    "SetFdb",
+    "SetNeighbour",
     "UnderlayState",
     "ValidPeer",
     "VxlanBackend",
     "VxlanConfig",
     "desired_state",
     "device_events",
+    "device_mismatches",
     "normalize_mac",
     "plan",
     "validate_peers",
@@ -193,7 +214,8 @@ class Peer:
 
 @dataclass(frozen=True)
 class ValidPeer:
-    """A peer that passed `validate_peers`: parsed, normalised, conflict-free, with blocks."""
+    """A peer parsed and normalised by `validate_peers` (the ones it returns as valid are also
+    conflict-free and have at least one block)."""
 
     name: str
     underlay_ip: IPv4Address

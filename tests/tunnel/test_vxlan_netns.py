@@ -104,7 +104,8 @@ def make_cluster(sandbox_factory: Any, nodes: int, *, vni: int = 1, port: int = 
 
 
 def socket_in(netns: str, family: int, kind: int, proto: int = 0) -> socket.socket:
-    return pyroute2_netns.create_socket(netns, family, kind, proto, flags=0)
+    sock: socket.socket = pyroute2_netns.create_socket(netns, family, kind, proto, flags=0)
+    return sock
 
 
 @contextmanager
@@ -259,7 +260,7 @@ def netlink_events(netns: str) -> Iterator[list[RtnlEvent]]:
 
 
 def routes_on(node: Any, device: str) -> str:
-    return node.run(["ip", "-d", "route", "show", "dev", device]).stdout
+    return str(node.run(["ip", "-d", "route", "show", "dev", device]).stdout)
 
 
 def entries(node: Any, device: str) -> tuple[list[str], list[str], list[str]]:

@@ -411,14 +411,14 @@ def test_duplicate_names_macs_and_own_mac_are_rejected() -> None:
     ],
 )
 def test_bad_fields_are_rejected_with_a_reason(field_name: str, value: object, reason: str) -> None:
-    bad = replace(peer(2), **{field_name: value})
+    bad = replace(peer(2), **{field_name: value})  # type: ignore[arg-type]
     valid, rejected, _ = validate_peers([bad, peer(3)], LOCAL, CONFIG)
     assert [p.name for p in valid] == ["n3"]
     assert [p.reason for p in rejected] == [reason]
 
 
 def test_strings_from_the_wire_are_accepted_when_well_formed() -> None:
-    wire = Peer("n2", "198.18.0.12", "02:00:00:00:00:02", ["198.19.2.0/24"])  # type: ignore[arg-type]
+    wire = Peer("n2", "198.18.0.12", "02:00:00:00:00:02", ["198.19.2.0/24"])  # type: ignore[arg-type, list-item]
     valid, rejected, idle = validate_peers([wire], LOCAL, CONFIG)
     assert not rejected and not idle
     assert valid == [ValidPeer("n2", A("198.18.0.12"), "02:00:00:00:00:02", (N("198.19.2.0/24"),))]
@@ -448,7 +448,7 @@ def test_overlap_detection_matches_brute_force(raw: list[tuple[int, int, int]]) 
         )
         for i, (third, plen, owner) in enumerate(raw)
     ]
-    peers = {}
+    peers: dict[int, list[N]] = {}
     for block, owner in blocks:
         peers.setdefault(owner, []).append(block)
     candidates = [
