@@ -403,11 +403,14 @@ class GossipService:
         results: list[JoinResult] = []
         self.node.join(addrs, trio.current_time())
         self._flush()
-        while wanted:
-            for result in self._take_join_results(wanted):
-                results.append(result)
-            if wanted:
-                await self._join_arrived.park()
+        # The Node ends every attempt by its stream deadline; the backstop only guards that.
+        with trio.move_on_after(self.config.tcp_timeout + STREAM_BACKSTOP_GRACE):
+            while wanted:
+                results.extend(self._take_join_results(wanted))
+                if wanted:
+                    await self._join_arrived.park()
+        for addr in wanted.elements():
+            results.append(JoinResult(addr, False, error="no answer"))
         ok = sum(1 for r in results if r.ok)
         if not ok:
             raise JoinError(results)

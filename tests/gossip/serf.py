@@ -85,16 +85,19 @@ class SerfAgent:
         tags: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
         log_level: str = "debug",
+        command_prefix: Sequence[str] = (),
     ) -> None:
         binary = serf_binary()
         if binary is None:
             raise RuntimeError("serf is not installed")
         self.binary = binary
+        self.prefix = list(command_prefix)  # e.g. `ip netns exec NS`, which execs in place
         self.name = name
         self.port = free_port()
         self.rpc_port = free_port()
         self.log_path = log_dir / f"serf-{name}.log"
         args = [
+            *self.prefix,
             binary,
             "agent",
             f"-node={name}",
@@ -110,6 +113,9 @@ class SerfAgent:
             args += ["-tag", f"{key}={value}"]
         args += list(extra_args)
         self._log = self.log_path.open("wb")
+        self._log_offset = 0
+        self._log_rest = b""
+        self.log_lines: list[tuple[float, str]] = []  # (time.monotonic() seen, line)
         self.process = subprocess.Popen(
             args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
@@ -144,7 +150,8 @@ class SerfAgent:
     def members(self) -> dict[str, SerfMember]:
         """`serf members -format=json`, by name."""
         out = subprocess.run(
-            [self.binary, "members", f"-rpc-addr={self.rpc_address}", "-format=json"],
+            [*self.prefix, self.binary, "members", f"-rpc-addr={self.rpc_address}",
+             "-format=json"],
             capture_output=True,
             check=True,
             timeout=5,
@@ -154,7 +161,7 @@ class SerfAgent:
     def join(self, address: str) -> subprocess.CompletedProcess[bytes]:
         """`serf join ADDRESS` through this agent's RPC (does not raise on failure)."""
         return subprocess.run(
-            [self.binary, "join", f"-rpc-addr={self.rpc_address}", address],
+            [*self.prefix, self.binary, "join", f"-rpc-addr={self.rpc_address}", address],
             capture_output=True,
             timeout=15,
         )
@@ -173,6 +180,34 @@ class SerfAgent:
         raise TimeoutError(
             f"serf {self.name}: {name} is {last!r}, not {sorted(wanted)}, after {timeout} s"
         )
+
+    def poll_log(self) -> list[tuple[float, str]]:
+        """Read the log lines written since the last call, stamped with the time we saw them."""
+        now = time.monotonic()
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_offset)
+            chunk = log.read()
+        self._log_offset += len(chunk)
+        *complete, self._log_rest = (self._log_rest + chunk).split(b"\n")
+        fresh = [(now, line.decode(errors="replace")) for line in complete]
+        self.log_lines.extend(fresh)
+        return fresh
+
+    def wait_log(self, pattern: str, timeout: float, after: float = 0.0) -> float:
+        """Poll the log until a line matching `pattern` shows up (seen at or after `after`);
+        return when we saw it (time.monotonic())."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        checked = 0
+        while True:
+            self.poll_log()
+            for seen, line in self.log_lines[checked:]:
+                if seen >= after and regex.search(line):
+                    return seen
+            checked = len(self.log_lines)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"serf {self.name}: no log line matching {pattern!r}")
+            time.sleep(0.01)
 
     def kill(self) -> None:
         """SIGKILL this agent (a crash) and reap it."""
