@@ -185,3 +185,26 @@ def test_no_agent_means_try_again_later(plugin_dir: Path, tmp_path: Path) -> Non
     assert out["code"] == 11 and out["cniVersion"] == "1.0.0"
     assert "weavepy agent is not running" in out["msg"]
     assert str(tmp_path / "nobody-listens.sock") in out["details"]
+
+
+def test_add_after_the_bridge_was_recreated(cni_cluster) -> None:
+    # The agent's reconciler may recreate the bridge behind the server's back; ADD must notice
+    # (the server caches the bridge's index) and use the new one.
+    cluster = cni_cluster(nodes=1)
+    cni = cluster.nodes[0]
+    first, second = cluster.new_pod("before"), cluster.new_pod("after")
+    assert cni.plugin("ADD", first)[0] == 0
+    cni.node.run(["ip", "link", "del", "wpbr0"])  # the first pod's veth is left detached
+    cni.node.run(["ip", "link", "add", "wpbr0", "type", "bridge"])
+    cni.node.run(["ip", "addr", "add", f"{cni.gateway}/24", "dev", "wpbr0"])
+    cni.node.run(["ip", "link", "set", "wpbr0", "up"])
+    rc, result = cni.plugin("ADD", second)
+    assert rc == 0, result
+    host = json.loads(cni.node.run(["ip", "-j", "link", "show", result["interfaces"][1]["name"]]
+                                   ).stdout)[0]
+    assert host["master"] == "wpbr0"
+    ping = cluster.pod_exec(second, ["ping", "-c", "1", "-W", "2", str(cni.gateway)])
+    assert ping.returncode == 0, ping.stdout
+    for pod in (first, second):
+        assert cni.plugin("DEL", pod)[0] == 0
+    assert cni.allocations() == []
