@@ -167,7 +167,9 @@ class Peer:
         self.scenario = scenario
         self.keyring = keyring
         self.key = keyring.primary if keyring else None
-        self.codec = PacketCodec(keyring, compression=False)
+        # Like a Go node with EnableCompression: packets LZW'd when smaller, streams always.
+        self.codec = PacketCodec(keyring, compression=True)
+        self.acks: set[int] = set()  # sequence numbers serf acked over UDP
         self.port = free_port()
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind((LOOPBACK, self.port))
@@ -243,14 +245,16 @@ class Peer:
             except DecodeError:
                 continue
             for msg in messages:
+                if isinstance(msg, Ack):
+                    self.acks.add(msg.seq_no)
                 if isinstance(msg, Ping) and self.answering:
                     to = (socket.inet_ntoa(msg.source_addr), msg.source_port)
                     if not msg.source_addr:
                         to = addr
                     self.send_udp(to, [encode_message(Ack(msg.seq_no))])
 
-    def send_udp(self, to: tuple[str, int], parts: list[bytes]) -> None:
-        self.udp.sendto(self.codec.encode(parts, crc=False), to)
+    def send_udp(self, to: tuple[str, int], parts: list[bytes], crc: bool = False) -> None:
+        self.udp.sendto(self.codec.encode(parts, crc=crc), to)
 
     # -- TCP -----------------------------------------------------------------------------------
 
@@ -299,14 +303,14 @@ class Peer:
             elif isinstance(msg, Ping) and self.answering:
                 reply = Ack(msg.seq_no)
             if reply is not None:
-                conn.sendall(encode_stream(reply, keyring=self.keyring, compression=False))
+                conn.sendall(encode_stream(reply, keyring=self.keyring, compression=True))
                 time.sleep(0.2)
 
     def request(self, port: int, msg: object, origin: str, raw: bytes | None = None) -> object:
         """Open a stream to serf, send `msg` (or `raw` bytes), and record serf's reply."""
         with socket.create_connection((LOOPBACK, port), timeout=5) as conn:
             if raw is None:
-                raw = encode_stream(msg, keyring=self.keyring, compression=False)  # type: ignore[arg-type]
+                raw = encode_stream(msg, keyring=self.keyring, compression=True)  # type: ignore[arg-type]
             conn.sendall(raw)
             agent = self.agent_ports.get(port)
             return self._read_stream(conn, origin, compression=agent.compression if agent else None)
@@ -331,7 +335,12 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
     print(f"  (timed out waiting for {what})", file=sys.stderr)
 
 
-def plain_scenario(workdir: Path) -> list[Capture]:
+def check(checks: dict[str, bool], what: str, ok: bool) -> None:
+    checks[what] = ok
+    print(f"  {'ok  ' if ok else 'FAIL'} serf accepted {what}", file=sys.stderr)
+
+
+def plain_scenario(workdir: Path, checks: dict[str, bool]) -> list[Capture]:
     print("scenario plain", file=sys.stderr)
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # fake member X: never answers
     silent.bind((LOOPBACK, free_port()))
@@ -396,6 +405,16 @@ def plain_scenario(workdir: Path) -> list[Capture]:
             peer.request(a.port, None, "error reply from A", raw=bogus)
             # A reliable user message to A (serf ignores an unknown serf type, but reads it).
             peer.request(a.port, UserMsg(b"\x7fhello"), "reply to tcp user msg")
+            # Our LZW and CRC framing, which serf must read to answer.
+            filler = encode_message(UserMsg(b"\x7f" + b"weavepy " * 60))
+            peer.send_udp((LOOPBACK, a.port), [encode_message(Ping(2000, "serf-a")), filler])
+            peer.send_udp((LOOPBACK, a.port), [encode_message(Ping(2001, "serf-a"))], crc=True)
+            reply = peer.request(a.port, Ping(2002, "serf-a"), "compressed tcp ping reply")
+            time.sleep(0.5)
+            check(checks, "an LZW-compressed UDP compound", 2000 in peer.acks)
+            check(checks, "a CRC-wrapped UDP ping", 2001 in peer.acks)
+            check(checks, "an LZW-compressed TCP ping", reply == Ack(2002, b""))
+            check(checks, "our compressed join push/pull", a.members().get("pycap") == "alive")
             a.cli("event", "capture-event", "payload-" * 8)
             a.cli("query", "-timeout=1s", "capture-query", "q")
             time.sleep(1.0)
@@ -423,7 +442,7 @@ def plain_scenario(workdir: Path) -> list[Capture]:
     return peer.captures
 
 
-def encrypted_scenario(workdir: Path) -> list[Capture]:
+def encrypted_scenario(workdir: Path, checks: dict[str, bool]) -> list[Capture]:
     print("scenario encrypted", file=sys.stderr)
     key = os.urandom(32)
     peer = Peer("pycap-enc", "encrypted", keyring=Keyring([key]))
@@ -436,9 +455,13 @@ def encrypted_scenario(workdir: Path) -> list[Capture]:
             e.wait_ready()
             peer.request(e.port, peer.push_pull(join=True), "encrypted join reply from E")
             wait_until(lambda: len(e.members()) >= 2, 10, "2 members on E")
-            peer.send_udp((LOOPBACK, e.port), [encode_message(Ping(77, "serf-e"))])
-            peer.request(e.port, Ping(78, "serf-e"), "encrypted tcp ping reply from E")
+            peer.send_udp((LOOPBACK, e.port), [encode_message(Ping(77, "serf-e"))], crc=True)
+            reply = peer.request(e.port, Ping(78, "serf-e"), "encrypted tcp ping reply from E")
+            check(checks, "an encrypted, compressed TCP ping", reply == Ack(78, b""))
             e.cli("event", "capture-enc-event", "x" * 20)
+            time.sleep(0.5)
+            check(checks, "an encrypted CRC-wrapped UDP ping", 77 in peer.acks)
+            check(checks, "our encrypted join push/pull", e.members().get("pycap-enc") == "alive")
             time.sleep(4.0)
             e.stop(graceful=True)
             report_logs(started)
@@ -543,13 +566,15 @@ def main() -> int:
     version = subprocess.run(["serf", "version"], capture_output=True, text=True).stdout
     with tempfile.TemporaryDirectory(prefix="weavepy-capture-") as tmp:
         workdir = Path(tmp)
-        captures = plain_scenario(workdir) + encrypted_scenario(workdir)
+        checks: dict[str, bool] = {}
+        captures = plain_scenario(workdir, checks) + encrypted_scenario(workdir, checks)
     entries = select(captures)
     doc = {
         "about": "Bytes Debian serf sent to a weavepy test peer on loopback; regenerate with "
         "tests/gossip/capture_golden.py (see its docstring).",
         "serf_version": " / ".join(version.split("\n")[:2]),
         "captured": time.strftime("%Y-%m-%d"),
+        "serf_accepted_our_bytes": checks,
         "captures": entries,
     }
     args.out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -193,3 +193,11 @@ def test_field_values_match_what_the_scenario_did() -> None:
     assert any(isinstance(m, Dead) and m.node == m.from_node == "serf-b" for m in packets)
     assert any(isinstance(m, Alive) and m.node == "pycap" and m.port > 0 for m in packets)
     assert any(isinstance(m, UserMsg) and m.payload[:1] == b"\x03" for m in packets)  # event
+
+
+def test_serf_accepted_what_we_sent_when_the_goldens_were_captured() -> None:
+    """The capture run also checked the other direction: serf answered our LZW-compressed,
+    CRC-wrapped and encrypted packets and streams, and listed our peer as alive."""
+    checks = GOLDEN["serf_accepted_our_bytes"]
+    assert len(checks) >= 7
+    assert all(checks.values()), checks
