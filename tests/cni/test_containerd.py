@@ -14,6 +14,7 @@ CNI_NETNS, as a real agent does through a shared /run/netns.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -198,7 +199,9 @@ def cri_nodes(sandbox_factory: Callable[..., Any], busybox_image: Path
                             ("ctr", "containerd"), ("nsenter", "util-linux")):
         require_binary(binary, package)
     require(Path(REFERENCE_PLUGINS, "loopback").exists(), "needs containernetworking-plugins")
-    pytest.importorskip("cri_api.v1.api_pb2_grpc", reason="needs container-runtime-interface-api")
+    require(importlib.util.find_spec("cri_api") is not None and
+            importlib.util.find_spec("grpc") is not None,
+            "needs PyPI container-runtime-interface-api (with grpcio)")
     box = sandbox_factory(nodes=2)
     root = Path(f"/tmp/weavepy-cri-{box.prefix}")  # short: unix socket paths max 107 bytes
     nodes = [CriNode(node, root / node.name, f"198.19.{node.index}.0/24") for node in box.nodes]
