@@ -138,8 +138,10 @@ class CniServer:
 
     def __init__(self, backend_factory: Callable[[], PodNetworkBackend],
                  socket_path: str | os.PathLike[str],
-                 *, on_request: RequestObserver | None = None) -> None:
+                 *, on_request: RequestObserver | None = None,
+                 read_timeout: float = READ_TIMEOUT) -> None:
         self.backend_factory = backend_factory
+        self.read_timeout = read_timeout
         self.socket_path = Path(socket_path)
         self.on_request = on_request
         self.backend: PodNetworkBackend | None = None
@@ -205,11 +207,10 @@ class CniServer:
                 if self.on_request is not None:
                     self.on_request(result.command, result.code, elapsed)
 
-    @staticmethod
-    async def _read_request(stream: trio.SocketStream) -> bytes | None:
+    async def _read_request(self, stream: trio.SocketStream) -> bytes | None:
         chunks: list[bytes] = []
         size = 0
-        with trio.move_on_after(READ_TIMEOUT) as scope:
+        with trio.move_on_after(self.read_timeout) as scope:
             while True:
                 chunk = await stream.receive_some(65536)
                 if not chunk:
@@ -224,7 +225,7 @@ class CniServer:
                     return None
                 chunks.append(chunk)
         if scope.cancelled_caught:
-            log.warning("CNI client sent no complete request within %.0f s", READ_TIMEOUT)
+            log.warning("CNI client sent no complete request within %.1f s", self.read_timeout)
             return None
         return b"".join(chunks)
 
