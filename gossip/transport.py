@@ -260,26 +260,12 @@ class GossipService:
 
     async def __aenter__(self) -> GossipService:
         await self._open_sockets()
-        assert self._udp is not None and self._tcp is not None
-        host, port = self._advertise if self._advertise is not None else self._address
-        if self._advertise is not None and port == 0:
-            port = self._address[1]
-        advertised = _pack_ip(host)
-        if advertised is None or _is_unspecified(host):
+        try:
+            self._node = self._make_node()
+        except BaseException:
             self._close_sockets()
-            raise ValueError(f"advertise address {host!r} must be a specific IP address")
-        self._address_advertised = (host, port)
-        self._node = Node(
-            self.config,
-            self.name,
-            advertised,
-            port,
-            meta=self._meta,
-            keyring=self._keyring,
-            delegate=self._delegate,
-            rng=self._rng,
-            limits=self._limits,
-        )
+            raise
+        assert self._tcp is not None
         stack = contextlib.AsyncExitStack()
         try:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
@@ -296,6 +282,26 @@ class GossipService:
             raise
         self._exit_stack = stack
         return self
+
+    def _make_node(self) -> Node:
+        host, port = self._advertise if self._advertise is not None else self._address
+        if self._advertise is not None and port == 0:
+            port = self._address[1]
+        advertised = _pack_ip(host)
+        if advertised is None or _is_unspecified(host):
+            raise ValueError(f"advertise address {host!r} must be a specific IP address")
+        self._address_advertised = (host, port)
+        return Node(
+            self.config,
+            self.name,
+            advertised,
+            port,
+            meta=self._meta,
+            keyring=self._keyring,
+            delegate=self._delegate,
+            rng=self._rng,
+            limits=self._limits,
+        )
 
     async def __aexit__(
         self,
