@@ -100,19 +100,29 @@ class _Field:
     omitempty: bool = False
 
 
-def _fields(*spec: tuple[str, str, _Kind] | tuple[str, str, _Kind, bool]) -> tuple[_Field, ...]:
-    return tuple(_Field(s[0], s[1].encode(), s[2], len(s) > 3 and bool(s[3])) for s in spec)
+class _Schema:
+    """One Go struct: its fields as declared (the order of go-msgpack's array form), as written
+    (go-msgpack writes struct-to-map sorted by field name, bytewise), and indexed by Go name."""
+
+    __slots__ = ("by_key", "declared", "written")
+
+    def __init__(self, *spec: tuple[str, str, _Kind] | tuple[str, str, _Kind, bool]) -> None:
+        self.declared = tuple(
+            _Field(s[0], s[1].encode(), s[2], len(s) > 3 and bool(s[3])) for s in spec
+        )
+        self.written = tuple(sorted(self.declared, key=lambda f: f.key))
+        self.by_key = {f.key: f for f in self.declared}
 
 
 _K = _Kind
-_PING = _fields(
+_PING = _Schema(
     ("seq_no", "SeqNo", _K.U32),
     ("node", "Node", _K.STR),
     ("source_addr", "SourceAddr", _K.BYTES, True),
     ("source_port", "SourcePort", _K.U16, True),
     ("source_node", "SourceNode", _K.STR, True),
 )
-_INDIRECT_PING = _fields(
+_INDIRECT_PING = _Schema(
     ("seq_no", "SeqNo", _K.U32),
     ("target", "Target", _K.BYTES),
     ("port", "Port", _K.U16),
@@ -122,14 +132,14 @@ _INDIRECT_PING = _fields(
     ("source_port", "SourcePort", _K.U16, True),
     ("source_node", "SourceNode", _K.STR, True),
 )
-_ACK = _fields(("seq_no", "SeqNo", _K.U32), ("payload", "Payload", _K.BYTES))
-_NACK = _fields(("seq_no", "SeqNo", _K.U32))
-_SUSPECT = _fields(
+_ACK = _Schema(("seq_no", "SeqNo", _K.U32), ("payload", "Payload", _K.BYTES))
+_NACK = _Schema(("seq_no", "SeqNo", _K.U32))
+_SUSPECT = _Schema(
     ("incarnation", "Incarnation", _K.U32),
     ("node", "Node", _K.STR),
     ("from_node", "From", _K.STR),
 )
-_ALIVE = _fields(
+_ALIVE = _Schema(
     ("incarnation", "Incarnation", _K.U32),
     ("node", "Node", _K.STR),
     ("addr", "Addr", _K.BYTES),
@@ -138,13 +148,13 @@ _ALIVE = _fields(
     ("vsn", "Vsn", _K.BYTES),
 )
 _DEAD = _SUSPECT
-_ERR = _fields(("error", "Error", _K.STR))
-_PUSH_PULL_HEADER = _fields(
+_ERR = _Schema(("error", "Error", _K.STR))
+_PUSH_PULL_HEADER = _Schema(
     ("nodes", "Nodes", _K.INT),
     ("user_state_len", "UserStateLen", _K.INT),
     ("join", "Join", _K.BOOL),
 )
-_PUSH_NODE_STATE = _fields(
+_PUSH_NODE_STATE = _Schema(
     ("name", "Name", _K.STR),
     ("addr", "Addr", _K.BYTES),
     ("port", "Port", _K.U16),
@@ -153,11 +163,11 @@ _PUSH_NODE_STATE = _fields(
     ("state", "State", _K.INT),
     ("vsn", "Vsn", _K.BYTES),
 )
-_USER_MSG_HEADER = _fields(("user_msg_len", "UserMsgLen", _K.INT))
-_COMPRESS = _fields(("algo", "Algo", _K.U8), ("buf", "Buf", _K.BYTES))
+_USER_MSG_HEADER = _Schema(("user_msg_len", "UserMsgLen", _K.INT))
+_COMPRESS = _Schema(("algo", "Algo", _K.U8), ("buf", "Buf", _K.BYTES))
 
 # Packet-level message types whose body is one struct: type -> (value class, schema).
-_PACKET_STRUCTS: dict[int, tuple[type[Any], tuple[_Field, ...]]] = {
+_PACKET_STRUCTS: dict[int, tuple[type[Any], _Schema]] = {
     MessageType.PING: (Ping, _PING),
     MessageType.INDIRECT_PING: (IndirectPing, _INDIRECT_PING),
     MessageType.ACK: (Ack, _ACK),
@@ -166,7 +176,7 @@ _PACKET_STRUCTS: dict[int, tuple[type[Any], tuple[_Field, ...]]] = {
     MessageType.ALIVE: (Alive, _ALIVE),
     MessageType.DEAD: (Dead, _DEAD),
 }
-_STRUCT_OF_CLASS: dict[type[Any], tuple[MessageType, tuple[_Field, ...]]] = {
+_STRUCT_OF_CLASS: dict[type[Any], tuple[MessageType, _Schema]] = {
     cls: (MessageType(t), schema) for t, (cls, schema) in _PACKET_STRUCTS.items()
 }
 _STRUCT_OF_CLASS[ErrResp] = (MessageType.ERR, _ERR)
@@ -195,9 +205,9 @@ def _encode_value(value: Any, kind: _Kind) -> Any:
     return value
 
 
-def _encode_struct(values: Callable[[str], Any], schema: tuple[_Field, ...]) -> bytes:
+def _encode_struct(values: Callable[[str], Any], schema: _Schema) -> bytes:
     fields: dict[bytes, Any] = {}
-    for f in sorted(schema, key=_encode_order):
+    for f in schema.written:
         value = values(f.attr)
         if f.omitempty and not value:
             continue
@@ -209,16 +219,11 @@ def _encode_struct(values: Callable[[str], Any], schema: tuple[_Field, ...]) -> 
     return packed
 
 
-def _encode_order(f: _Field) -> bytes:
-    """go-msgpack writes a struct's fields sorted by name (bytewise), not in declaration order."""
-    return f.key
-
-
-def _encode_object(obj: object, schema: tuple[_Field, ...]) -> bytes:
+def _encode_object(obj: object, schema: _Schema) -> bytes:
     return _encode_struct(lambda attr: getattr(obj, attr), schema)
 
 
-def _encode_mapping(values: dict[str, Any], schema: tuple[_Field, ...]) -> bytes:
+def _encode_mapping(values: dict[str, Any], schema: _Schema) -> bytes:
     return _encode_struct(values.__getitem__, schema)
 
 
@@ -338,40 +343,23 @@ _ZERO: dict[_Kind, Any] = {
 }
 
 
-def _decode_struct(obj: Any, schema: tuple[_Field, ...]) -> dict[str, Any]:
+def _decode_struct(obj: Any, schema: _Schema) -> dict[str, Any]:
     """Map a decoded msgpack value onto a schema, as go-msgpack fills a struct: missing fields
     keep their zero value, unknown keys are skipped, and the array form maps by position."""
-    values = {f.attr: _ZERO[f.kind] for f in schema}
+    values = {f.attr: _ZERO[f.kind] for f in schema.declared}
     if isinstance(obj, dict):
-        by_key = _KEY_INDEX[schema]
+        by_key = schema.by_key
         for key, value in obj.items():
             f = by_key.get(key)
             if f is not None:
                 values[f.attr] = _decode_value(value, f)
     elif isinstance(obj, list):
-        for f, value in zip(schema, obj, strict=False):
+        for f, value in zip(schema.declared, obj, strict=False):
             values[f.attr] = _decode_value(value, f)
     else:
         raise DecodeError("msgpack", f"expected a map, got {type(obj).__name__}")
     return values
 
-
-_KEY_INDEX: dict[tuple[_Field, ...], dict[bytes, _Field]] = {
-    schema: {f.key: f for f in schema}
-    for schema in (
-        _PING,
-        _INDIRECT_PING,
-        _ACK,
-        _NACK,
-        _SUSPECT,
-        _ALIVE,
-        _ERR,
-        _PUSH_PULL_HEADER,
-        _PUSH_NODE_STATE,
-        _USER_MSG_HEADER,
-        _COMPRESS,
-    )
-}
 
 # Containers in our structs are tiny; these caps stop a 5-byte header from allocating gigabytes.
 _MAX_CONTAINER = 64
