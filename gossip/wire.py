@@ -600,7 +600,8 @@ class StreamDecoder:
 
     Feed it bytes as they arrive; `feed` returns the message once it is complete (and ignores
     anything after it, which memberlist never reads), else None. Claimed sizes are checked against
-    `limits` before anything is buffered for them.
+    `limits` before anything is buffered for them. After a DecodeError the stream is dead: every
+    later `feed` or `eof` raises the same error.
     """
 
     def __init__(
@@ -627,6 +628,7 @@ class StreamDecoder:
         self._header: dict[str, Any] = {}
         self._nodes: list[PushNodeState] = []
         self._result: StreamMessage | None = None
+        self._error: DecodeError | None = None
 
     @property
     def done(self) -> bool:
@@ -634,10 +636,18 @@ class StreamDecoder:
 
     def feed(self, data: bytes) -> StreamMessage | None:
         """Consume `data`; return the message when it is complete, None while more is needed."""
+        if self._error is not None:
+            raise self._error
         view = memoryview(data)
-        while view and self._stage is not _Stage.DONE:
-            taken = self._step(view[:_FEED_CHUNK])
-            view = view[taken:]
+        try:
+            while view and self._stage is not _Stage.DONE:
+                taken = self._step(view[:_FEED_CHUNK])
+                view = view[taken:]
+        except DecodeError as err:
+            self._error = err
+            self._unpacker = None
+            self._pending = bytearray()
+            raise
         if self._stage is _Stage.DONE and self._result is not None:
             result, self._result = self._result, None
             return result
@@ -645,6 +655,8 @@ class StreamDecoder:
 
     def eof(self) -> None:
         """The peer closed its side: raise DecodeError("truncated") if a message is unfinished."""
+        if self._error is not None:
+            raise self._error
         if self._stage is not _Stage.DONE and (self._received or self._stage is not _Stage.TYPE):
             raise DecodeError("truncated", f"stream ended during the {self._stage.value}")
 

@@ -475,3 +475,14 @@ def test_limits_are_configurable() -> None:
         with pytest.raises(DecodeError) as err:
             StreamDecoder(limits=tight).feed(encode_stream(msg, keyring=None, compression=False))
         assert err.value.reason == "too_large"
+
+
+def test_a_failed_stream_stays_failed() -> None:
+    decoder = StreamDecoder()
+    with pytest.raises(DecodeError) as first:
+        decoder.feed(b"\x04garbage")
+    with pytest.raises(DecodeError) as again:
+        decoder.feed(encode_stream(Ack(1), keyring=None, compression=False))
+    assert again.value is first.value
+    with pytest.raises(DecodeError):
+        decoder.eof()
