@@ -5,7 +5,7 @@ How to run (needs only loopback; no root, no namespaces)::
     apt-get install -y serf           # Debian serf 0.9.4 = memberlist 0.2.2 + go-msgpack 0.5.5
     .venv/bin/python tests/gossip/capture_golden.py [--out tests/gossip/golden/serf_captures.json]
 
-What it does (about 45 s): it starts serf agents on 127.0.0.1 (ports picked free at runtime in
+What it does (about 35 s): it starts serf agents on 127.0.0.1 (ports picked free at runtime in
 20000-29999, every agent started and stopped by its PID), and a throwaway peer of ours built on
 gossip.wire that joins them and records every UDP datagram and TCP stream serf sends it. Scenarios:
 
