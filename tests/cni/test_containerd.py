@@ -1,25 +1,26 @@
 """containerd 1.6's CRI plugin (Debian containerd + runc) creates pods on two sandbox nodes
-through weavepy-cni, driven over gRPC by a small kubelet stand-in (PyPI
-container-runtime-interface-api): pods get addresses from their node's block, reach each other
-across nodes over TCP, a hostPort works, and StopPodSandbox + RemovePodSandbox (DEL twice, the
-second with an empty netns) release everything.
+through weavepy-cni and the weavepy agent, driven over gRPC by a small kubelet stand-in (PyPI
+container-runtime-interface-api): pods get addresses from their node's IPAM block, reach each
+other across nodes over TCP through the agents' VXLAN routes, a hostPort works, and
+StopPodSandbox + RemovePodSandbox (DEL twice, the second with an empty netns) release
+everything.
 
-Each node runs its own containerd (root, state, sockets, runc root and CNI directories in the
-test's temporary directory; `netns_mounts_under_state_dir` keeps the pod namespaces there too),
-started and stopped by PID. containerd runs in a private mount namespace, where it mounts the
-pod namespaces; the CNI server joins that mount namespace (`nsenter --mount`) so it can open
-CNI_NETNS, as a real agent does through a shared /run/netns.
+Each node runs its own containerd (root, state, sockets, runc root, cgroup parent and CNI
+directories belong to this run), started and stopped by PID, and a weavepy agent. containerd
+runs in a private mount namespace, where it mounts the pod namespaces; the agent joins that
+mount namespace (`nsenter --mount`) so it can open CNI_NETNS, as a real agent does through a
+shared /run/netns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import ipaddress
 import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.cni.conftest import BRIDGE, REFERENCE_PLUGINS, REPO, wait_for_socket
+from tests.cni.conftest import REFERENCE_PLUGINS, REPO, wait_for_socket
 from tests.cni.oci import build_image
 from tests.conftest import require, require_binary, require_root
 
@@ -84,16 +85,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 @dataclass
 class CriNode:
-    """One sandbox node with its containerd, CNI server and CRI client."""
+    """One sandbox node with its containerd, weavepy agent and CRI client."""
 
     node: Any  # weavepy.sandbox.SandboxNode
     dir: Path
-    block: str
+    cni_socket: Path
     containerd: Any = None
-    server: Any = None
+    agent: Any = None
     channel: Any = None
     runtime: Any = None
     sandboxes: list[str] = field(default_factory=list)
+    blocks: list[str] = field(default_factory=list)
+
+    def owns(self, address: str) -> bool:
+        return any(ipaddress.ip_address(address) in ipaddress.ip_network(b) for b in self.blocks)
 
     @property
     def cgroup_parent(self) -> str:
@@ -104,16 +109,12 @@ class CriNode:
     def socket(self) -> Path:
         return self.dir / "containerd.sock"
 
-    @property
-    def cni_socket(self) -> Path:
-        return self.dir / "cni.sock"
-
     def ctr(self, *args: str, timeout: float = 120) -> str:
         return self.node.run(["ctr", "--address", str(self.socket), "-n", "k8s.io", *args],
                              timeout=timeout).stdout
 
 
-def _start(cri: CriNode, image_tar: Path) -> None:
+def _start_containerd(cri: CriNode, image_tar: Path) -> None:
     from weavepy.cni.install import install_cni
 
     d = cri.dir
@@ -140,19 +141,21 @@ def _start(cri: CriNode, image_tar: Path) -> None:
         "containerd", "--config", str(config)])
     wait_for_socket(cri.socket, cri.containerd, timeout=60)
     cri.ctr("image", "import", str(image_tar))
-    # The CNI server joins containerd's mount namespace, where the pod namespaces are mounted.
-    cri.server = cri.node.start("cni", [
-        "nsenter", f"--mount=/proc/{cri.containerd.pid}/ns/mnt", "--",
-        sys.executable, "-m", "weavepy.cni.server", "--socket", str(cri.cni_socket),
-        "--bridge", BRIDGE, "--block", cri.block, "--state-dir", str(d / "cni-state"),
-        "--log-level", "DEBUG"], cwd=str(REPO))
-    wait_for_socket(cri.cni_socket, cri.server)
 
     import grpc
     from cri_api.v1 import api_pb2_grpc
 
     cri.channel = grpc.insecure_channel(f"unix://{cri.socket}")
     cri.runtime = api_pb2_grpc.RuntimeServiceStub(cri.channel)
+
+
+def _launch_agent(rig: Any, cri: CriNode, peers: list[Any]) -> None:
+    """The weavepy agent of this node, inside containerd's mount namespace (see above)."""
+    cri.agent = cri.node.start("agent", [
+        "nsenter", f"--mount=/proc/{cri.containerd.pid}/ns/mnt", "--",
+        *rig.argv(cri.node, peers)], cwd=str(REPO))
+    rig.agents[cri.node.name] = cri.agent
+    rig.wait_api(cri.node, timeout=60)
 
 
 def _cleanup(cri: CriNode) -> None:
@@ -175,8 +178,8 @@ def _cleanup(cri: CriNode) -> None:
     for state in (runc_root.glob("*/*/state.json") if runc_root.exists() else []):
         subprocess.run(["runc", "--root", str(state.parent.parent), "delete", "--force",
                         state.parent.name], capture_output=True, timeout=30, check=False)
-    if cri.server is not None:
-        cri.server.stop(timeout=10)
+    if cri.agent is not None:
+        cri.agent.stop(timeout=10)
     for hierarchy in Path("/sys/fs/cgroup").iterdir():  # empty once the pods are gone
         with contextlib.suppress(OSError):
             (hierarchy / cri.cgroup_parent.lstrip("/")).rmdir()
@@ -202,17 +205,21 @@ def cri_nodes(sandbox_factory: Callable[..., Any], busybox_image: Path
     require(importlib.util.find_spec("cri_api") is not None and
             importlib.util.find_spec("grpc") is not None,
             "needs PyPI container-runtime-interface-api (with grpcio)")
+    from weavepy.agentbox import AgentBox
+
     box = sandbox_factory(nodes=2)
+    rig = AgentBox(box, pod_range=str(box.pod_range))
     root = Path(f"/tmp/weavepy-cri-{box.prefix}")  # short: unix socket paths max 107 bytes
-    nodes = [CriNode(node, root / node.name, f"198.19.{node.index}.0/24") for node in box.nodes]
+    nodes = [CriNode(node, root / node.name, rig.run_dir(node) / "cni.sock")
+             for node in box.nodes]
     try:
         for cri in nodes:
-            _start(cri, busybox_image)
-        # Cross-node pod routes by hand over the underlay: the agent (issue 3) will program
-        # them (VXLAN) once it lands; until then this test routes the blocks itself.
-        a, b = box.nodes
-        a.run(["ip", "route", "add", "198.19.2.0/24", "via", b.underlay_ip])
-        b.run(["ip", "route", "add", "198.19.1.0/24", "via", a.underlay_ip])
+            _start_containerd(cri, busybox_image)
+        _launch_agent(rig, nodes[0], [])
+        _launch_agent(rig, nodes[1], [box.nodes[0]])
+        blocks = rig.wait_mesh(timeout=60)  # blocks claimed, VXLAN routes both ways
+        for cri in nodes:
+            cri.blocks = blocks[cri.node.name]
         yield nodes
     finally:
         for cri in nodes:
@@ -283,7 +290,7 @@ def test_containerd_pods_on_two_nodes_talk_over_tcp(cri_nodes: list[CriNode]) ->
 
     sandbox_a, web_a, ip_a = _run_pod(one, "pod-a")
     sandbox_b, web_b, ip_b = _run_pod(two, "pod-b")
-    assert ip_a.startswith("198.19.1.") and ip_b.startswith("198.19.2."), (ip_a, ip_b)
+    assert one.owns(ip_a) and two.owns(ip_b), (ip_a, one.blocks, ip_b, two.blocks)
 
     # pod B asks pod A over TCP (HTTP) across nodes, and the other way round
     assert _wget(two, web_b, f"http://{ip_a}:8080/hostname").strip() == "pod-a"
@@ -292,22 +299,16 @@ def test_containerd_pods_on_two_nodes_talk_over_tcp(cri_nodes: list[CriNode]) ->
     node_a_ip = one.node.underlay_ip
     assert _wget(two, web_b, f"http://{node_a_ip}:{HOST_PORT}/hostname").strip() == "pod-a"
 
-    # containerd's CNI_ARGS named the pod
-    owners = json.loads(next((one.dir / "cni-state").glob("pods-*.json")).read_text())
-    assert [a["owner"] for a in owners["allocations"]] == ["default/pod-a"]
-
     for cri, sandbox in ((one, sandbox_a), (two, sandbox_b)):
         cri.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox),
                                    timeout=120)
         cri.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox),
                                      timeout=120)
-        state = json.loads(next((cri.dir / "cni-state").glob("pods-*.json")).read_text())
-        assert state["allocations"] == []
         links = json.loads(cri.node.run(["ip", "-j", "link", "show"]).stdout)
         assert not [x["ifname"] for x in links if x["ifname"].startswith("wpv")]
-        log = cri.server.log_text()
-        # DEL twice: StopPodSandbox (with the netns) released, RemovePodSandbox (empty
-        # netns) found nothing left and succeeded
+        # DEL twice: StopPodSandbox (with the netns) released the address, RemovePodSandbox
+        # (empty netns) found nothing left and succeeded
+        log = cri.agent.log_text()
         dels = [line for line in log.splitlines() if f"DEL {sandbox[:12]}/eth0" in line]
         assert len(dels) == 2, log[-3000:]
         assert "released" in dels[0] and "nothing held" in dels[1]
