@@ -118,6 +118,10 @@ class Stats:
     tcp_fallback_pings: int = 0
     tcp_fallback_successes: int = 0
     nacks_sent: int = 0
+    # Acks and nacks that came after their probe had ended (or were never ours). Late nacks are
+    # normal: as in memberlist, a relay's nack is due just when the prober's deadline passes.
+    late_acks: int = 0
+    late_nacks: int = 0
     suspicions: int = 0
     suspicion_timeouts: int = 0
     refutations: int = 0

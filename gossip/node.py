@@ -719,7 +719,7 @@ class Node:
     def _on_ack(self, ack: Ack, addr: Address, now: float) -> None:
         handler = self._ack_handlers.pop(ack.seq_no, None)
         if handler is None:
-            self.stats.drops["ack_late_or_unknown"] += 1
+            self.stats.late_acks += 1  # after its probe ended, or never ours
             return
         if isinstance(handler, _Probe):
             if handler is self._probe:
@@ -734,7 +734,7 @@ class Node:
         if isinstance(handler, _Probe):
             handler.nacks += 1
         else:
-            self.stats.drops["nack_late_or_unknown"] += 1
+            self.stats.late_nacks += 1
 
     def _on_alive(self, alive: Alive, addr: Address, now: float) -> None:
         if alive.port == 0:  # protocol 1 peers carry no port: assume ours

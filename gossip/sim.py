@@ -21,6 +21,7 @@ the node then wants to send is turned into new timed deliveries:
   reached it meanwhile waits. When it wakes it first runs its overdue timers, then the queued
   inputs in arrival order, all at the wake-up time: the pessimistic order, in which a queued ack
   does not save a probe whose deadline passed during the stall.
+* A lagging node reads its input late but keeps its timers on time (`set_inbound_lag`).
 
 Everything random (loss, jitter, each node's own rng) derives from one seed, so a run replays.
 """
@@ -28,6 +29,7 @@ Everything random (loss, jitter, each node's own rng) derives from one seed, so 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import heapq
 import logging
 import random
@@ -99,6 +101,7 @@ class SimNode:
     events: list[MemberEvent] = field(default_factory=list)
     join_results: list[JoinResult] = field(default_factory=list)
     stop_when_left: bool = False
+    inbound_lag: float = 0.0  # see Simulation.set_inbound_lag
     next_inbound_stream: int = 0  # inbound stream ids are negative
 
 
@@ -177,6 +180,17 @@ class Simulation:
     ) -> list[SimNode]:
         """`count` started nodes that already know each other (via `Node.seed_members`), as
         if the cluster had formed long ago: the cheap way to a large converged cluster."""
+        collecting = gc.isenabled()
+        gc.disable()  # count**2 long-lived records: generational GC would rescan them all
+        try:
+            return self._add_converged_cluster(count, config, prefix)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _add_converged_cluster(
+        self, count: int, config: GossipConfig | None, prefix: str
+    ) -> list[SimNode]:
         seats = [
             self.add_node(f"{prefix}{len(self.nodes) + 1}", config=config)
             for _ in range(count)
@@ -226,7 +240,7 @@ class Simulation:
         for key, connection in list(self._connections.items()):
             if key[0] == dead:
                 del self._connections[key]
-                at = self.now + self._link(seat, connection.peer).delay
+                at = self._arrival(seat, connection.peer)
                 self._push(
                     at, _STREAM_CLOSED, connection.peer, connection.peer_node,
                     connection.peer_stream,
@@ -286,6 +300,14 @@ class Simulation:
             sim.at(sim.now + every, stall_again)
 
         self.at(self.now if start is None else start, stall_again)
+
+    def set_inbound_lag(self, name: str, lag: float) -> None:
+        """Make `name` read everything that reaches it `lag` seconds late while its timers
+        still fire on time: a receive path that has fallen behind (a backed-up socket buffer,
+        a starved reader task), the "slow message processing" Lifeguard was built for."""
+        if lag < 0:
+            raise ValueError("lag must not be negative")
+        self.nodes[name].inbound_lag = lag
 
     def at(self, when: float, action: Callable[[Simulation], None]) -> None:
         """Run `action(sim)` at virtual time `when`."""
@@ -360,6 +382,10 @@ class Simulation:
         if self.links:
             return self.links.get((source.name, target.name), self.default_link)
         return self.default_link
+
+    def _arrival(self, source: SimNode, target: SimNode) -> float:
+        """When something sent now from `source` is handled by `target` (streams: no jitter)."""
+        return self.now + self._link(source, target).delay + target.inbound_lag
 
     def _connected(self, source: SimNode, target: SimNode) -> bool:
         groups = self._groups
@@ -439,7 +465,9 @@ class Simulation:
             if link.loss and self.rng.random() < link.loss:
                 stats.packets_lost += 1
                 continue
-            delay = link.delay + (self.rng.random() * link.jitter if link.jitter else 0.0)
+            delay = link.delay + target.inbound_lag
+            if link.jitter:
+                delay += self.rng.random() * link.jitter
             self._push(now + delay, _PACKET, target, None, (data, seat.address))
         for action in node.stream_actions():
             if isinstance(action, StreamSend):
@@ -469,22 +497,23 @@ class Simulation:
         target = self.by_address.get(address)
         if target is None or not self._connected(seat, target):
             return  # the SYNs vanish: the core's deadline will fire
-        delay = self._link(seat, target).delay
+        there = self._arrival(seat, target)
+        back = there + self._arrival(target, seat) - self.now  # a round trip
         if not target.running:
-            self._push(self.now + 2 * delay, _STREAM_FAILED, seat, node, stream_id)
+            self._push(back, _STREAM_FAILED, seat, node, stream_id)
             return
         target.next_inbound_stream -= 1
         inbound = target.next_inbound_stream
         self._connections[(id(node), stream_id)] = _Connection(target, target.node, inbound)
         self._connections[(id(target.node), inbound)] = _Connection(seat, node, stream_id)
-        self._push(self.now + delay, _STREAM_ACCEPT, target, target.node, (inbound, seat.address))
-        self._push(self.now + 2 * delay, _STREAM_OPENED, seat, node, stream_id)
+        self._push(there, _STREAM_ACCEPT, target, target.node, (inbound, seat.address))
+        self._push(back, _STREAM_OPENED, seat, node, stream_id)
 
     def _stream_send(self, seat: SimNode, node: Node, stream_id: int, data: bytes) -> None:
         connection = self._connections.get((id(node), stream_id))
         if connection is None or not self._connected(seat, connection.peer):
             return
-        at = max(self.now + self._link(seat, connection.peer).delay, connection.last_delivery)
+        at = max(self._arrival(seat, connection.peer), connection.last_delivery)
         connection.last_delivery = at
         self._push(
             at, _STREAM_DATA, connection.peer, connection.peer_node,
@@ -495,7 +524,7 @@ class Simulation:
         connection = self._connections.pop((id(node), stream_id), None)
         if connection is None:
             return
-        at = max(self.now + self._link(seat, connection.peer).delay, connection.last_delivery)
+        at = max(self._arrival(seat, connection.peer), connection.last_delivery)
         self._push(
             at, _STREAM_CLOSED, connection.peer, connection.peer_node, connection.peer_stream
         )

@@ -399,13 +399,20 @@ class Membership:
 
         Not a protocol path: it lets the simulator start from an already converged cluster.
         """
+        members = self.members
+        added: list[MemberRecord] = []
+        alive_code = int(ALIVE)
         for entry in entries:
-            if entry.name in self.members or entry.state != ALIVE:
+            if entry.state != alive_code or entry.name in members:
                 continue
             record = MemberRecord(entry.name, entry.addr, entry.port, entry.meta, entry.vsn, now)
             record.incarnation = entry.incarnation
             record.state = ALIVE
-            self._insert(record)
+            members[entry.name] = record
+            added.append(record)
+        # One shuffle instead of a random insertion each: the same uniform probe order.
+        self.probe_order.extend(added)
+        self.rng.shuffle(self.probe_order)
 
     # -- the probe order ---------------------------------------------------------------------
 
