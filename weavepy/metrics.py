@@ -1,0 +1,364 @@
+"""The agent's Prometheus metrics: every `weavepy_*` series, in one registry an agent owns.
+
+This module owns the names, help texts, labels and buckets of every metric weavepy exports, and
+how a status snapshot maps onto them. It serves nothing: the agent exposes `render()` on its
+metrics address (Weave used :6782).
+
+The rules it keeps:
+
+* **No global state.** Each `AgentMetrics` owns its own `CollectorRegistry`; nothing registers
+  in prometheus_client's default registry, so two agents (or two tests) in one process never
+  share a series.
+* **Counters the agent already keeps are read, not re-counted.** Gossip packets, drops, probe
+  failures, suspicions and tunnel traffic are monotonic counters inside the agent's parts;
+  `update()` stores the latest snapshot and a collector reports those totals at scrape time,
+  so no delta arithmetic can drift or double-count.
+* **Events the agent times are observed directly**: `observe_reconcile()` and
+  `observe_cni_request()` (the latter has the `CniServer(on_request=...)` signature).
+* **Label values are bounded.** States, paths, directions and CNI commands come from fixed sets
+  (anything else is reported as `other`), so bad input cannot grow the series without limit.
+  Gauges of a fixed set of states always export every state, with 0 for the absent ones, so a
+  state that empties shows as 0 rather than as a stale last value.
+
+Metric                                          Type       Labels
+weavepy_build_info                              gauge      version
+weavepy_ready                                   gauge
+weavepy_members                                 gauge      state (alive suspect failed left)
+weavepy_connections                             gauge      state, path, encryption
+weavepy_gossip_packets_total                    counter    direction (in out)
+weavepy_gossip_bytes_total                      counter    direction
+weavepy_dropped_total                           counter    component, reason
+weavepy_gossip_probe_failures_total             counter
+weavepy_gossip_suspicions_total                 counter
+weavepy_ipam_state                              gauge      state (1 for the current one)
+weavepy_ipam_blocks                             gauge      state (owned free unreachable)
+weavepy_pod_ips                                 gauge      state (in_use capacity)
+weavepy_reconcile_duration_seconds              histogram
+weavepy_reconcile_errors_total                  counter
+weavepy_cni_request_duration_seconds            histogram  command
+weavepy_cni_requests_total                      counter    command, result (ok error)
+weavepy_tunnel_bytes_total                      counter    path, direction (rx tx)
+weavepy_tunnel_packets_total                    counter    path, direction
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+
+from weavepy import __version__
+
+__all__ = [
+    "CNI_COMMANDS",
+    "CONNECTION_STATES",
+    "CONTENT_TYPE_LATEST",
+    "IPAM_STATES",
+    "MEMBER_STATES",
+    "AgentMetrics",
+    "StatusSnapshot",
+]
+
+log = logging.getLogger(__name__)
+
+MEMBER_STATES = ("alive", "suspect", "failed", "left")
+CONNECTION_STATES = ("established", "pending", "failed")
+# The values of weavepy.ipam.status.IpamState (a test keeps them equal).
+IPAM_STATES = ("waiting_for_cluster", "joining", "waiting_for_quorum", "minority_partition",
+               "ready", "out_of_space", "owned_by_unreachable_peers")
+CNI_COMMANDS = ("add", "del", "check", "gc", "status", "version")
+DATA_PATHS = ("vxlan", "wireguard", "none")
+DIRECTIONS = ("rx", "tx")
+OTHER = "other"
+
+RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                     10.0)
+CNI_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+ConnectionKey = tuple[str, str, bool]  # (state, path, encrypted)
+
+
+def _bounded(value: object, allowed: Iterable[str]) -> str:
+    text = str(value).lower() if value is not None else ""
+    return text if text in allowed else OTHER
+
+
+def _count(value: object) -> int:
+    """A non-negative int from a status field; anything else counts as 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return max(0, int(value))
+
+
+def _section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = doc.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _items(doc: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    value = doc.get(key)
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, Mapping)]
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """What the metrics need to know about the agent at one moment. Counts are totals since
+    the agent started (for counters) or current values (for gauges).
+
+    Build it directly, or from the agent's `/status` document with `from_status`."""
+
+    ready: bool = False
+    members: Mapping[str, int] = field(default_factory=dict)
+    connections: Mapping[ConnectionKey, int] = field(default_factory=dict)
+    gossip_packets: Mapping[str, int] = field(default_factory=dict)  # "in" / "out"
+    gossip_bytes: Mapping[str, int] = field(default_factory=dict)
+    drops: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (component, reason)
+    probe_failures: int = 0
+    suspicions: int = 0
+    ipam_state: str | None = None
+    blocks_owned: int = 0
+    blocks_free: int = 0
+    blocks_unreachable: int = 0
+    pod_ips_in_use: int = 0
+    pod_ips_capacity: int = 0
+    tunnel_bytes: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (path, dir)
+    tunnel_packets: Mapping[tuple[str, str], int] = field(default_factory=dict)
+
+    @classmethod
+    def from_status(cls, doc: Mapping[str, Any]) -> StatusSnapshot:
+        """Read the agent's status document (docs/api.md). Missing or malformed sections
+        count as empty: a metric never stops the scrape."""
+        gossip = _section(doc, "gossip")
+        ipam = _section(doc, "ipam")
+        dataplane = _section(doc, "dataplane")
+
+        members = {str(k): _count(v) for k, v in _section(gossip, "members").items()}
+
+        drops: dict[tuple[str, str], int] = {}
+        for component, source in (("gossip", _section(gossip, "drops")),
+                                  ("ipam", _section(ipam, "dropped")),
+                                  ("tunnel", _section(dataplane, "drops"))):
+            for reason, value in source.items():
+                drops[(component, str(reason))] = _count(value)
+
+        unreachable = {str(n) for n in ipam.get("unreachable_owners") or () if isinstance(n, str)}
+        blocks_unreachable = sum(
+            len(m.get("blocks") or ()) for m in _items(ipam, "members")
+            if m.get("name") in unreachable)
+        pods = _section(ipam, "pods")
+        in_use = sum(_count(_section(pods, b).get("used")) for b in pods)
+        capacity = sum(_count(_section(pods, b).get("capacity")) for b in pods)
+
+        tunnel_bytes: dict[tuple[str, str], int] = {}
+        tunnel_packets: dict[tuple[str, str], int] = {}
+        for path, counters in _section(dataplane, "traffic").items():
+            if not isinstance(counters, Mapping):
+                continue
+            for direction in DIRECTIONS:
+                tunnel_bytes[(str(path), direction)] = _count(counters.get(f"{direction}_bytes"))
+                tunnel_packets[(str(path), direction)] = _count(
+                    counters.get(f"{direction}_packets"))
+
+        ipam_state = ipam.get("state")
+        return cls(
+            ready=bool(doc.get("ready")),
+            members=members,
+            connections=_connections(doc),
+            gossip_packets={"in": _count(gossip.get("packets_in")),
+                            "out": _count(gossip.get("packets_out"))},
+            gossip_bytes={"in": _count(gossip.get("bytes_in")),
+                          "out": _count(gossip.get("bytes_out"))},
+            drops=drops,
+            probe_failures=_count(gossip.get("probe_failures")),
+            suspicions=_count(gossip.get("suspicions")),
+            ipam_state=ipam_state if isinstance(ipam_state, str) else None,
+            blocks_owned=len(ipam.get("owned_blocks") or ()),
+            blocks_free=_count(ipam.get("free_blocks")),
+            blocks_unreachable=blocks_unreachable,
+            pod_ips_in_use=in_use,
+            pod_ips_capacity=capacity,
+            tunnel_bytes=tunnel_bytes,
+            tunnel_packets=tunnel_packets,
+        )
+
+
+def _connections(doc: Mapping[str, Any]) -> dict[ConnectionKey, int]:
+    """Connections by (state, path, encrypted): from `connections` when the status has it,
+    else derived from `peers` (a live peer whose routes are programmed is established, one
+    the data plane excluded is failed, any other live peer is pending)."""
+    counts: dict[ConnectionKey, int] = {}
+    listed = _items(doc, "connections")
+    if listed:
+        for conn in listed:
+            encrypted = conn.get("encrypted", conn.get("encryption"))
+            key = (str(conn.get("state") or OTHER), str(conn.get("path") or "none"),
+                   bool(encrypted) and encrypted not in ("none", "off"))
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+    for peer in _items(doc, "peers"):
+        if peer.get("state") not in ("alive", "suspect"):
+            continue
+        if peer.get("programmed"):
+            state = "established"
+        elif peer.get("excluded") or peer.get("problem"):
+            state = "failed"
+        else:
+            state = "pending"
+        path = str(peer.get("path") or "none")
+        encrypted = bool(peer.get("encrypted", path == "wireguard"))
+        key = (state, path, encrypted)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+class _SnapshotCounters:
+    """A registry collector that reports the counters of the latest snapshot at scrape time."""
+
+    def __init__(self) -> None:
+        self.snapshot = StatusSnapshot()
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(StatusSnapshot())
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.snapshot)
+
+    @staticmethod
+    def _families(snap: StatusSnapshot) -> Iterator[Metric]:
+        packets = CounterMetricFamily("weavepy_gossip_packets", "Gossip packets (UDP) by "
+                                      "direction", labels=["direction"])
+        octets = CounterMetricFamily("weavepy_gossip_bytes", "Gossip bytes (UDP) by direction",
+                                     labels=["direction"])
+        for direction in ("in", "out"):
+            packets.add_metric([direction], snap.gossip_packets.get(direction, 0))
+            octets.add_metric([direction], snap.gossip_bytes.get(direction, 0))
+        yield packets
+        yield octets
+
+        drops = CounterMetricFamily("weavepy_dropped", "Input dropped as malformed or refused, "
+                                    "by component and reason", labels=["component", "reason"])
+        for (component, reason), value in sorted(snap.drops.items()):
+            drops.add_metric([component, reason], value)
+        yield drops
+
+        yield CounterMetricFamily("weavepy_gossip_probe_failures", "Failure-detector probes "
+                                  "that got no ack", value=snap.probe_failures)
+        yield CounterMetricFamily("weavepy_gossip_suspicions", "Members this node started "
+                                  "suspecting", value=snap.suspicions)
+
+        tunnel_bytes = CounterMetricFamily("weavepy_tunnel_bytes", "Bytes through the "
+                                           "node-to-node tunnels, by data path and direction",
+                                           labels=["path", "direction"])
+        for (path, direction), value in sorted(snap.tunnel_bytes.items()):
+            tunnel_bytes.add_metric([_bounded(path, DATA_PATHS), direction], value)
+        yield tunnel_bytes
+        tunnel_packets = CounterMetricFamily("weavepy_tunnel_packets", "Packets through the "
+                                             "node-to-node tunnels, by data path and "
+                                             "direction", labels=["path", "direction"])
+        for (path, direction), value in sorted(snap.tunnel_packets.items()):
+            tunnel_packets.add_metric([_bounded(path, DATA_PATHS), direction], value)
+        yield tunnel_packets
+
+
+class AgentMetrics:
+    """Every weavepy metric, in a registry this object owns.
+
+    The agent calls `update()` (or `update_from_status()`) before each scrape, and the
+    `observe_*` methods as events happen; `render()` gives the text exposition."""
+
+    def __init__(self, version: str = __version__) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self._snapshot_counters = _SnapshotCounters()
+
+        self.build_info = Gauge("weavepy_build_info", "weavepy version (always 1)",
+                                ["version"], registry=reg)
+        self.build_info.labels(version=version).set(1)
+        self.ready = Gauge("weavepy_ready", "1 when the node is ready for pods (blocks owned, "
+                           "routes programmed, CNI listening)", registry=reg)
+        self.members = Gauge("weavepy_members", "Cluster members by state, this node included",
+                             ["state"], registry=reg)
+        self.connections = Gauge("weavepy_connections", "Data-path connections to peers by "
+                                 "state, path and encryption",
+                                 ["state", "path", "encryption"], registry=reg)
+        self.ipam_state = Gauge("weavepy_ipam_state", "1 for this node's current IPAM state, "
+                                "0 for the others", ["state"], registry=reg)
+        self.ipam_blocks = Gauge("weavepy_ipam_blocks", "Address blocks: owned by this node, "
+                                 "free in the cluster range, owned by unreachable nodes",
+                                 ["state"], registry=reg)
+        self.pod_ips = Gauge("weavepy_pod_ips", "Pod addresses on this node: in use, and the "
+                             "capacity of its blocks", ["state"], registry=reg)
+        self.reconcile_duration = Histogram("weavepy_reconcile_duration_seconds", "Time of one "
+                                            "data-plane reconcile pass",
+                                            buckets=RECONCILE_BUCKETS, registry=reg)
+        self.reconcile_errors = Counter("weavepy_reconcile_errors", "Reconcile passes that "
+                                        "ended with an error", registry=reg)
+        self.cni_duration = Histogram("weavepy_cni_request_duration_seconds", "Time the agent "
+                                      "took to answer a CNI request, by command", ["command"],
+                                      buckets=CNI_BUCKETS, registry=reg)
+        self.cni_requests = Counter("weavepy_cni_requests", "CNI requests by command and result",
+                                    ["command", "result"], registry=reg)
+        reg.register(self._snapshot_counters)
+
+        for state in MEMBER_STATES:
+            self.members.labels(state=state).set(0)
+        for state in IPAM_STATES:
+            self.ipam_state.labels(state=state).set(0)
+        for state in ("owned", "free", "unreachable"):
+            self.ipam_blocks.labels(state=state).set(0)
+        for state in ("in_use", "capacity"):
+            self.pod_ips.labels(state=state).set(0)
+
+    # -- updates -------------------------------------------------------------------------------
+
+    def update(self, snapshot: StatusSnapshot) -> None:
+        """Set every gauge from `snapshot` and keep it for the counters' next scrape."""
+        self._snapshot_counters.snapshot = snapshot
+        self.ready.set(1 if snapshot.ready else 0)
+        for state in MEMBER_STATES:
+            self.members.labels(state=state).set(snapshot.members.get(state, 0))
+        self.connections.clear()
+        for (state, path, encrypted), count in sorted(snapshot.connections.items()):
+            self.connections.labels(
+                state=_bounded(state, CONNECTION_STATES), path=_bounded(path, DATA_PATHS),
+                encryption="on" if encrypted else "off").inc(count)
+        current = _bounded(snapshot.ipam_state, IPAM_STATES)
+        self.ipam_state.clear()
+        for state in (*IPAM_STATES, *((OTHER,) if current == OTHER else ())):
+            self.ipam_state.labels(state=state).set(1 if state == current else 0)
+        self.ipam_blocks.labels(state="owned").set(snapshot.blocks_owned)
+        self.ipam_blocks.labels(state="free").set(snapshot.blocks_free)
+        self.ipam_blocks.labels(state="unreachable").set(snapshot.blocks_unreachable)
+        self.pod_ips.labels(state="in_use").set(snapshot.pod_ips_in_use)
+        self.pod_ips.labels(state="capacity").set(snapshot.pod_ips_capacity)
+
+    def update_from_status(self, doc: Mapping[str, Any]) -> None:
+        """`update()` from the agent's status document."""
+        self.update(StatusSnapshot.from_status(doc))
+
+    def observe_reconcile(self, seconds: float, ok: bool) -> None:
+        """One reconcile pass took `seconds`; `ok` is False if it ended with an error."""
+        self.reconcile_duration.observe(max(0.0, seconds))
+        if not ok:
+            self.reconcile_errors.inc()
+
+    def observe_cni_request(self, command: str, code: int, seconds: float) -> None:
+        """One CNI request answered with CNI error `code` (0 = success) after `seconds`;
+        the signature of `CniServer(on_request=...)`."""
+        name = _bounded(command, CNI_COMMANDS)
+        self.cni_duration.labels(command=name).observe(max(0.0, seconds))
+        self.cni_requests.labels(command=name, result="ok" if code == 0 else "error").inc()
+
+    # -- exposition ----------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric (content type `CONTENT_TYPE_LATEST`)."""
+        return generate_latest(self.registry)
