@@ -26,6 +26,8 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pyroute2 import IPRoute  # imported here so forked readers do not pay for it each time
+
 from weavepy.sandbox import ManagedProcess, Sandbox, SandboxNode
 
 __all__ = ["AgentBox", "DataPlaneView", "WaitTimeout", "read_dataplane"]
@@ -55,8 +57,6 @@ class DataPlaneView:
 def read_dataplane(device: str = DEVICE, bridge: str = BRIDGE) -> DataPlaneView:
     """Read the VXLAN device's routes, permanent neighbours and FDB in this namespace
     (run it inside a node with `node.call`)."""
-    from pyroute2 import IPRoute
-
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=device)
         routes: dict[str, str] = {}

@@ -10,8 +10,8 @@ the pod allocator:
 * `IpamLink.run` is the one task that feeds the core (queued messages, member liveness, timers)
   and carries out its outputs in the order the core demands: persist the snapshot (fsync, in a
   worker thread), `mark_persisted`, and only then send its messages and act on its events.
-  Direct messages go by the gossip layer's reliable stream; broadcasts by gossip (or, when too
-  large for a packet, reliably to each live member).
+  Every message goes by the gossip layer's reliable stream; a broadcast goes so to each live
+  member (see `_send_out` for why not by gossip).
 * `CniAllocator` serves the CNI server's worker thread: each call hops onto the trio loop
   (`trio.from_thread`), runs the allocator there under the same lock as the core, persists the
   allocations before answering, and turns "no address yet" into CNI's "try again later".
@@ -34,6 +34,7 @@ from typing import Any
 
 import trio
 
+from gossip.events import MemberState
 from gossip.transport import GossipService
 from weavepy.config import AgentConfig
 from weavepy.identity import Identity
@@ -263,7 +264,6 @@ class IpamLink:
         self.trio_token = trio.lowlevel.current_trio_token()
         async with self._lock:
             self.allocator.drop_lost_blocks()
-            self._want_space(trio.current_time())
             await self._flush()
         task_status.started()
         while True:
@@ -283,7 +283,6 @@ class IpamLink:
                 deadline = self.core.next_deadline()
                 if deadline is not None and deadline <= now:
                     self.core.handle_timer(now)
-                self._want_space(now)
                 await self._flush()
 
     def _feed(self, item: tuple[str, Any], now: float) -> None:
@@ -302,8 +301,9 @@ class IpamLink:
             log.debug("dropped an IPAM %s: %s", kind, exc)
 
     def _want_space(self, now: float) -> None:
-        """A member without blocks asks for one: every node gets a pod block at launch."""
-        if not self.core.held_blocks() and self.core.cluster_id is not None:
+        """A node without blocks asks for one (before it is even a member, so the claim follows
+        its join at once): every node gets a pod block at launch, and again after a removal."""
+        if not self.core.held_blocks():
             status = self.core.status(now)
             if status.pending_block_requests == 0 and status.state not in (
                     IpamState.OUT_OF_SPACE, IpamState.OWNED_BY_UNREACHABLE_PEERS):
@@ -312,6 +312,7 @@ class IpamLink:
     async def _flush(self) -> None:
         """Persist, then release messages and events (caller holds the lock)."""
         core, allocator = self.core, self.allocator
+        self._want_space(trio.current_time())
         if core.persist_needed:
             snapshot = core.snapshot()
             await trio.to_thread.run_sync(self.core_file.save, snapshot)
@@ -335,29 +336,30 @@ class IpamLink:
             await self._flush()
 
     def _send_out(self, to: str | None, payload: bytes) -> None:
+        """Direct messages by the gossip layer's reliable stream; a broadcast as one reliable
+        stream to each live member. (memberlist gossips a user broadcast only a few times
+        and receivers do not pass it on, so with 5 nodes one of them misses a decision about
+        one time in four and lags until the next push/pull; IPAM decisions must not.)"""
         svc = self._svc
         if svc is None:
             self.drops["send_before_gossip"] += 1
             return
-        try:
-            if to is None:
-                try:
-                    svc.send_user_message(payload)
-                    self.sent["broadcast"] += 1
-                    return
-                except ValueError:  # too large for one packet: reliably to each live member
-                    for member in svc.members():
-                        if member.name != svc.name and member.state.name in ("ALIVE", "SUSPECT"):
-                            svc.send_user_message(payload, to=member.name, reliable=True)
-                    self.sent["broadcast_by_stream"] += 1
-                    return
-            svc.send_user_message(payload, to=to, reliable=True)
-            self.sent["direct"] += 1
-        except LookupError:
-            self.drops["send_to_unknown_member"] += 1
-        except (ValueError, RuntimeError) as exc:
-            self.drops["send_failed"] += 1
-            log.warning("cannot send an IPAM message to %s: %s", to or "everyone", exc)
+        if to is None:
+            targets = [m.name for m in svc.members()
+                       if m.name != svc.name and m.state in (MemberState.ALIVE,
+                                                              MemberState.SUSPECT)]
+            self.sent["broadcast"] += 1
+        else:
+            targets = [to]
+        for target in targets:
+            try:
+                svc.send_user_message(payload, to=target, reliable=True)
+                self.sent["stream"] += 1
+            except LookupError:
+                self.drops["send_to_unknown_member"] += 1
+            except (ValueError, RuntimeError) as exc:
+                self.drops["send_failed"] += 1
+                log.warning("cannot send an IPAM message to %s: %s", target, exc)
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, ClusterFounded):
