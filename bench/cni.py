@@ -98,6 +98,7 @@ def run(args: list[str]) -> str:
     if opts.rounds < 20:
         parser.error("--rounds must be at least 20")
     python = resolve_interpreter()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="weavepy-bench-cni-") as tmp, \
             Sandbox.create(nodes=1) as box:
         work = Path(tmp)
@@ -158,5 +159,8 @@ def run(args: list[str]) -> str:
                "goal <= 1.5x met"], rows),
         "Where weavepy's time goes (ms, median):",
         table(["part", "ms"], breakdown),
-        f"ADD ratio {ratios['ADD']:.2f}x, DEL ratio {ratios['DEL']:.2f}x.",
+        f"ADD ratio {ratios['ADD']:.2f}x, DEL ratio {ratios['DEL']:.2f}x. Plugin interpreter: "
+        f"`{python} -IS`. 1-minute load average {load_before:.1f} before and "
+        f"{os.getloadavg()[0]:.1f} after the run ({os.cpu_count()} cores; other work shares "
+        "them, which inflates medians on both sides).",
     ])
