@@ -18,6 +18,7 @@ reports each with `attempted(...)`; `next_deadline()` says when to ask again.
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -120,9 +121,13 @@ class TargetSchedule:
         self._next_reconnect = now + self._reconnect_interval * self._rng.uniform(0.8, 1.2)
         return True
 
-    def next_deadline(self) -> float:
+    def next_retry(self) -> float:
+        """When the next target is due (inf if none is waiting)."""
         times = [t.next_try for t in self._targets.values() if t.state is TargetState.RETRYING]
-        return min([*times, self._next_reconnect])
+        return min(times, default=math.inf)
+
+    def next_deadline(self) -> float:
+        return min(self.next_retry(), self._next_reconnect)
 
     def to_json(self) -> list[dict[str, object]]:
         return [{"peer": t.address, "state": t.state.value, "attempts": t.attempts,
