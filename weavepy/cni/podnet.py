@@ -1,7 +1,8 @@
 """Pod interfaces in the kernel: the node bridge, one veth pair per attachment, and checks.
 
-This module owns every netlink operation of the CNI side (through pyroute2). It keeps three
-rules:
+This module owns every netlink operation of the CNI side. pyroute2 encodes every message;
+ADD and DEL send theirs on a plain rtnetlink socket (`RtnlRequests`) because pyroute2's own
+request loop costs more than the kernel work. It keeps three rules:
 
 1. **Names are derived, never stored.** A pod's host-side veth is `wpv` + 12 hex digits of
    sha256(container ID, ifname), so DEL finds it with nothing but CNI_CONTAINERID and
