@@ -264,3 +264,20 @@ def test_messages_refuse_wrong_lengths() -> None:
     with pytest.raises(MalformedMessage) as err:
         Initiation.parse(bytes(147))
     assert err.value.reason == "bad_length"
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=300), max_size=20),
+    st.integers(min_value=0, max_value=400),
+    st.integers(min_value=1, max_value=64),
+)
+def test_replay_runs_match_single_accepts(before: list[int], first: int, count: int) -> None:
+    single, batched = ReplayWindow(), ReplayWindow()
+    for counter in before:
+        single.accept(counter, LIMIT)
+        batched.accept(counter, LIMIT)
+    if batched.accepts_run(first, count, LIMIT):
+        batched.accept_run(first, count)
+        assert all(single.accept(c, LIMIT) for c in range(first, first + count))
+        for probe in range(0, first + count + 70):
+            assert single.check(probe, LIMIT) == batched.check(probe, LIMIT)

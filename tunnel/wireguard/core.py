@@ -425,7 +425,14 @@ class Device:
 
     def _send_keepalive(self, peer: Peer, now: float) -> None:
         if self.config.external_data_plane:
-            self._events.append(KeepaliveRequested(peer.public_key))
+            c = self._timer_config
+            current = peer.keypairs.current
+            if current is not None and current.usable_for_sending(
+                now, c.reject_after_time, c.reject_after_messages
+            ):
+                self._events.append(KeepaliveRequested(peer.public_key))
+            else:
+                self._initiate(peer, now, retry=False)
             return
         if not peer.staged:
             peer.staged.append(b"")
@@ -454,6 +461,7 @@ class Device:
         if peer.endpoint is None:
             self.counters["no_endpoint"] += 1
         else:
+            log.debug("%r: sending initiation (retry=%s)", peer, retry)
             peer.tx_bytes += len(packed)
             self._datagrams.append((packed, peer.endpoint))
             self.stats["initiations_sent"] += 1

@@ -61,3 +61,24 @@ class ReplayWindow:
             return False
         ring[index] = old | bit
         return True
+
+    def accepts_run(self, first: int, count: int, limit: int) -> bool:
+        """True if every counter of first..first+count-1 is new: the whole run is ahead of the
+        window (the common case of an in-order batch); False means "check one by one"."""
+        return first > self.last and first + count <= limit
+
+    def accept_run(self, first: int, count: int) -> None:
+        """Record first..first+count-1, after `accepts_run` said yes and all authenticated."""
+        ring = self._ring
+        end = first + count - 1
+        current = self.last >> _BLOCK_BITS_LOG
+        steps = min((end >> _BLOCK_BITS_LOG) - current, _RING_BLOCKS)
+        for i in range(current + 1, current + steps + 1):
+            ring[i & _BLOCK_MASK] = 0
+        self.last = end
+        counter = first
+        while counter <= end:
+            block = counter >> _BLOCK_BITS_LOG
+            high = min(end, (block << _BLOCK_BITS_LOG) | _BIT_MASK)
+            ring[block & _BLOCK_MASK] |= ((1 << (high - counter + 1)) - 1) << (counter & _BIT_MASK)
+            counter = high + 1

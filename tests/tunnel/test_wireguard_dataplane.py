@@ -1,0 +1,273 @@
+"""The data-plane engines with their control planes, wired back to back in one process.
+
+Real engines, real control planes (core.Device in external mode), real crypto; the network is
+a function that hands each Send to the other side as one UDP GRO read would arrive, and the TUN
+is the list of reads we feed in and writes we collect.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from tests.tunnel.test_wireguard_segment import tcp_packet, valid
+from tunnel.tun import VNET_HDR, VNET_HDR_SIZE
+from tunnel.wireguard.core import Device, DeviceConfig, PeerConfig
+from tunnel.wireguard.dataplane import (
+    DataReceived,
+    DataSent,
+    HandshakeNeeded,
+    PlaneConfig,
+    RxEngine,
+    Send,
+    SetKeypairs,
+    SetPeer,
+    TxEngine,
+    commands_for_event,
+)
+from tunnel.wireguard.keys import PrivateKey
+
+A_ADDR = ("198.18.0.11", 51820)
+B_ADDR = ("198.18.0.12", 51820)
+
+
+@dataclass
+class Node:
+    core: Device
+    tx: TxEngine
+    rx: RxEngine
+    addr: tuple[str, int]
+    tun_writes: list[bytes] = field(default_factory=list)
+    wire_out: list[tuple[bytes, int]] = field(default_factory=list)
+
+
+def make_node(key: PrivateKey, addr: tuple[str, int]) -> Node:
+    core = Device(DeviceConfig(key, external_data_plane=True, random_seed=len(addr[0])))
+    plane = PlaneConfig()
+    return Node(core, TxEngine(plane), RxEngine(plane), addr)
+
+
+class Net:
+    def __init__(self, extension: bool = False) -> None:
+        ka, kb = PrivateKey.generate(), PrivateKey.generate()
+        self.a, self.b = make_node(ka, A_ADDR), make_node(kb, B_ADDR)
+        self.now = 0.0
+        self.add(self.a, kb, ("198.19.2.0/24",), B_ADDR, extension)
+        self.add(self.b, ka, ("198.19.1.0/24",), A_ADDR, extension)
+
+    def add(
+        self,
+        node: Node,
+        key: PrivateKey,
+        ips: tuple[str, ...],
+        endpoint: tuple[str, int],
+        extension: bool,
+    ) -> None:
+        config = PeerConfig(key.public_key, ips, endpoint, extension_ok=extension)
+        node.core.add_peer(config)
+        command = SetPeer(key.public_key.raw, ips, endpoint, extension)
+        node.rx.apply(command, self.now)
+        node.tx.apply(command, self.now)
+
+    def other(self, node: Node) -> Node:
+        return self.b if node is self.a else self.a
+
+    def deliver(self, node: Node, sends: list[Send]) -> None:
+        peer = self.other(node)
+        for send in sends:
+            data = bytes(send.data)
+            node.wire_out.append((data, send.segment_size))
+            batch = memoryview(bytearray(data))
+            writes = peer.rx.process(batch, send.segment_size, node.addr, self.now)
+            peer.tun_writes += [bytes(w) for w in writes]
+
+    def settle(self) -> None:
+        for _ in range(20):
+            moved = False
+            for node in (self.a, self.b):
+                for data, _ in node.core.datagrams_to_send():
+                    moved = True
+                    self.other(node).core.receive_datagram(data, node.addr, self.now)
+                for event in node.core.events():
+                    for command in commands_for_event(event):
+                        node.rx.apply(command, self.now)
+                        self.deliver(node, node.tx.apply(command, self.now))
+                        moved = True
+                for data, source in node.rx.handshake_messages:
+                    node.core.receive_datagram(data, source, self.now)
+                    moved = True
+                node.rx.handshake_messages.clear()
+                for report in node.tx.reports() + node.rx.reports():
+                    moved = True
+                    key = report.peer
+                    peer_key = next(
+                        p.public_key for p in node.core.peers if p.public_key.raw == key
+                    )
+                    if isinstance(report, DataSent):
+                        node.core.note_data_sent(
+                            peer_key, report.send_counter, report.carried_data, self.now
+                        )
+                    elif isinstance(report, DataReceived):
+                        node.core.note_transport_received(
+                            peer_key,
+                            report.local_index,
+                            report.endpoint,
+                            report.carried_data,
+                            self.now,
+                        )
+                    elif isinstance(report, HandshakeNeeded):
+                        node.core.request_handshake(peer_key, self.now)
+            if not moved:
+                return
+
+    def send(self, node: Node, read: bytes) -> None:
+        self.deliver(node, node.tx.process(memoryview(bytearray(read)), self.now))
+        self.settle()
+
+
+def vnet(gso_type: int = 0, gso_size: int = 0, csum: bool = False, hdr_len: int = 0) -> bytes:
+    return VNET_HDR.pack(
+        1 if csum else 0, gso_type, hdr_len, gso_size, 20 if csum else 0, 16 if csum else 0
+    )
+
+
+def super_read(payload: bytes, mss: int = 1368) -> bytes:
+    packet = tcp_packet(payload, flags=0x18, partial=True)
+    packet = packet[:12] + bytes([198, 19, 1, 2, 198, 19, 2, 2]) + packet[20:]
+    # the packet keeps its partial checksum: src/dst in tcp_packet are the same addresses
+    return vnet(1, mss, csum=True, hdr_len=len(packet)) + packet
+
+
+def test_standard_transport_segments_and_coalesces_a_super_packet() -> None:
+    net = Net()
+    payload = os.urandom(1368 * 40)
+    net.send(net.a, super_read(payload))  # staged: no keypair yet -> handshake -> flushed
+    assert len(net.b.tun_writes) == 1
+    write = net.b.tun_writes[0]
+    flags, gso_type, hdr_len, gso_size, _, _ = VNET_HDR.unpack_from(write)
+    assert (flags, gso_type, hdr_len, gso_size) == (1, 1, 40, 1368)
+    assert write[VNET_HDR_SIZE + 40 :] == payload
+    # on the wire: standard type-4 messages, one GSO send of 40 equal datagrams
+    # (20 B IP + 20 B TCP + 1368 B = 1408 B, a multiple of 16: no padding)
+    data, segment = next((d, s) for d, s in net.a.wire_out if s)
+    assert segment == 16 + 1408 + 16 and len(data) == 40 * segment
+    assert all(data[i] == 4 for i in range(0, len(data), segment))
+    assert not net.a.rx.counters and not net.b.rx.counters
+    assert not net.a.tx.counters and not net.b.tx.counters
+    # the reply direction works too, and small packets pass with their checksum completed
+    small = tcp_packet(b"ack", seq=9, partial=True)
+    small = small[:12] + bytes([198, 19, 2, 2, 198, 19, 1, 2]) + small[20:]
+    net.send(net.b, vnet(csum=True) + small)
+    (reply,) = net.a.tun_writes
+    assert reply[:VNET_HDR_SIZE] == bytes(VNET_HDR_SIZE) and valid(reply[VNET_HDR_SIZE:])
+
+
+def test_extension_carries_the_super_packet_whole() -> None:
+    net = Net(extension=True)
+    read = super_read(os.urandom(60_000))
+    net.send(net.a, read)
+    assert net.b.tun_writes == [read]
+    data, segment = next((d, s) for d, s in net.a.wire_out if s)
+    assert data[0] == 0x77 and segment == 1472
+    assert net.b.rx.stats["extension_messages_received"] == 1
+    # a replayed extension message is refused
+    net.b.tun_writes.clear()
+    net.b.rx.process(memoryview(data), segment, A_ADDR, net.now)
+    assert net.b.rx.counters["replay"] == 1 and not net.b.tun_writes
+
+
+def test_extension_fragments_reassemble_when_split_across_reads() -> None:
+    net = Net(extension=True)
+    net.send(net.a, super_read(os.urandom(100)))  # handshake first
+    net.b.tun_writes.clear()
+    read = super_read(os.urandom(20_000))
+    (send,) = net.a.tx.process(memoryview(bytearray(read)), net.now)
+    data, size = bytes(send.data), send.segment_size
+    pieces = [data[i : i + size] for i in range(0, len(data), size)]
+    for piece in reversed(pieces):  # out of order, one datagram per read
+        for write in net.b.rx.process(memoryview(piece), 0, A_ADDR, net.now):
+            net.b.tun_writes.append(bytes(write))
+    assert net.b.tun_writes == [read]
+
+
+def test_engines_talk_to_a_plain_core_peer() -> None:
+    """Our engines (node A) against the in-process standard path of core.Device (a stock peer)."""
+    ka, kb = PrivateKey.generate(), PrivateKey.generate()
+    a = make_node(ka, A_ADDR)
+    stock = Device(DeviceConfig(kb))
+    stock.add_peer(PeerConfig(ka.public_key, ("198.19.1.0/24",), A_ADDR))
+    a.core.add_peer(PeerConfig(kb.public_key, ("198.19.2.0/24",), B_ADDR))
+    command = SetPeer(kb.public_key.raw, ("198.19.2.0/24",), B_ADDR, False)
+    a.rx.apply(command, 0.0)
+    a.tx.apply(command, 0.0)
+    payload = os.urandom(1368 * 5)
+    a.tx.process(memoryview(bytearray(super_read(payload))), 0.0)  # staged
+    received: list[bytes] = []
+    for _ in range(10):
+        for report in a.tx.reports():
+            if isinstance(report, HandshakeNeeded):
+                a.core.request_handshake(kb.public_key, 0.0)
+            elif isinstance(report, DataSent):
+                a.core.note_data_sent(kb.public_key, report.send_counter, True, 0.0)
+        for data, _ in a.core.datagrams_to_send():
+            stock.receive_datagram(data, A_ADDR, 0.0)
+        for event in a.core.events():
+            for c in commands_for_event(event):
+                a.rx.apply(c, 0.0)
+                for send in a.tx.apply(c, 0.0):
+                    raw = bytes(send.data)
+                    size = send.segment_size or len(raw)
+                    for i in range(0, len(raw), size):
+                        stock.receive_datagram(raw[i : i + size], A_ADDR, 0.0)
+        for data, _ in stock.datagrams_to_send():
+            a.rx.process(memoryview(data), 0, B_ADDR, 0.0)
+            for message, source in a.rx.handshake_messages:
+                a.core.receive_datagram(message, source, 0.0)
+            a.rx.handshake_messages.clear()
+        received += stock.tun_writes()
+    assert b"".join(p[40:] for p in received) == payload
+    assert all(valid(p) for p in received)
+    assert not stock.counters
+
+
+def test_rx_counts_forged_truncated_and_foreign_source() -> None:
+    net = Net()
+    net.send(net.a, super_read(os.urandom(2000)))
+    data, segment = next((d, s) for d, s in net.a.wire_out if s)
+    first = bytearray(data[: segment or len(data)])
+    rx = net.b.rx
+    rx.process(memoryview(bytes(first[:20])), 0, A_ADDR, net.now)
+    first[8:16] = struct.pack("<Q", 1 << 40)
+    rx.process(memoryview(bytes(first)), 0, A_ADDR, net.now)
+    rx.process(memoryview(b"\x05\x00\x00\x00" + bytes(60)), 0, A_ADDR, net.now)
+    assert rx.counters["truncated"] == 1
+    assert rx.counters["decrypt_failed"] == 1
+    assert rx.counters["bad_type"] == 1
+    # a packet whose source is outside A's allowed IPs
+    foreign = tcp_packet(b"x" * 10, partial=True)
+    foreign = foreign[:12] + bytes([198, 19, 9, 9, 198, 19, 2, 2]) + foreign[20:]
+    net.send(net.a, vnet(csum=True) + foreign)
+    assert rx.counters["bad_inner_source"] == 1
+
+
+def test_messages_for_a_keypair_not_yet_installed_are_held_briefly() -> None:
+    """In a worker the peer's first message can overtake the command carrying the keypair."""
+    net = Net()
+    net.send(net.a, super_read(os.urandom(500)))
+    data = next(d for d, s in net.a.wire_out if s == 0 and d[0] == 4 and len(d) > 32)
+    fresh = RxEngine(PlaneConfig())
+    fresh.apply(SetPeer(net.a.core.public_key.raw, ("198.19.1.0/24",), A_ADDR, False), 0.0)
+    assert fresh.process(memoryview(bytearray(data)), 0, A_ADDR, 0.0) == []
+    assert not fresh.counters  # held, not dropped yet
+    peer = next(iter(net.b.core.peers))
+    slots = peer.keypairs
+    snapshots = [k.snapshot() if k else None for k in (slots.current, slots.previous, slots.next)]
+    fresh.apply(SetKeypairs(net.a.core.public_key.raw, *snapshots), 0.01)
+    assert len(fresh.retry_held(0.01)) == 1
+    # an index that never becomes known is counted once the hold time is over
+    bogus = bytearray(data)
+    bogus[4:8] = b"\xff\xff\xff\xff"
+    fresh.process(memoryview(bogus), 0, A_ADDR, 1.0)
+    fresh.expire_held(2.0)
+    assert fresh.counters["unknown_index"] == 1
