@@ -180,9 +180,12 @@ def _cleanup(cri: CriNode) -> None:
                         state.parent.name], capture_output=True, timeout=30, check=False)
     if cri.agent is not None:
         cri.agent.stop(timeout=10)
-    for hierarchy in Path("/sys/fs/cgroup").iterdir():  # empty once the pods are gone
+    cgroups = Path("/sys/fs/cgroup")
+    parent = cri.cgroup_parent.lstrip("/")
+    # cgroup v1 has one hierarchy per controller, v2 one tree; empty once the pods are gone
+    for directory in [cgroups / parent, *(h / parent for h in cgroups.iterdir() if h.is_dir())]:
         with contextlib.suppress(OSError):
-            (hierarchy / cri.cgroup_parent.lstrip("/")).rmdir()
+            directory.rmdir()
     for leftover in ("/run/containerd/s", "/run/containerd/fifo", "/run/containerd"):
         with contextlib.suppress(OSError):  # the shims' directories, removed only when empty
             os.rmdir(leftover)
