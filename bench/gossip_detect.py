@@ -6,8 +6,10 @@ Each trial starts a fresh cluster of `--nodes` agents on 127.0.0.1 (node 0 first
 join it), waits until every agent has seen every join, lets it settle, SIGKILLs one random
 member other than node 0 by its PID, and times how long until the first survivor, and then every
 survivor, declares it failed. weavepy agents (`python -m gossip agent`) report that as a `failed`
-JSON line on stdout; serf agents as `serf: EventMemberFailed` in their log, which we poll every
-10 ms. Both clocks start at the kill. Every process is stopped by its PID at the end of a trial.
+JSON line on stdout (read by one thread per agent); serf agents as `serf: EventMemberFailed` in
+their log files, all polled together every 10 ms. Both clocks start at the kill. The first local
+suspicion is the earliest `suspect` event (weavepy) or `Suspect X has failed` line (serf).
+Every process is stopped by its PID at the end of a trial.
 
 The research baseline on this machine kind (serf, 5 agents, LAN): first detection 5.42 / 5.94 /
 8.85 s (min / median / max). Goal: weavepy's median no worse than serf's, measured here.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -42,6 +45,7 @@ DETECT_TIMEOUT = 60.0
 class Trial:
     system: str
     victim: str
+    suspected: float  # seconds from SIGKILL to the first survivor's local probe failure
     first: float  # seconds from SIGKILL to the first survivor's verdict
     all_agree: float  # ... to the last survivor's verdict
 
@@ -79,13 +83,21 @@ def weavepy_trial(opts: argparse.Namespace, log_dir: Path, rng: random.Random) -
         victim = agents[rng.randrange(1, len(agents))]
         killed_at = time.monotonic()
         victim.kill()
+        survivors = [agent for agent in agents if agent is not victim]
         verdicts = [
             agent.wait_event(["failed"], victim.name, DETECT_TIMEOUT, after=killed_at).received
             - killed_at
-            for agent in agents
-            if agent is not victim
+            for agent in survivors
         ]
-        return Trial("weavepy", victim.name, min(verdicts), max(verdicts))
+        # The earliest `suspect` anywhere can only come from a probe that failed locally.
+        suspected = min(
+            event.received
+            for agent in survivors
+            for event in agent.events
+            if event.event == "suspect" and event.name == victim.name
+            and event.received >= killed_at
+        ) - killed_at
+        return Trial("weavepy", victim.name, suspected, min(verdicts), max(verdicts))
     finally:
         for agent in agents:
             agent.kill()
@@ -116,16 +128,36 @@ def serf_trial(opts: argparse.Namespace, log_dir: Path, rng: random.Random) -> T
             agent.poll_log()  # everything before the kill is old news
         killed_at = time.monotonic()
         victim.kill()
-        verdicts = [
-            agent.wait_log(rf"EventMemberFailed: {victim.name} ", DETECT_TIMEOUT, after=killed_at)
-            - killed_at
+        verdicts = watch_logs(survivors, rf"EventMemberFailed: {victim.name} ", killed_at)
+        suspected = min(
+            seen
             for agent in survivors
-        ]
-        return Trial("serf", victim.name, min(verdicts), max(verdicts))
+            for seen, line in agent.log_lines
+            if seen >= killed_at and f"Suspect {victim.name} has failed" in line
+        ) - killed_at
+        return Trial("serf", victim.name, suspected, min(verdicts), max(verdicts))
     finally:
         for agent in agents:
             agent.kill()
             agent.stop()
+
+
+def watch_logs(agents: Sequence[SerfAgent], pattern: str, since: float) -> list[float]:
+    """Poll every agent's log together (so no line is stamped late because we were busy with
+    another agent) until each has a line matching `pattern`; return the seconds since `since`."""
+    regex = re.compile(pattern)
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + DETECT_TIMEOUT
+    while len(found) < len(agents):
+        if time.monotonic() > deadline:
+            missing = sorted({a.name for a in agents} - set(found))
+            raise TimeoutError(f"no line matching {pattern!r} from {missing}")
+        for agent in agents:
+            for seen, line in agent.poll_log():
+                if agent.name not in found and regex.search(line):
+                    found[agent.name] = seen - since
+        time.sleep(0.01)
+    return [found[agent.name] for agent in agents]
 
 
 def run(args: Sequence[str]) -> str:
@@ -157,12 +189,14 @@ def report(opts: argparse.Namespace, systems: Sequence[str], trials: Sequence[Tr
         firsts = [t.first for t in mine]
         alls = [t.all_agree for t in mine]
         medians[system] = (statistics.median(firsts), statistics.median(alls))
-        rows.append([system, len(mine), fmt(firsts), fmt(alls)])
+        rows.append([system, len(mine), fmt([t.suspected for t in mine]), fmt(firsts),
+                     fmt(alls)])
     lines = [
         f"Failure detection after SIGKILL, {opts.nodes} agents on 127.0.0.1, "
         f"profile `{opts.profile}`, {opts.settle:g} s settle; seconds, min / median / max.",
         "",
-        table(["system", "trials", "first survivor declares failed", "all survivors agree"], rows),
+        table(["system", "trials", "first local suspicion", "first survivor declares failed",
+               "all survivors agree"], rows),
     ]
     if "weavepy" in medians and "serf" in medians:
         w, s = medians["weavepy"], medians["serf"]
@@ -175,10 +209,10 @@ def report(opts: argparse.Namespace, systems: Sequence[str], trials: Sequence[Tr
     lines += [
         "",
         table(
-            ["trial", "system", "victim", "first (s)", "all agree (s)"],
+            ["trial", "system", "victim", "suspected (s)", "first (s)", "all agree (s)"],
             [
-                [i // len(systems) + 1, t.system, t.victim, f"{t.first:.2f}",
-                 f"{t.all_agree:.2f}"]
+                [i // len(systems) + 1, t.system, t.victim, f"{t.suspected:.2f}",
+                 f"{t.first:.2f}", f"{t.all_agree:.2f}"]
                 for i, t in enumerate(trials)
             ],
         ),

@@ -40,6 +40,8 @@ from tests.gossip.agentproc import AgentProcess  # noqa: E402
 from tests.gossip.serf import SerfAgent, serf_binary  # noqa: E402
 
 CONVERGE_TIMEOUT = 120.0
+NAMESPACE_PORT_BASE = 20000
+NAMESPACE_RPC_PORT_BASE = 21000
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 
@@ -108,7 +110,11 @@ def namespace(tag: str) -> Iterator[list[str]]:
 
 class WeavepyCluster:
     def __init__(self, n: int, profile: str, log_dir: Path, prefix: list[str]) -> None:
+        self.n, self.profile, self.log_dir, self.prefix = n, profile, log_dir, prefix
         self.agents: list[AgentProcess] = []
+
+    def start(self) -> None:
+        n, profile, log_dir, prefix = self.n, self.profile, self.log_dir, self.prefix
         seed = AgentProcess("w0", log_dir, profile=profile, log_level="warning",
                             command_prefix=prefix)
         self.agents.append(seed)
@@ -143,13 +149,23 @@ class WeavepyCluster:
 
 class SerfCluster:
     def __init__(self, n: int, profile: str, log_dir: Path, prefix: list[str]) -> None:
+        self.n, self.profile, self.log_dir, self.prefix = n, profile, log_dir, prefix
         self.agents: list[SerfAgent] = []
-        seed = SerfAgent("s0", log_dir, profile=profile, log_level="info", command_prefix=prefix)
+
+    def _agent(self, i: int, join: list[str]) -> SerfAgent:
+        # In a private namespace every port is ours, and free_port() cannot look there.
+        private = bool(self.prefix)
+        return SerfAgent(f"s{i}", self.log_dir, join=join, profile=self.profile,
+                         log_level="info", command_prefix=self.prefix,
+                         port=NAMESPACE_PORT_BASE + i if private else None,
+                         rpc_port=NAMESPACE_RPC_PORT_BASE + i if private else None)
+
+    def start(self) -> None:
+        seed = self._agent(0, [])
         self.agents.append(seed)
         seed.wait_ready(CONVERGE_TIMEOUT)
-        for i in range(1, n):
-            self.agents.append(SerfAgent(f"s{i}", log_dir, join=[seed.address], profile=profile,
-                                         log_level="info", command_prefix=prefix))
+        for i in range(1, self.n):
+            self.agents.append(self._agent(i, [seed.address]))
         for agent in self.agents[1:]:
             agent.wait_ready(CONVERGE_TIMEOUT)
         names = [agent.name for agent in self.agents]
@@ -186,6 +202,7 @@ def measure(system: str, n: int, opts: argparse.Namespace, log_dir: Path) -> Idl
         else:
             cluster = SerfCluster(n, opts.profile, log_dir, prefix)
         try:
+            cluster.start()
             time.sleep(opts.settle)
             if isinstance(cluster, SerfCluster):
                 for agent in cluster.agents:

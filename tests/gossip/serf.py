@@ -86,6 +86,8 @@ class SerfAgent:
         extra_args: Sequence[str] = (),
         log_level: str = "debug",
         command_prefix: Sequence[str] = (),
+        port: int | None = None,
+        rpc_port: int | None = None,
     ) -> None:
         binary = serf_binary()
         if binary is None:
@@ -93,8 +95,9 @@ class SerfAgent:
         self.binary = binary
         self.prefix = list(command_prefix)  # e.g. `ip netns exec NS`, which execs in place
         self.name = name
-        self.port = free_port()
-        self.rpc_port = free_port()
+        # Explicit ports for a private network namespace, where free_port() cannot look.
+        self.port = port if port is not None else free_port()
+        self.rpc_port = rpc_port if rpc_port is not None else free_port()
         self.log_path = log_dir / f"serf-{name}.log"
         args = [
             *self.prefix,
