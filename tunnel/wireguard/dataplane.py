@@ -294,6 +294,8 @@ class TxEngine:
         if peer is None:
             self.counters["no_route"] += 1
             return []
+        if read[1]:  # gso_type: the kernel handed over a super-packet
+            self.stats["tun_gso_reads"] += 1
         keypair = peer.keypair
         if (
             keypair is None

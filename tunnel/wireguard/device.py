@@ -228,7 +228,7 @@ class WireGuardInterface:
                 await self._wake.wait()
             self._wake = trio.Event()
             self.core.handle_timer(time.monotonic())
-            self._flush_core()
+            self._flush_core(wake_timers=False)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -261,7 +261,9 @@ class WireGuardInterface:
                 self.core.request_handshake(key, now)
         self._flush_core()
 
-    def _flush_core(self) -> None:
+    def _flush_core(self, wake_timers: bool = True) -> None:
+        """Send the core's datagrams, turn its events into plane commands, and let the timer
+        task re-read the next deadline (unless the timer task itself is flushing)."""
         sock = self._sock
         for data, addr in self.core.datagrams_to_send():
             if sock is None:
@@ -280,7 +282,8 @@ class WireGuardInterface:
             del self.events[:-1000]
         if commands:
             self._broadcast(commands)
-        self._wake.set()
+        if wake_timers:
+            self._wake.set()
 
 
 def _open_socket(address: str, port: int) -> socket.socket:
