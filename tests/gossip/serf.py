@@ -26,6 +26,7 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 STOP_GRACE = 10.0
 START_TIMEOUT = 10.0
+PORT_RACE_RETRIES = 3
 
 # Serf logs these when a peer does not speak serf's own layer (events, queries, coordinates);
 # a memberlist-only node is allowed to cause them. Everything else at ERR/WARN is a finding.
@@ -96,30 +97,34 @@ class SerfAgent:
         self.prefix = list(command_prefix)  # e.g. `ip netns exec NS`, which execs in place
         self.name = name
         # Explicit ports for a private network namespace, where free_port() cannot look.
+        self._auto_ports = port is None and rpc_port is None
         self.port = port if port is not None else free_port()
         self.rpc_port = rpc_port if rpc_port is not None else free_port()
         self.log_path = log_dir / f"serf-{name}.log"
-        args = [
-            *self.prefix,
-            binary,
-            "agent",
-            f"-node={name}",
-            f"-bind={LOOPBACK}:{self.port}",
-            f"-rpc-addr={LOOPBACK}:{self.rpc_port}",
-            f"-profile={profile}",
-            f"-log-level={log_level}",
-        ]
-        args += [f"-join={seed}" for seed in join]
+        self._options = [f"-profile={profile}", f"-log-level={log_level}"]
+        self._options += [f"-join={seed}" for seed in join]
         if encrypt is not None:
-            args.append(f"-encrypt={encrypt}")
+            self._options.append(f"-encrypt={encrypt}")
         for key, value in (tags or {}).items():
-            args += ["-tag", f"{key}={value}"]
-        args += list(extra_args)
+            self._options += ["-tag", f"{key}={value}"]
+        self._options += list(extra_args)
         self._log = self.log_path.open("wb")
         self._log_offset = 0
         self._log_rest = b""
         self.log_lines: list[tuple[float, str]] = []  # (time.monotonic() seen, line)
-        self.process = subprocess.Popen(
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        args = [
+            *self.prefix,
+            self.binary,
+            "agent",
+            f"-node={self.name}",
+            f"-bind={LOOPBACK}:{self.port}",
+            f"-rpc-addr={LOOPBACK}:{self.rpc_port}",
+            *self._options,
+        ]
+        return subprocess.Popen(
             args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
 
@@ -138,8 +143,15 @@ class SerfAgent:
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until the agent answers RPC (it has joined its seeds by then)."""
         deadline = time.monotonic() + timeout
+        respawns = PORT_RACE_RETRIES
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                # free_port() only said the ports were free *then*; someone may have taken one.
+                if self._auto_ports and respawns and "address already in use" in self.log_text():
+                    respawns -= 1
+                    self.port, self.rpc_port = free_port(), free_port()
+                    self.process = self._spawn()
+                    continue
                 raise RuntimeError(
                     f"serf {self.name} exited with {self.process.returncode}: {self.log_tail()}"
                 )
