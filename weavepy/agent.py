@@ -389,8 +389,13 @@ class Agent:
 
         server = CniServer(lambda: self.ipam.cni_backend(self.prepared.mtu),
                            self.config.cni_socket, on_request=observe)
+        started = _Started(task_status, self)
         try:
-            await server.serve(task_status=_Started(task_status, self))
+            await server.serve(task_status=started)
+        except (OSError, RuntimeError) as exc:
+            if started.done:
+                raise
+            raise AgentError(f"cannot serve CNI on {self.config.cni_socket}: {exc}") from None
         finally:
             self.cni_listening = False
 
@@ -527,8 +532,10 @@ class _Started:
 
     inner: trio.TaskStatus[None]
     agent: Agent
+    done: bool = False
 
     def started(self, value: None = None) -> None:
+        self.done = True
         self.agent.cni_listening = True
         self.inner.started()
 
@@ -546,7 +553,19 @@ def run_agent(config: AgentConfig) -> None:
         agent = Agent(prepared)
     except IpamLinkError as exc:
         raise AgentError(str(exc)) from None
-    trio.run(agent.run)
+    try:
+        trio.run(agent.run)
+    except BaseExceptionGroup as group:  # a task failed; surface our own one-line errors
+        ours, _ = group.split(AgentError)
+        if ours is None:
+            raise
+        raise _first_leaf(ours) from None
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 # ---------------------------------------------------------------------------------------------

@@ -315,7 +315,15 @@ class IpamLink:
         self._want_space(trio.current_time())
         if core.persist_needed:
             snapshot = core.snapshot()
-            await trio.to_thread.run_sync(self.core_file.save, snapshot)
+            try:
+                await trio.to_thread.run_sync(self.core_file.save, snapshot)
+            except OSError as exc:
+                # Nothing the core produced may leave before its state is on disk: hold it all
+                # back (the core's own timers bring us here again to retry).
+                self.drops["persist_failed"] += 1
+                log.error("cannot save IPAM state to %s: %s; holding back IPAM messages until "
+                          "it works", self.core_file.path, exc)
+                return
             core.mark_persisted(int(snapshot["seq"]))
         for outgoing in core.messages_to_send():
             self._send_out(outgoing.to, outgoing.payload)
@@ -327,7 +335,12 @@ class IpamLink:
 
     async def _persist_pods(self) -> None:
         snapshot = self.allocator.snapshot()
-        await trio.to_thread.run_sync(self.pods_file.save, snapshot)
+        try:
+            await trio.to_thread.run_sync(self.pods_file.save, snapshot)
+        except OSError as exc:  # the CNI request that changed it fails (see `allocate`)
+            self.drops["persist_failed"] += 1
+            log.error("cannot save pod allocations to %s: %s", self.pods_file.path, exc)
+            return
         self.allocator.mark_persisted(int(snapshot["seq"]))
 
     async def flush(self) -> None:
@@ -422,6 +435,10 @@ class IpamLink:
             async with self._lock:
                 result = self.allocator.add(container_id, ifname, trio.current_time())
                 await self._flush()
+                if self.allocator.persist_needed:
+                    raise _NoAddress(Unavailable(self.core.status(trio.current_time()).state,
+                                                 f"cannot save pod allocations in "
+                                                 f"{self.pods_file.path}"))
             if isinstance(result, Allocation):
                 return result
             waited = trio.current_time() >= deadline
