@@ -1,0 +1,274 @@
+"""`--kube-peers`: peers from the Kubernetes API, and the NetworkUnavailable condition.
+
+No API server can run here, so these tests talk to a local HTTPS server on 127.0.0.1
+(tests/deploy/kube_replay.py) that replays recorded API responses (tests/deploy/kube_api/,
+written in the API server's wire shape; see its README). Everything else is real: lightkube's
+in-cluster configuration reads a service-account directory (token, namespace, CA) and
+$KUBERNETES_SERVICE_HOST/PORT, TLS is verified against that CA, and the client runs under trio.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.deploy.kube_replay import (
+    ReplayApi,
+    Watch,
+    make_ca_and_server_cert,
+    recorded,
+    serve_replay,
+)
+from weavepy.kube import (
+    CONDITION_REASON,
+    Backoff,
+    KubeError,
+    KubePeer,
+    KubePeerSource,
+    NodeInfo,
+    NodePeerTable,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.test-token-1"
+
+
+@dataclass
+class Cluster:
+    api: ReplayApi
+    account: Path
+    port: int
+
+
+@pytest.fixture
+def account(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    directory = tmp_path / "serviceaccount"
+    directory.mkdir()
+    ca, cert, key = make_ca_and_server_cert(tmp_path)
+    (directory / "ca.crt").write_bytes(ca.read_bytes())
+    (directory / "token").write_text(TOKEN)
+    (directory / "namespace").write_text("kube-system")
+    yield directory, cert, key
+
+
+@pytest.fixture
+async def cluster(account: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch,
+                  nursery: trio.Nursery) -> AsyncIterator[Cluster]:
+    directory, cert, key = account
+    api = ReplayApi(TOKEN)
+    port: int = await nursery.start(serve_replay, api, cert, key)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(port))
+    yield Cluster(api, directory, port)
+
+
+def source_for(cluster: Cluster, **kwargs: object) -> KubePeerSource:
+    kwargs.setdefault("backoff", Backoff(0.05, 0.2, random.Random(1)))
+    return KubePeerSource.in_cluster("n1", service_account_dir=cluster.account,
+                                     **kwargs)  # type: ignore[arg-type]
+
+
+def peers(*pairs: tuple[str, str]) -> frozenset[KubePeer]:
+    return frozenset(KubePeer(n, a) for n, a in pairs)
+
+
+# -- the sans-IO table -----------------------------------------------------------------------
+
+def test_table_follows_list_and_events() -> None:
+    table = NodePeerTable("n1")
+    listing = recorded("nodes-list-1.json")
+    assert table.replace([NodeInfo.from_dict(n) for n in listing["items"]], "1000")
+    assert table.peers == peers(("n2", "198.18.0.2"), ("n3", "198.18.0.3"))
+    assert table.skipped["no_ipv4_address"] == 1  # n6 has only an IPv6 InternalIP
+    changes = []
+    for line in recorded("watch-1.jsonl"):
+        changes.append(table.apply(line["type"], NodeInfo.from_dict(line["object"])))
+    # ADDED n4, heartbeat of n2 (no change), n3 gains an InternalIP, DELETED n2, n5 deleting
+    assert changes == [True, False, True, True, False]
+    assert table.peers == peers(("n3", "198.18.0.33"), ("n4", "198.18.0.4"))
+    assert table.resource_version == "1005"
+    assert not table.apply("BOOKMARK", NodeInfo("n4", resource_version="1010"))
+    assert table.resource_version == "1010"
+    assert not table.apply("SURPRISE", NodeInfo("n9", (("InternalIP", "198.18.0.9"),)))
+    assert table.skipped["malformed"] == 1
+
+
+def test_node_info_rejects_nameless_nodes_and_skips_bad_addresses() -> None:
+    with pytest.raises(ValueError, match=r"metadata\.name"):
+        NodeInfo.from_dict({"kind": "Node", "metadata": {}})
+    info = NodeInfo.from_dict({"metadata": {"name": "x"}, "status": {"addresses": [
+        {"type": "InternalIP", "address": "not-an-ip"}, {"type": "InternalIP"}, "junk",
+        {"type": "ExternalIP", "address": "198.18.5.5"}]}})
+    assert info.peer_address() == "198.18.5.5"
+    excluded = NodePeerTable("n1", exclude_addresses=["198.18.5.5"])
+    assert not excluded.replace([info], "1")
+
+
+def test_backoff_grows_with_jitter_and_resets() -> None:
+    backoff = Backoff(1.0, 8.0, random.Random(7))
+    delays = [backoff.next_delay() for _ in range(6)]
+    ceilings = [1, 2, 4, 8, 8, 8]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    backoff.reset()
+    assert backoff.next_delay() <= 1.0
+
+
+# -- against the replayed API ----------------------------------------------------------------
+
+async def test_list_then_watch_then_relist_after_410(cluster: Cluster) -> None:
+    api = cluster.api
+    api.lists.extend([recorded("nodes-list-1.json"), recorded("nodes-list-2.json")])
+    api.watches.extend([Watch(recorded("watch-1.jsonl")),  # then the server ends the watch
+                        Watch(recorded("watch-expired.jsonl")),
+                        Watch(hang=True)])
+    seen: list[frozenset[KubePeer]] = []
+    async with source_for(cluster) as source, source.watch_peers() as sets:
+        with trio.fail_after(20):
+            async for peer_set in sets:
+                seen.append(peer_set)
+                if peer_set == peers(("n3", "198.18.0.33"), ("n4", "198.18.0.4"),
+                                     ("n7", "198.18.0.7")):
+                    break
+            # the generator advances only when asked for more: ask, and see it watch again
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sets.receive)
+                while len(api.requests()) < 5:  # 2 lists, 3 watches
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        status = source.status()
+    assert seen == [
+        peers(("n2", "198.18.0.2"), ("n3", "198.18.0.3")),
+        peers(("n2", "198.18.0.2"), ("n3", "198.18.0.3"), ("n4", "198.18.0.4")),
+        peers(("n2", "198.18.0.2"), ("n3", "198.18.0.33"), ("n4", "198.18.0.4")),
+        peers(("n3", "198.18.0.33"), ("n4", "198.18.0.4")),
+        peers(("n3", "198.18.0.33"), ("n4", "198.18.0.4"), ("n7", "198.18.0.7")),
+    ]
+    lists = [r for r in api.requests() if "watch" not in r.query]
+    watches = [r for r in api.requests() if r.query.get("watch") == "true"]
+    assert len(lists) == 2
+    # first watch from the list's version; after the server ended it, resume from the last
+    # event's version (no list); after 410 Gone, list again and watch from the new version
+    assert [w.query.get("resourceVersion") for w in watches[:3]] == ["1000", "1005", "1600"]
+    assert all(w.query.get("timeoutSeconds") == "300" for w in watches)
+    assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in api.seen)
+    assert status["errors"] == 0 and status["lists"] == 2 and status["peers"] == 3
+
+
+async def test_api_errors_are_retried_and_reported(cluster: Cluster) -> None:
+    api = cluster.api
+    api.lists.append(recorded("nodes-list-1.json"))
+    api.watches.extend([Watch(status=500, body=recorded("status-500.json")),
+                        Watch(lines=["this is not JSON"]),
+                        Watch(lines=[{"type": "ADDED", "object": {
+                            "kind": "Node", "apiVersion": "v1",
+                            "metadata": {"name": "n8", "resourceVersion": "1100"},
+                            "status": {"addresses": [{"type": "InternalIP",
+                                                      "address": "198.18.0.8"}]}}}],
+                              hang=True)])
+    async with source_for(cluster) as source, source.watch_peers() as sets:
+        with trio.fail_after(20):
+            first = await sets.receive()
+            assert first == peers(("n2", "198.18.0.2"), ("n3", "198.18.0.3"))
+            second = await sets.receive()
+    assert KubePeer("n8", "198.18.0.8") in second
+    assert source.errors == 2  # the 500, then the garbage line; each retried after a backoff
+    assert source.last_error is None  # cleared by the success that followed
+    assert len([r for r in api.requests() if "watch" not in r.query]) == 3  # re-listed twice
+
+
+async def test_unreachable_api_keeps_trying(account: tuple[Path, Path, Path],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    directory, _, _ = account
+    with trio.socket.socket() as probe:  # a port nobody listens on
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(port))
+    source = KubePeerSource.in_cluster("n1", service_account_dir=directory,
+                                       backoff=Backoff(0.01, 0.05, random.Random(2)))
+    async with source:
+        async with source.watch_peers() as sets:
+            with trio.move_on_after(1.0):
+                await sets.receive()
+                pytest.fail("no peer set can come from an unreachable API")
+        assert source.errors >= 3
+        assert source.last_error and "Connect" in source.last_error
+        with pytest.raises(KubeError, match="cannot list nodes"):
+            await source.list_peers()
+
+
+async def test_token_rotation_is_followed(cluster: Cluster) -> None:
+    api = cluster.api
+    api.lists.append(recorded("nodes-list-1.json"))
+    async with source_for(cluster) as source:
+        assert len(await source.list_peers()) == 2
+        api.token = "eyJhbGciOiJSUzI1NiJ9.test-token-2"  # the kubelet rotated the token
+        (cluster.account / "token").write_text(api.token)
+        assert len(await source.list_peers()) == 2
+    codes = [r.headers["authorization"] for r in api.requests()]
+    assert codes == [f"Bearer {TOKEN}", f"Bearer {TOKEN}", f"Bearer {api.token}"]
+
+
+async def test_set_network_available_patches_the_status(cluster: Cluster) -> None:
+    now = datetime(2026, 11, 21, 10, 10, 0, tzinfo=UTC)
+    async with source_for(cluster) as source:
+        await source.set_network_available(now=now)
+        cluster.api.token = "revoked"
+        (cluster.account / "token").write_text("also-wrong")
+        with pytest.raises(KubeError, match="NetworkUnavailable=False on node n2: 401"):
+            await source.set_network_available("n2", now=now)
+    patch = cluster.api.requests("PATCH", "/api/v1/nodes/n1/status")[0]
+    assert patch.headers["content-type"] == "application/strategic-merge-patch+json"
+    assert json.loads(patch.body) == {"status": {"conditions": [{
+        "type": "NetworkUnavailable", "status": "False", "reason": CONDITION_REASON,
+        "message": "weavepy is running on this node",
+        "lastTransitionTime": "2026-11-21T10:10:00Z",
+        "lastHeartbeatTime": "2026-11-21T10:10:00Z"}]}}
+
+
+def test_in_cluster_outside_a_pod_is_a_readable_error(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(KubeError, match="in-cluster service account"):
+        KubePeerSource.in_cluster("n1", service_account_dir=tmp_path / "missing")
+    (tmp_path / "token").write_text(TOKEN)
+    (tmp_path / "namespace").write_text("kube-system")
+    with pytest.raises(KubeError, match=r"\$KUBERNETES_SERVICE_HOST is not set"):
+        KubePeerSource.in_cluster("n1", service_account_dir=tmp_path)
+
+
+async def test_requests_stay_within_the_rbac_rules(cluster: Cluster) -> None:
+    """Every call the client makes is allowed by the ClusterRole that `weavepy manifest`
+    renders (nodes get/list/watch, nodes/status patch), so least privilege is enough."""
+    from weavepy.manifest import ManifestSettings, render_objects
+
+    role = next(o for o in render_objects(ManifestSettings()) if o["kind"] == "ClusterRole")
+    allowed = {(resource, verb) for rule in role["rules"] for resource in rule["resources"]
+               for verb in rule["verbs"]}
+    api = cluster.api
+    api.lists.append(recorded("nodes-list-1.json"))
+    async with source_for(cluster) as source:
+        await source.list_peers()
+        async with source.watch_peers() as sets:
+            with trio.fail_after(10):
+                await sets.receive()
+                async with trio.open_nursery() as nursery:  # let it go on to the watch
+                    nursery.start_soon(sets.receive)
+                    await api.watch_started.wait()
+                    nursery.cancel_scope.cancel()
+        await source.set_network_available()
+    for request in api.seen:
+        if request.path == "/api/v1/nodes":
+            need = ("nodes", "watch" if request.query.get("watch") == "true" else "list")
+        else:
+            assert request.path.endswith("/status")
+            need = ("nodes/status", request.method.lower())
+        assert need in allowed, need

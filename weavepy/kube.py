@@ -1,0 +1,411 @@
+"""Peers from the Kubernetes API, and this node's NetworkUnavailable condition.
+
+This module owns weavepy's only conversation with a Kubernetes API server (`--kube-peers`):
+which nodes are peers, and telling Kubernetes that the pod network on this node is up.
+
+Theory of operation
+===================
+
+Peers are the other Node objects' addresses: the first IPv4 `InternalIP`, else the first IPv4
+`ExternalIP` (what Weave's kube-utils used). Our own node (by name) and nodes that are being
+deleted are not peers; a node with no IPv4 address is skipped and counted.
+
+`NodePeerTable` is the whole decision, sans-IO: it is fed a node list (`replace`) and watch
+events (`apply`) and answers whether the *peer set* changed. A node's heartbeat updates arrive
+as MODIFIED events every few minutes; they change nothing here and wake nobody.
+
+`KubePeerSource` moves bytes: it lists nodes, then watches from the list's resourceVersion,
+the pattern of client-go's reflector:
+
+* each watch request asks the server to end it after `watch_timeout` seconds, and the client
+  gives up on it `WATCH_GRACE` seconds later (a half-open connection would otherwise hang
+  forever: the watch has no read timeout); the next watch resumes from the last
+  resourceVersion seen, without a new list;
+* `410 Gone` (the version is too old) triggers a fresh list at once;
+* any other failure (API unreachable, 5xx, a malformed line) is logged, recorded in `status()`,
+  and retried after an exponential backoff with jitter, from a fresh list. Weave crash-looped
+  when the API was unreachable at start (weave#3191); here the agent keeps running on its
+  other peers and the watch keeps trying.
+
+The client is lightkube's `AsyncClient` (httpx/anyio), which runs under trio: its in-cluster
+configuration reads the service account's token, CA and `KUBERNETES_SERVICE_HOST/PORT`, and
+re-reads the token on a 401 (the kubelet rotates it). lightkube's own retry sleeps with asyncio,
+so this module never asks it to retry (its `on_error` stays "raise") and retries itself.
+
+`set_network_available(name)` patches the node's `NetworkUnavailable` condition to False with
+reason `WeavepyIsUp` (a strategic merge patch of `nodes/status`, as Weave and flannel do), so
+the node controller lifts the `node.kubernetes.io/network-unavailable` taint.
+
+The RBAC this needs, and no more: nodes get/list/watch, nodes/status patch (deploy/rbac.yaml).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ipaddress
+import logging
+import math
+import random
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import msgspec
+import trio
+from lightkube import AsyncClient, KubeConfig
+from lightkube.core.exceptions import ApiError, ConfigError
+from lightkube.resources.core_v1 import Node
+
+__all__ = [
+    "CONDITION_REASON",
+    "SERVICE_ACCOUNT_DIR",
+    "Backoff",
+    "KubeError",
+    "KubePeer",
+    "KubePeerSource",
+    "NodeInfo",
+    "NodePeerTable",
+]
+
+log = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+CONDITION_TYPE = "NetworkUnavailable"
+CONDITION_REASON = "WeavepyIsUp"
+CONDITION_MESSAGE = "weavepy is running on this node"
+ADDRESS_PREFERENCE = ("InternalIP", "ExternalIP")
+DEFAULT_WATCH_TIMEOUT = 300  # seconds the server keeps one watch open (client-go: 5-10 min)
+WATCH_GRACE = 30.0  # how long past that the client waits before it gives the watch up
+REQUEST_TIMEOUT = 10.0  # connect/read/write timeout of every request but the watch stream
+
+
+class KubeError(Exception):
+    """The Kubernetes API cannot be used as asked; the message is one readable sentence."""
+
+
+@dataclass(frozen=True, order=True)
+class KubePeer:
+    """A peer found in the API: its node name and the address to gossip with."""
+
+    node: str
+    address: str
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What this module reads from a Node object."""
+
+    name: str
+    addresses: tuple[tuple[str, str], ...] = ()  # (type, address) in the API's order
+    deleting: bool = False
+    resource_version: str | None = None
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> NodeInfo:
+        """From a Node as the API sends it (JSON); ValueError if it has no name."""
+        metadata = obj.get("metadata")
+        if not isinstance(metadata, Mapping) or not isinstance(metadata.get("name"), str):
+            raise ValueError("a Node without metadata.name")
+        status = obj.get("status")
+        raw = status.get("addresses") if isinstance(status, Mapping) else None
+        addresses = tuple(
+            (str(a.get("type")), str(a.get("address")))
+            for a in (raw if isinstance(raw, list) else ())
+            if isinstance(a, Mapping) and a.get("type") and a.get("address"))
+        version = metadata.get("resourceVersion")
+        return cls(name=metadata["name"], addresses=addresses,
+                   deleting=metadata.get("deletionTimestamp") is not None,
+                   resource_version=version if isinstance(version, str) else None)
+
+    @classmethod
+    def from_model(cls, node: Any) -> NodeInfo:
+        """From a lightkube `Node` model; ValueError if it has no name."""
+        metadata = getattr(node, "metadata", None)
+        name = getattr(metadata, "name", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError("a Node without metadata.name")
+        status = getattr(node, "status", None)
+        addresses = tuple((str(a.type), str(a.address))
+                          for a in (getattr(status, "addresses", None) or ())
+                          if getattr(a, "type", None) and getattr(a, "address", None))
+        return cls(name=name, addresses=addresses,
+                   deleting=getattr(metadata, "deletionTimestamp", None) is not None,
+                   resource_version=getattr(metadata, "resourceVersion", None))
+
+    def peer_address(self, preference: Iterable[str] = ADDRESS_PREFERENCE) -> str | None:
+        """The first IPv4 address of the first preferred type that has one."""
+        for wanted in preference:
+            for kind, text in self.addresses:
+                if kind != wanted:
+                    continue
+                try:
+                    address = ipaddress.ip_address(text)
+                except ValueError:
+                    continue
+                if isinstance(address, ipaddress.IPv4Address):
+                    return str(address)
+        return None
+
+
+class NodePeerTable:
+    """The peer set as node events arrive (sans-IO: no clock, no sockets).
+
+    `replace` and `apply` return True when the peer set changed. `skipped` counts nodes left
+    out, by reason (`no_ipv4_address`, `malformed`)."""
+
+    def __init__(self, own_node: str, *, exclude_addresses: Iterable[str] = (),
+                 preference: Iterable[str] = ADDRESS_PREFERENCE) -> None:
+        self.own_node = own_node
+        self.exclude_addresses = frozenset(exclude_addresses)
+        self.preference = tuple(preference)
+        self.resource_version: str | None = None
+        self.skipped: collections.Counter[str] = collections.Counter()
+        self._peers: dict[str, KubePeer] = {}
+
+    @property
+    def peers(self) -> frozenset[KubePeer]:
+        return frozenset(self._peers.values())
+
+    def _peer(self, node: NodeInfo) -> KubePeer | None:
+        if node.name == self.own_node or node.deleting:
+            return None
+        address = node.peer_address(self.preference)
+        if address is None:
+            self.skipped["no_ipv4_address"] += 1
+            log.debug("node %s has no IPv4 %s address; not a peer", node.name,
+                      "/".join(self.preference))
+            return None
+        if address in self.exclude_addresses:
+            return None
+        return KubePeer(node.name, address)
+
+    def replace(self, nodes: Iterable[NodeInfo], resource_version: str | None) -> bool:
+        """A full list: the peer set becomes exactly these nodes' peers."""
+        before = self.peers
+        self._peers = {}
+        for node in nodes:
+            peer = self._peer(node)
+            if peer is not None:
+                self._peers[node.name] = peer
+        self.resource_version = resource_version
+        return self.peers != before
+
+    def apply(self, event: str, node: NodeInfo) -> bool:
+        """One watch event (ADDED, MODIFIED, DELETED; BOOKMARK only moves the version)."""
+        if node.resource_version:
+            self.resource_version = node.resource_version
+        if event == "BOOKMARK":
+            return False
+        before = self._peers.get(node.name)
+        if event == "DELETED":
+            self._peers.pop(node.name, None)
+        elif event in ("ADDED", "MODIFIED"):
+            peer = self._peer(node)
+            if peer is None:
+                self._peers.pop(node.name, None)
+            else:
+                self._peers[node.name] = peer
+        else:
+            self.skipped["malformed"] += 1
+            log.warning("ignoring a watch event of unknown type %r for node %s", event,
+                        node.name)
+            return False
+        return self._peers.get(node.name) != before
+
+    def forget_version(self) -> None:
+        """The version is too old (410 Gone): the next step must be a fresh list."""
+        self.resource_version = None
+
+
+class Backoff:
+    """Exponential backoff with full jitter (sans-IO: the caller sleeps)."""
+
+    def __init__(self, initial: float = 1.0, maximum: float = 30.0,
+                 rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.failures = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        ceiling = min(self.maximum, self.initial * math.pow(2, self.failures - 1))
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class KubePeerSource:
+    """Peers from the Kubernetes API, and the node condition; see the module docstring.
+
+    Use `in_cluster()` inside a pod, or pass any lightkube `AsyncClient`. Close it with
+    `aclose()` (or `async with`)."""
+
+    def __init__(self, client: AsyncClient, own_node: str, *,
+                 exclude_addresses: Iterable[str] = (),
+                 watch_timeout: int = DEFAULT_WATCH_TIMEOUT, watch_grace: float = WATCH_GRACE,
+                 backoff: Backoff | None = None) -> None:
+        self.client = client
+        self.own_node = own_node
+        self.exclude_addresses = tuple(exclude_addresses)
+        self.watch_timeout = watch_timeout
+        self.watch_grace = watch_grace
+        self.backoff = backoff or Backoff()
+        self.last_error: str | None = None
+        self.lists = 0
+        self.watches = 0
+        self.errors = 0
+        self.peer_count: int | None = None
+        self.skipped: collections.Counter[str] = collections.Counter()
+
+    @classmethod
+    def in_cluster(cls, own_node: str, *, service_account_dir: Path = SERVICE_ACCOUNT_DIR,
+                   **kwargs: Any) -> KubePeerSource:
+        """A source that talks to the API server of the cluster this pod runs in."""
+        try:
+            config = KubeConfig.from_service_account(service_account=service_account_dir)
+            client = AsyncClient(config=config, timeout=httpx2.Timeout(REQUEST_TIMEOUT),
+                                 field_manager="weavepy")
+        except (ConfigError, KeyError, OSError) as exc:
+            detail = f"${exc.args[0]} is not set" if isinstance(exc, KeyError) else str(exc)
+            raise KubeError(f"--kube-peers needs the in-cluster service account "
+                            f"({service_account_dir}, $KUBERNETES_SERVICE_HOST/PORT): "
+                            f"{detail}") from None
+        return cls(client, own_node, **kwargs)
+
+    async def __aenter__(self) -> KubePeerSource:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # -- peers ---------------------------------------------------------------------------------
+
+    def _table(self) -> NodePeerTable:
+        return NodePeerTable(self.own_node, exclude_addresses=self.exclude_addresses)
+
+    async def _list_into(self, table: NodePeerTable) -> bool:
+        listing = self.client.list(Node)
+        nodes: list[NodeInfo] = []
+        async for node in listing:
+            try:
+                nodes.append(NodeInfo.from_model(node))
+            except ValueError:
+                table.skipped["malformed"] += 1
+        self.lists += 1
+        return table.replace(nodes, listing.resourceVersion)
+
+    async def list_peers(self) -> frozenset[KubePeer]:
+        """The current peers, from one list request; KubeError if the API says no."""
+        table = self._table()
+        try:
+            await self._list_into(table)
+        except (httpx2.HTTPError, msgspec.MsgspecError, OSError) as exc:
+            raise KubeError(f"cannot list nodes: {_describe(exc)}") from None
+        self._note(table)
+        return table.peers
+
+    @trio.as_safe_channel
+    async def watch_peers(self) -> AsyncGenerator[frozenset[KubePeer], None]:
+        """The peer set now, then again each time it changes; runs until cancelled.
+
+        Use as ``async with source.watch_peers() as sets: async for peers in sets: ...``.
+        Failures never end it: they are logged, kept in `last_error`, and retried."""
+        table = self._table()
+        announced: frozenset[KubePeer] | None = None
+        while True:
+            try:
+                if table.resource_version is None:
+                    await self._list_into(table)
+                    self._note(table)
+                    if table.peers != announced:
+                        announced = table.peers
+                        yield announced
+                    self.backoff.reset()
+                    self.last_error = None
+                self.watches += 1
+                events = self.client.watch(Node, resource_version=table.resource_version,
+                                           server_timeout=self.watch_timeout)
+                with trio.move_on_after(self.watch_timeout + self.watch_grace):
+                    # lightkube types the watch as an AsyncIterable; it is an async generator
+                    async with contextlib.aclosing(events):  # type: ignore[type-var]
+                        async for event, node in events:
+                            try:
+                                info = NodeInfo.from_model(node)
+                            except ValueError:
+                                table.skipped["malformed"] += 1
+                                continue
+                            table.apply(event, info)
+                            self._note(table)
+                            if table.peers != announced:
+                                announced = table.peers
+                                yield announced
+                            self.backoff.reset()
+                            self.last_error = None
+                continue  # watch ended or timed out: resume from the last version
+            except ApiError as exc:
+                if exc.status is not None and exc.status.code == 410:
+                    log.info("node watch: resourceVersion %s is too old; listing again",
+                             table.resource_version)
+                    table.forget_version()
+                    continue
+                failure = _describe(exc)
+            except (httpx2.HTTPError, msgspec.MsgspecError, OSError) as exc:
+                failure = _describe(exc)
+            self.errors += 1
+            self.last_error = failure
+            table.forget_version()
+            delay = self.backoff.next_delay()
+            log.warning("Kubernetes API: %s; retrying in %.1f s", failure, delay)
+            await trio.sleep(delay)
+
+    def _note(self, table: NodePeerTable) -> None:
+        self.peer_count = len(table.peers)
+        self.skipped = table.skipped.copy()
+
+    def status(self) -> dict[str, Any]:
+        """For the agent's status document."""
+        return {"source": "kubernetes", "peers": self.peer_count, "lists": self.lists,
+                "watches": self.watches, "errors": self.errors, "last_error": self.last_error,
+                "skipped": dict(self.skipped)}
+
+    # -- node condition ------------------------------------------------------------------------
+
+    async def set_network_available(self, node_name: str | None = None, *,
+                                    now: datetime | None = None) -> None:
+        """Set `NetworkUnavailable=False` (reason WeavepyIsUp) on the node (default: ours).
+        One attempt; KubeError with the API's reason if it fails (the caller retries)."""
+        name = node_name or self.own_node
+        stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        patch = {"status": {"conditions": [{
+            "type": CONDITION_TYPE, "status": "False", "reason": CONDITION_REASON,
+            "message": CONDITION_MESSAGE, "lastTransitionTime": stamp,
+            "lastHeartbeatTime": stamp}]}}
+        try:
+            await self.client.patch(Node.Status, name, patch)
+        except (httpx2.HTTPError, msgspec.MsgspecError, OSError) as exc:
+            raise KubeError(f"cannot set {CONDITION_TYPE}=False on node {name}: "
+                            f"{_describe(exc)}") from None
+        log.info("node %s: %s=False (%s)", name, CONDITION_TYPE, CONDITION_REASON)
+
+
+def _describe(exc: BaseException) -> str:
+    """One readable line for an API or transport failure."""
+    if isinstance(exc, ApiError) and exc.status is not None:
+        status = exc.status
+        return f"{status.code} {status.reason or ''}: {status.message or ''}".strip(": ")
+    if isinstance(exc, httpx2.HTTPStatusError):
+        return f"HTTP {exc.response.status_code} from {exc.request.url}"
+    if isinstance(exc, msgspec.MsgspecError):
+        return f"a malformed answer ({exc})"
+    if isinstance(exc, httpx2.HTTPError):
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return str(exc) or type(exc).__name__
