@@ -417,63 +417,58 @@ def coalesce_rows(rows: Matrix, last_plain: int, verify: bool) -> bytearray | No
 
     `rows` holds one plaintext per row, every row but the last exactly `rows.shape[1]` bytes
     long (the datagrams of one UDP GRO read are equal-sized), the last `last_plain` bytes.
-    The checks are those of `Coalescer.add`, done as column operations.
+    The checks are those of `Coalescer.add`, done as column operations. The checksum check
+    sums whole rows, WireGuard's zero padding included: padding that is not zero can only make
+    the check fail, and a failed check just means the per-packet path (where the kernel checks
+    every segment) takes the batch.
     """
     count, stride = rows.shape
     first = rows[0]
     if count < 2 or first[0] != 0x45 or first[9] != IPPROTO_TCP or first[6] & 0x3F or first[7]:
         return None
     header = 20 + (int(first[32]) >> 4) * 4
-    if header < 40 or header >= stride:
+    if header < 40 or header >= stride or stride & 1:
         return None
-    lengths = (rows[:, 2].astype(np.uint32) << 8) | rows[:, 3]
-    full, final = int(lengths[0]), int(lengths[-1])
+    full = int(first[2]) << 8 | int(first[3])
+    last = rows[count - 1]
+    final = int(last[2]) << 8 | int(last[3])
     gso_size, last_payload = full - header, final - header
-    if (
-        full > stride
-        or final > last_plain
-        or last_payload <= 0
-        or last_payload > gso_size
-        or (full - 20) & 1
-        or not (lengths[:-1] == full).all()
-    ):
+    if full > stride or final > last_plain or not 0 < last_payload <= gso_size:
         return None
     columns = np.concatenate((_RUN_COLUMNS_V4, np.arange(40, header, dtype=np.intp)))
     if not (rows[:, columns] == first[columns]).all():
         return None
-    if not (rows[:-1, 33] == TCP_ACK).all() or int(rows[-1, 33]) | TCP_PSH != TCP_ACK | TCP_PSH:
+    # every row but the last is full length, ACK only; the last may add PSH
+    if count > 2 and not (rows[1:-1, 2:4] == first[2:4]).all():
         return None
-    seqs = np.ascontiguousarray(rows[:, 24:28]).view(">u4").ravel().astype(np.uint64)
-    expected = (np.arange(count, dtype=np.uint64) * gso_size + seqs[0]) & 0xFFFFFFFF
-    if not (seqs == expected).all():
+    if not (rows[:-1, 33] == TCP_ACK).all() or int(last[33]) | TCP_PSH != TCP_ACK | TCP_PSH:
+        return None
+    seqs = np.ascontiguousarray(rows[:, 24:28]).view(">u4").ravel()
+    if not (np.diff(seqs) == gso_size).all():  # uint32 differences wrap like TCP sequences
         return None
     address_sum = _sum16(first[12:20].tobytes())
+    pseudo = address_sum + IPPROTO_TCP
     if verify:
-        full_rows = rows[:-1, 20:full]
-        native = int(full_rows.view("<u2").sum(dtype=np.uint64))
-        tcp_full = full - 20
-        total = 256 * native + (count - 1) * (address_sum + IPPROTO_TCP + tcp_full)
-        total += ones_complement_sum(rows[-1, 20:final].tobytes())
-        total += address_sum + IPPROTO_TCP + final - 20
+        native = int(rows[:, 20:].view("<u2").sum(dtype=np.uint64))
+        total = 256 * native + count * pseudo + (count - 1) * (full - 20) + final - 20
         if total % 0xFFFF:
             return None
-    payload = (count - 1) * gso_size + last_payload
-    total_length = header + payload
+    total_length = header + (count - 1) * gso_size + last_payload
     if total_length > 65535:
         return None
     out = bytearray(VNET_HDR_SIZE + total_length)
     target = np.frombuffer(out, dtype=np.uint8)
     target[VNET_HDR_SIZE : VNET_HDR_SIZE + header] = first[:header]
     body = VNET_HDR_SIZE + header
-    target[body : body + (count - 1) * gso_size] = rows[:-1, header:full].reshape(-1)
-    target[body + (count - 1) * gso_size :] = rows[-1, header:final]
+    middle = (count - 1) * gso_size
+    target[body : body + middle].reshape(count - 1, gso_size)[:] = rows[:-1, header:full]
+    target[body + middle :] = last[header:final]
     view = memoryview(out)[VNET_HDR_SIZE:]
-    view[33] = int(rows[-1, 33])
+    view[33] = int(last[33])
     view[2:4] = _U16.pack(total_length)
     view[10:12] = b"\x00\x00"
-    view[10:12] = _U16.pack(0xFFFF ^ ones_complement_sum(view[:20]))
-    tcp_length = total_length - 20
-    view[36:38] = _U16.pack(_fold(address_sum + IPPROTO_TCP + tcp_length) or 0xFFFF)
+    view[10:12] = _U16.pack(0xFFFF - _sum16(view[:20]))
+    view[36:38] = _U16.pack(_fold(pseudo + total_length - 20) or 0xFFFF)
     VNET_HDR.pack_into(
         out, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, header, gso_size, 20, 16
     )

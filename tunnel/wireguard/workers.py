@@ -162,17 +162,20 @@ def run_tx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
     send = transmitter.send
     last_report = last_stats = 0.0
     reads = 0
+    control_fd = conn.fileno()
+    timeout = int(REPORT_INTERVAL * 1000) + 1
     while True:
-        poller.poll(int(REPORT_INTERVAL * 1000) + 1)
+        ready = poller.poll(timeout)
         now = time.monotonic()
-        try:
-            messages = _drain_control(conn)
-        except EOFError:
-            return
-        for message in messages:
-            if isinstance(message, Stop):
+        if any(fd == control_fd for fd, _ in ready):
+            try:
+                messages = _drain_control(conn)
+            except EOFError:
                 return
-            send(engine.apply(message, now))
+            for message in messages:
+                if isinstance(message, Stop):
+                    return
+                send(engine.apply(message, now))
         for _ in range(BATCH):
             try:
                 size = readv(tun_fd, [buffer])
@@ -217,18 +220,20 @@ def run_rx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
             except OSError as exc:
                 engine.counters[f"tun_write_error_{exc.errno}"] += 1
 
+    control_fd = conn.fileno()
+    timeout = int(REPORT_INTERVAL * 1000) + 1
     while True:
-        poller.poll(int(REPORT_INTERVAL * 1000) + 1)
+        ready = poller.poll(timeout)
         now = time.monotonic()
-        try:
-            messages = _drain_control(conn)
-        except EOFError:
-            return
-        for message in messages:
-            if isinstance(message, Stop):
+        if any(fd == control_fd for fd, _ in ready):
+            try:
+                messages = _drain_control(conn)
+            except EOFError:
                 return
-            engine.apply(message, now)
-        if messages:
+            for message in messages:
+                if isinstance(message, Stop):
+                    return
+                engine.apply(message, now)
             write_all(engine.retry_held(now))
         engine.expire_held(now)
         for _ in range(BATCH):
