@@ -92,19 +92,22 @@ def _fmt(values: Sequence[float]) -> str:
 
 def run(args: list[str]) -> str:
     parser = argparse.ArgumentParser(prog="python -m bench cni")
-    parser.add_argument("--rounds", type=int, default=30, help="measured rounds (>= 20)")
+    parser.add_argument("--rounds", type=int, default=60, help="measured rounds (>= 20)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--interpreter", default=None,
+                        help="Python for the installed plugin (default: the one running this)")
     opts = parser.parse_args(args)
     if opts.rounds < 20:
         parser.error("--rounds must be at least 20")
-    python = resolve_interpreter()
+    python = resolve_interpreter(opts.interpreter)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="weavepy-bench-cni-") as tmp, \
             Sandbox.create(nodes=1) as box:
         work = Path(tmp)
         node = box.nodes[0]
         sock = work / "cni.sock"
-        installed = install_cni(work / "bin", work / "net.d", socket_path=str(sock))
+        installed = install_cni(work / "bin", work / "net.d", socket_path=str(sock),
+                                interpreter=python)
         server = node.start("cni", [
             sys.executable, "-m", "weavepy.cni.server", "--socket", str(sock),
             "--bridge", "wpbr0", "--block", WEAVEPY_BLOCK, "--state-dir", str(work / "state"),
