@@ -168,6 +168,7 @@ class Agent:
         self.prepared = prepared
         self.config = prepared.config
         self.identity = prepared.identity
+        self.svc: GossipService | None = None
         self.started_at = time.time()
         self.view = ClusterView(self.config.name)
         self.rng = random.Random()
@@ -188,7 +189,8 @@ class Agent:
             self.backend, self._desired, run_dir=self.config.run_dir, bridge=self.config.bridge,
             mtu=prepared.mtu, ensure_bridge=_ensure_bridge,
             interval=self.config.reconcile_interval)
-        self.svc: GossipService | None = None
+        if self.ipam.cluster_id is not None:
+            self._cluster_id_learned(self.ipam.cluster_id)
         self.cni_listening = False
         self.cni_requests: dict[str, int] = {}
         self._stop = trio.Event()

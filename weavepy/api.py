@@ -200,5 +200,4 @@ async def serve_api(app: Starlette, host: str, port: int, *,
 
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(serve, app, config))  # type: ignore[arg-type]
-        log.info("API listening on http://%s:%d", host, port)
         task_status.started()

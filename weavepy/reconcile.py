@@ -262,7 +262,9 @@ class Reconciler:
 
     async def _device_events(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
         async for event in receive:
-            log.warning("VXLAN device %s was %s; reconciling now", event.device, event.reason)
+            # "down" also follows our own creation of the device (created, then set up)
+            level = logging.WARNING if event.reason != "down" else logging.INFO
+            log.log(level, "VXLAN device %s was %s; reconciling now", event.device, event.reason)
             self.poke(f"device {event.reason}")
 
     async def run_pass(self, reason: str) -> PassRecord:
