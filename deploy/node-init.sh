@@ -19,7 +19,7 @@ cni_bin_dir=/opt/cni/bin
 cni_conf_dir=/etc/cni/net.d
 runtime_dir=/opt/weavepy
 socket=/run/weavepy/cni.sock
-bundled=/usr/lib/weavepy/host-python
+bundled=${WEAVEPY_HOST_RUNTIME:-/usr/lib/weavepy/host-python}  # built by host-python.py
 
 log() { echo "node-init: $*" >&2; }
 
