@@ -85,3 +85,6 @@ def test_operator_commands(agent_box: Any) -> None:
         for p in (rig.status(n2) or {}).get("peers", [])), timeout=20)
     rig.wait("n2 to drop its route to n1", lambda: blocks["n1"][0] not in rig.dataplane(n2)
              .routes, timeout=10)
+    assert rig.stop(n2) == 0, "SIGTERM is a graceful stop: exit 0"
+    assert "stopping: leaving the cluster" in rig.log(n2)
+    assert rig.dataplane(n2).bridge_addresses, "and the kernel state stays"
