@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import os
 import random
@@ -57,9 +58,9 @@ from weavepy import __version__
 from weavepy.cluster import ClusterView, DataPlaneIdentity, encode_tags_for
 from weavepy.config import AgentConfig, parse_peer
 from weavepy.hostnet import HostNetError, Underlay, find_underlay, range_conflicts
-from weavepy.identity import Identity, IdentityError, load_or_create
+from weavepy.identity import Identity, IdentityError, load_or_create, write_private_file
 from weavepy.ipam_link import IpamLink, IpamLinkError
-from weavepy.reconcile import Reconciler, desired_data_plane
+from weavepy.reconcile import DesiredDataPlane, Reconciler, desired_data_plane
 from weavepy.targets import TargetSchedule
 
 __all__ = ["Agent", "AgentError", "Prepared", "prepare", "reset_node", "run_agent"]
@@ -72,7 +73,7 @@ SETTLE_AFTER_JOIN = 2.0  # seconds after the first successful join before retain
 SETTLE_MAX = 15.0  # ... and at most this long after start, joined or not
 CONNECT_TIMEOUT = 10.0
 RMPEER_TIMEOUT = 15.0
-CNI_BRIDGE_WAIT = 10.0
+KNOWN_PEERS_FILE = "known-peers.json"
 
 
 class AgentError(Exception):
@@ -196,8 +197,8 @@ class Agent:
         self._stop = trio.Event()
         self._targets_changed = trio.Event()
         self._first_join: float | None = None
-        self._gossip_ready = False
-        self._nursery: trio.Nursery | None = None
+        self._known_saved: list[str] | None = None
+        self.known_peers = load_known_peers(self.config.state_dir)
 
     # -- derived values --------------------------------------------------------------------------
 
@@ -212,7 +213,7 @@ class Agent:
             cluster_id=self.ipam.cluster_id,
         )
 
-    def _desired(self) -> tuple[Any, set[str]]:
+    def _desired(self) -> tuple[DesiredDataPlane, set[str]]:
         desired = desired_data_plane(self.view.peers(), self.ipam.blocks_by_node(),
                                      self.config.name, self.data_plane_identity())
         return desired, {p.name for p in self.view.peers()}
@@ -244,7 +245,7 @@ class Agent:
                 self.prepared.advertise, keyring=self.prepared.keyring,
                 delegate=self.ipam.delegate, tags=tags.to_tags(), rng=self.rng)
             async with service as svc, trio.open_nursery() as nursery:
-                self.svc, self._nursery = svc, nursery
+                self.svc = svc
                 self.ipam.attach(svc)
                 log.info("weavepy %s: node %s gossiping on %s:%d", __version__, config.name,
                          *svc.address)
@@ -280,12 +281,19 @@ class Agent:
                 log.info("got %s", signal.Signals(signum).name)
                 self.request_stop()
 
-    async def _membership(self, svc: GossipService) -> None:
-        """Member events -> cluster view -> reconciler, and liveness -> IPAM."""
-        self.view.sync(svc.members(), trio.current_time())
+    def _resync(self, svc: GossipService) -> bool:
+        """Re-read the whole member list into the view and IPAM's liveness."""
+        changed = self.view.sync(svc.members(), trio.current_time())
         for member in svc.members():
             if member.state in (MemberState.ALIVE, MemberState.SUSPECT):
                 self.ipam.member_alive(member.name)
+            else:
+                self.ipam.member_dead(member.name)
+        return changed
+
+    async def _membership(self, svc: GossipService) -> None:
+        """Member events -> cluster view -> reconciler, and liveness -> IPAM."""
+        self._resync(svc)
         dropped_seen = 0
         async for event in svc.events():
             if self.view.apply(event):
@@ -302,21 +310,34 @@ class Agent:
             if dropped != dropped_seen:  # we lost events: re-read the whole membership
                 dropped_seen = dropped
                 log.warning("member events were dropped; re-reading the member list")
-                if self.view.sync(svc.members(), trio.current_time()):
+                if self._resync(svc):
                     self.reconciler.poke("member resync")
+            self._save_known(svc)
+
+    def _save_known(self, svc: GossipService) -> None:
+        """Remember the live members' addresses (rejoined at the next start, as serf's
+        snapshot does), so a node launched without peers finds its cluster again at once."""
+        known = sorted(self._live_addresses(svc))
+        if not known or known == self._known_saved:
+            return
+        try:
+            write_private_file(self.config.state_dir / KNOWN_PEERS_FILE,
+                               json.dumps({"version": 1, "peers": known}).encode())
+            self._known_saved = known
+        except OSError as exc:
+            log.warning("cannot save known peers in %s: %s", self.config.state_dir, exc)
 
     async def _settle(self) -> None:
         """End start-up retention once the view is complete (joined, or nobody to join)."""
         with trio.move_on_after(SETTLE_MAX):
             while True:
-                if not self.config.peers and not self.targets.addresses():
+                if not (self.config.peers or self.targets.addresses() or self.known_peers):
                     await trio.sleep(SETTLE_AFTER_JOIN)
                     break
                 if self._first_join is not None:
                     await trio.sleep_until(self._first_join + SETTLE_AFTER_JOIN)
                     break
                 await trio.sleep(0.1)
-        self._gossip_ready = True
         self.reconciler.settle()
 
     def _live_addresses(self, svc: GossipService) -> set[str]:
@@ -339,6 +360,8 @@ class Agent:
         """Join the targets (retrying with backoff) and reconnect to failed members."""
         self.targets.add(self._normalise(list(self.config.peers)), trio.current_time())
         async with trio.open_nursery() as attempts:
+            if self.known_peers:  # members of the last run: one attempt, all at once
+                attempts.start_soon(self._rejoin_known, svc)
             while True:
                 now = trio.current_time()
                 self.targets.observe(self._live_addresses(svc), now)
@@ -353,6 +376,18 @@ class Agent:
                 with trio.move_on_at(min(self.targets.next_deadline(), now + 1.0)):
                     await self._targets_changed.wait()
                 self._targets_changed = trio.Event()
+
+    async def _rejoin_known(self, svc: GossipService) -> None:
+        seeds = [parse_peer(p, self.config.gossip_port) for p in self.known_peers]
+        with trio.move_on_after(CONNECT_TIMEOUT + 2):
+            try:
+                answered = await svc.join(seeds)
+            except (JoinError, OSError) as exc:
+                log.info("none of the last run's %d members answered (%s)", len(seeds), exc)
+                return
+            log.info("rejoined through %d of the last run's %d members", answered, len(seeds))
+            if self._first_join is None:
+                self._first_join = trio.current_time()
 
     async def _attempt(self, svc: GossipService, address: str, reconnect: bool = False) -> None:
         host, port = parse_peer(address, self.config.gossip_port)
@@ -528,6 +563,21 @@ class Agent:
                            f"reachable, or use --force") from None
 
 
+def load_known_peers(state_dir: Path) -> list[str]:
+    """The members' addresses saved by the last run ([] if none or unreadable)."""
+    try:
+        doc = json.loads((state_dir / KNOWN_PEERS_FILE).read_bytes())
+        peers = [str(p) for p in doc["peers"]]
+        for peer in peers:
+            parse_peer(peer)
+        return peers
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring %s: %s", state_dir / KNOWN_PEERS_FILE, exc)
+        return []
+
+
 @dataclasses.dataclass
 class _Started:
     """Wraps a task_status so the agent learns when the CNI socket is listening."""
@@ -623,7 +673,7 @@ def _state_files(config: AgentConfig) -> Iterator[Path]:
     from weavepy.ipam_link import CORE_FILE, PODS_FILE
     from weavepy.reconcile import PROGRAMMED_FILE
 
-    for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE):
+    for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE, KNOWN_PEERS_FILE):
         yield config.state_dir / name
         if config.state_dir.is_dir():
             yield from sorted(config.state_dir.glob(f"{name}.corrupt-*"))

@@ -177,6 +177,24 @@ def test_restart_keeps_blocks_and_pod_address_and_does_not_flap(rig: AgentBox) -
 
 
 @pytest.mark.timeout(90)
+def test_a_founder_without_peers_rejoins_its_last_members_after_a_crash(rig: AgentBox) -> None:
+    nodes = rig.box.nodes[:5]
+    founder = nodes[0]  # launched with no peers: only its saved member list brings it back
+    monitor = founder.start("monitor-n1", ["ip", "-ts", "monitor", "route"])
+    time.sleep(0.3)
+    before = rig.dataplane(founder).routes
+    rig.kill(founder)
+    rig.launch(founder)
+    rig.wait("n1 to rejoin through its last members", lambda: "rejoined through" in
+             rig.log(founder), timeout=30)
+    rig.wait_mesh(nodes, timeout=60)
+    monitor.stop()
+    deleted = [line for line in monitor.log_text().splitlines()
+               if "Deleted" in line and any(b in line for b in before)]
+    assert not deleted, f"routes flapped on the restarted founder: {deleted}"
+
+
+@pytest.mark.timeout(90)
 def test_new_node_joins_and_gets_routes_everywhere(rig: AgentBox) -> None:
     nodes = rig.box.nodes
     newcomer = nodes[5]
