@@ -122,9 +122,14 @@ async def _join(svc: GossipService, seeds: Sequence[tuple[str, int]]) -> str | N
 
 
 async def _print_events(events: trio.MemoryReceiveChannel[MemberEvent], out: TextIO) -> None:
+    # Writes go through a worker thread: a reader that stops reading our stdout stalls this
+    # task (and, past the channel's buffer, costs events, counted), never the event loop.
+    stream = trio.wrap_file(out)
     async for event in events:
-        out.write(event_line(event, time.time()) + "\n")
-        out.flush()
+        # The event's own moment on the wall clock, however long it waited in the channel.
+        wall = time.time() - (trio.current_time() - event.time)
+        await stream.write(event_line(event, wall) + "\n")
+        await stream.flush()
 
 
 # -- command line ------------------------------------------------------------------------------
