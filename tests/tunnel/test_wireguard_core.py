@@ -359,3 +359,31 @@ def test_removing_a_peer_forgets_its_sessions() -> None:
     assert wire.b.counters["unknown_index"] == 1
     with pytest.raises(KeyError):
         wire.b.peer(wire.a.public_key)
+
+
+def test_late_reports_from_workers_do_not_arm_stale_timers() -> None:
+    """External data plane: a reply's receipt reported before the send that caused it must not
+    leave the new-handshake timer armed (which would rekey an idle but healthy session)."""
+    ka, kb = PrivateKey.generate(), PrivateKey.generate()
+    dev = Device(DeviceConfig(ka, external_data_plane=True))
+    other = Device(DeviceConfig(kb))
+    dev.add_peer(PeerConfig(kb.public_key, ("198.19.2.0/24",), endpoint=B_ADDR))
+    other.add_peer(PeerConfig(ka.public_key, ("198.19.1.0/24",), endpoint=A_ADDR))
+    dev.request_handshake(kb.public_key, 0.0)
+    for data, _ in dev.datagrams_to_send():
+        other.receive_datagram(data, A_ADDR, 0.0)
+    for data, _ in other.datagrams_to_send():
+        dev.receive_datagram(data, B_ADDR, 0.0)
+    peer = dev.peer(kb.public_key)
+    index = peer.keypairs.current.local_index  # type: ignore[union-attr]
+    timers = peer.timers
+    timers.new_handshake = None
+    # the receipt at t=1.2 is reported first, the send at t=1.0 after it
+    dev.note_transport_received(kb.public_key, index, B_ADDR, True, now=1.3, at=1.2)
+    dev.note_data_sent(kb.public_key, 5, True, now=1.3, at=1.0)
+    assert timers.new_handshake is None
+    # in causal order the send arms it and the receipt clears it, as in wireguard-go
+    dev.note_data_sent(kb.public_key, 6, True, now=2.0, at=2.0)
+    assert timers.new_handshake is not None
+    dev.note_transport_received(kb.public_key, index, B_ADDR, True, now=2.1, at=2.1)
+    assert timers.new_handshake is None

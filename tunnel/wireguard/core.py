@@ -167,6 +167,8 @@ class Peer:
         "handshake",
         "keypairs",
         "last_handshake_wall",
+        "last_received_at",
+        "last_sent_at",
         "public_key",
         "rx_bytes",
         "staged",
@@ -194,6 +196,10 @@ class Peer:
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.last_handshake_wall = 0.0
+        # when transport messages last went out / came in; reports from data-plane workers
+        # can arrive out of causal order, and the timers must not act on a stale one
+        self.last_sent_at = float("-inf")
+        self.last_received_at = float("-inf")
 
     def __repr__(self) -> str:
         return f"Peer({self.public_key.to_base64()[:8]}…, endpoint={self.endpoint})"
@@ -348,16 +354,22 @@ class Device:
     # ------------------------------------------------------------------ external data plane
 
     def note_data_sent(
-        self, public_key: PublicKey, send_counter: int, carried_data: bool, now: float
+        self,
+        public_key: PublicKey,
+        send_counter: int,
+        carried_data: bool,
+        now: float,
+        at: float | None = None,
     ) -> None:
-        """A worker sent transport messages to this peer (counter = its next counter)."""
+        """A worker sent transport messages to this peer (counter = its next counter), last at
+        `at` (default: now)."""
         peer = self._peers.get(public_key)
         if peer is None:
             return
         current = peer.keypairs.current
         if current is not None:
             current.send_counter = max(current.send_counter, send_counter)
-        self._after_transport_sent(peer, carried_data, now)
+        self._after_transport_sent(peer, carried_data, now, now if at is None else at)
 
     def note_transport_received(
         self,
@@ -366,12 +378,16 @@ class Device:
         addr: Address,
         carried_data: bool,
         now: float,
+        at: float | None = None,
     ) -> None:
-        """A worker authenticated transport messages from this peer on keypair `local_index`."""
+        """A worker authenticated transport messages from this peer on keypair `local_index`,
+        last at `at` (default: now)."""
         entry = self._indices.get(local_index)
         if entry is None or entry.keypair is None or entry.peer.public_key != public_key:
             return
-        self._after_transport_received(entry.peer, entry.keypair, addr, carried_data, now)
+        self._after_transport_received(
+            entry.peer, entry.keypair, addr, carried_data, now, now if at is None else at
+        )
 
     def request_handshake(self, public_key: PublicKey, now: float) -> None:
         """A worker has packets for this peer but no usable keypair."""
@@ -408,12 +424,17 @@ class Device:
             self._datagrams.append((message, peer.endpoint))
         self._after_transport_sent(peer, carried_data, now)
 
-    def _after_transport_sent(self, peer: Peer, carried_data: bool, now: float) -> None:
+    def _after_transport_sent(
+        self, peer: Peer, carried_data: bool, now: float, at: float | None = None
+    ) -> None:
+        at = now if at is None else at
         timers = peer.timers
-        timers.any_authenticated_packet_traversal(now)
-        timers.any_authenticated_packet_sent()
-        if carried_data:
-            timers.data_sent(now)
+        timers.any_authenticated_packet_traversal(at)
+        if at >= peer.last_received_at:  # nothing arrived after this send
+            timers.any_authenticated_packet_sent()
+            if carried_data:
+                timers.data_sent(at)
+        peer.last_sent_at = max(peer.last_sent_at, at)
         # keep the key fresh (sending side)
         keypair = peer.keypairs.current
         c = self._timer_config
@@ -616,8 +637,15 @@ class Device:
         return packet[:length] if length < len(packet) else packet
 
     def _after_transport_received(
-        self, peer: Peer, keypair: Keypair, addr: Address, carried_data: bool, now: float
+        self,
+        peer: Peer,
+        keypair: Keypair,
+        addr: Address,
+        carried_data: bool,
+        now: float,
+        at: float | None = None,
     ) -> None:
+        at = now if at is None else at
         promoted, dropped = peer.keypairs.received_with(keypair)
         if promoted:
             if dropped is not None:
@@ -638,10 +666,12 @@ class Device:
         ):
             timers.sent_last_minute_handshake = True
             self._initiate(peer, now, retry=False)
-        timers.any_authenticated_packet_traversal(now)
-        timers.any_authenticated_packet_received()
-        if carried_data:
-            timers.data_received(now)
+        timers.any_authenticated_packet_traversal(at)
+        if at >= peer.last_sent_at:  # nothing went out after this receipt
+            timers.any_authenticated_packet_received()
+            if carried_data:
+                timers.data_received(at)
+        peer.last_received_at = max(peer.last_received_at, at)
 
     def _set_endpoint(self, peer: Peer, addr: Address) -> None:
         if peer.endpoint != addr:

@@ -152,6 +152,7 @@ class DataSent:
     peer: bytes
     send_counter: int
     carried_data: bool
+    at: float  # when the last of these messages went out
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,7 @@ class DataReceived:
     local_index: int
     endpoint: Address
     carried_data: bool
+    at: float  # when the last of these messages arrived
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +201,7 @@ class _TxPeer:
         self.extension_ok = False
         self.keypair: Keypair | None = None
         self.staged: collections.deque[bytes] = collections.deque(maxlen=MAX_STAGED)
-        self.sent: tuple[int, bool] | None = None  # unreported (counter, carried data)
+        self.sent: tuple[int, bool, float] | None = None  # unreported (counter, data, time)
         self.handshake_requested_at = float("-inf")
 
 
@@ -223,12 +225,14 @@ class TxEngine:
         self._cipher = bytearray(MAX_READ + 64)
         self._cipher_view = memoryview(self._cipher)
         self._handshake_reports: list[Report] = []
+        self._now = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
         self.stats: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ commands
 
     def apply(self, command: PlaneCommand, now: float) -> list[Send]:
+        self._now = now
         if isinstance(command, SetPeer):
             peer = self._peers.get(command.peer)
             if peer is None:
@@ -264,11 +268,16 @@ class TxEngine:
             return self._seal_plain(peer, memoryview(b""), now)
         raise TypeError(f"unknown command {command!r}")
 
+    @property
+    def has_urgent_reports(self) -> bool:
+        """A handshake is needed: the control plane should hear now, not at the next tick."""
+        return bool(self._handshake_reports)
+
     def reports(self) -> list[Report]:
         out: list[Report] = []
         for peer in self._peers.values():
             if peer.sent is not None:
-                out.append(DataSent(peer.key, peer.sent[0], peer.sent[1]))
+                out.append(DataSent(peer.key, *peer.sent))
                 peer.sent = None
         out.extend(self._handshake_reports)
         self._handshake_reports.clear()
@@ -278,6 +287,7 @@ class TxEngine:
 
     def process(self, read: memoryview, now: float) -> list[Send]:
         """One TUN read (virtio-net header + IP packet) -> zero or more Sends."""
+        self._now = now
         if len(read) < VNET_HDR_SIZE + 20:
             self.counters["tun_truncated"] += 1
             return []
@@ -354,7 +364,7 @@ class TxEngine:
         keypair.sender.encrypt_into(
             _NONCE_PREFIX + out[8:16], plain, None, out[TRANSPORT_HEADER_SIZE:end]
         )
-        peer.sent = (counter + 1, bool(length) or (peer.sent is not None and peer.sent[1]))
+        peer.sent = (counter + 1, bool(length) or (peer.sent is not None and peer.sent[1]), now)
         self.stats["messages_sent"] += 1
         return [Send(out[:end], 0, peer.endpoint)]
 
@@ -398,7 +408,7 @@ class TxEngine:
         encrypt_into(out[at + 4 : body], rows[row : row + last_plain], None, out[body:end])
         heads[:, 4:8] = np.frombuffer(struct.pack("<I", keypair.remote_index), dtype=np.uint8)
         keypair.send_counter = counter + count
-        peer.sent = (counter + count, True)
+        peer.sent = (counter + count, True, self._now)
         self.stats["messages_sent"] += count
         self.stats["super_packets_segmented"] += 1
         return [Send(out[:end], datagram if count > 1 else 0, peer.endpoint)]
@@ -413,7 +423,7 @@ class TxEngine:
         cipher.encrypt_into(_NONCE_PREFIX + counter.to_bytes(8, "little"), read, None, sealed)
         fragmenter = self._fragmenter
         used, count = fragmenter.layout(sealed, keypair.remote_index, counter)
-        peer.sent = (counter + 1, True)
+        peer.sent = (counter + 1, True, self._now)
         self.stats["extension_messages_sent"] += 1
         view = memoryview(fragmenter.buffer)
         size = fragmenter.max_datagram
@@ -453,6 +463,17 @@ class TxEngine:
 # ---------------------------------------------------------------------------- receiving
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A message held until its receiver index is known (see RxEngine._hold)."""
+
+    receiver: int
+    payload: bytes  # a type-4 datagram, or an extension message's ciphertext
+    key: bytes | None  # the extension header's receiver + counter; None for type 4
+    source: Address
+    at: float
+
+
 class _RxPeer:
     __slots__ = ("key", "keypairs", "last_endpoint", "next_index", "pending")
 
@@ -461,7 +482,8 @@ class _RxPeer:
         self.keypairs: dict[int, Keypair] = {}
         self.next_index: int | None = None
         self.last_endpoint: Address | None = None
-        self.pending: dict[int, tuple[Address, bool]] = {}  # local index -> unreported receipt
+        # local index -> unreported receipt (endpoint, carried data, time)
+        self.pending: dict[int, tuple[Address, bool, float]] = {}
 
 
 class RxEngine:
@@ -482,7 +504,7 @@ class RxEngine:
         self._cipher = bytearray(MAX_READ + 256)
         self._cipher_view = memoryview(self._cipher)
         self._reassembly = Reassembly()
-        self._held: collections.deque[tuple[bytes, Address, float]] = collections.deque()
+        self._held: collections.deque[_Held] = collections.deque()
         self._urgent: list[Report] = []
         self.handshake_messages: list[tuple[bytes, Address]] = []
         self.counters: collections.Counter[str] = collections.Counter()
@@ -522,47 +544,51 @@ class RxEngine:
                     self._indices[index] = (peer, keypair)
             peer.next_index = command.next.local_index if command.next is not None else None
 
-    def _hold(self, datagram: memoryview, source: Address, now: float) -> None:
+    def _hold(self, held: _Held) -> None:
         """Keep a message for an unknown index briefly: in a worker, the command with its
         keypair may still be in the control pipe (the control plane installs a keypair and the
         peer's first message can overtake the command). Bounded in count and age; whatever is
         not claimed in time is counted as `unknown_index`."""
-        held = self._held
-        while held and (len(held) >= _MAX_HELD or now - held[0][2] > _HOLD_TIME):
-            held.popleft()
+        queue = self._held
+        while queue and (len(queue) >= _MAX_HELD or held.at - queue[0].at > _HOLD_TIME):
+            queue.popleft()
             self.counters["unknown_index"] += 1
-        held.append((bytes(datagram), source, now))
+        queue.append(held)
 
     def retry_held(self, now: float) -> list[bytes | bytearray | memoryview]:
         """Re-process held messages whose index is now known (call after `apply`)."""
-        held = self._held
-        if not held:
+        queue = self._held
+        if not queue:
             return []
         writes: list[bytes | bytearray | memoryview] = []
-        keep: collections.deque[tuple[bytes, Address, float]] = collections.deque()
-        for data, source, at in held:
-            receiver = int.from_bytes(data[4:8], "little")
-            if receiver in self._indices:
-                writes.extend(self.process(memoryview(bytearray(data)), len(data), source, now))
-            elif now - at > _HOLD_TIME:
+        self._held = collections.deque()
+        for held in queue:
+            if held.receiver in self._indices:
+                if held.key is None:  # a type-4 datagram
+                    data = memoryview(bytearray(held.payload))
+                    writes.extend(self.process(data, len(data), held.source, now))
+                else:  # an extension message's ciphertext
+                    cipher = self._cipher_view[: len(held.payload)]
+                    cipher[:] = held.payload
+                    writes.extend(self._open_extension(cipher, held.key, held.source, now))
+            elif now - held.at > _HOLD_TIME:
                 self.counters["unknown_index"] += 1
             else:
-                keep.append((data, source, at))
-        self._held = keep
+                self._held.append(held)
         return writes
 
     def expire_held(self, now: float) -> None:
-        held = self._held
-        while held and now - held[0][2] > _HOLD_TIME:
-            held.popleft()
+        queue = self._held
+        while queue and now - queue[0].at > _HOLD_TIME:
+            queue.popleft()
             self.counters["unknown_index"] += 1
 
     def reports(self) -> list[Report]:
         out = self._urgent
         self._urgent = []
         for peer in self._peers.values():
-            for index, (endpoint, data) in peer.pending.items():
-                out.append(DataReceived(peer.key, index, endpoint, data))
+            for index, (endpoint, data, at) in peer.pending.items():
+                out.append(DataReceived(peer.key, index, endpoint, data, at))
             peer.pending.clear()
         return out
 
@@ -709,7 +735,7 @@ class RxEngine:
             replay.accept_run(first, count)
         if len(failed) == count:
             return []
-        self._note_received(peer, receiver, source, True)
+        self._note_received(peer, receiver, source, True, now)
         opened = [
             (start, peer, plain)
             for start in range(0, last_start, segment_size)
@@ -752,7 +778,7 @@ class RxEngine:
         receiver, counter = _TRANSPORT_FIELDS.unpack_from(datagram, 4)
         entry = self._indices.get(receiver)
         if entry is None:
-            self._hold(datagram, source, now)
+            self._hold(_Held(receiver, bytes(datagram), None, source, now))
             return None
         peer, keypair = entry
         if now - keypair.created >= self._reject_after_time:
@@ -773,7 +799,7 @@ class RxEngine:
         if not replay.accept(counter, self._reject_after):
             self.counters["replay"] += 1
             return None
-        self._note_received(peer, receiver, source, plain_length > 0)
+        self._note_received(peer, receiver, source, plain_length > 0, now)
         if plain_length == 0:
             self.stats["keepalives_received"] += 1
         return peer, plain_length
@@ -801,15 +827,17 @@ class RxEngine:
             return None
         return plain[:length]
 
-    def _note_received(self, peer: _RxPeer, index: int, source: Address, data: bool) -> None:
+    def _note_received(
+        self, peer: _RxPeer, index: int, source: Address, data: bool, now: float
+    ) -> None:
         previous = peer.pending.get(index)
-        peer.pending[index] = (source, data or (previous is not None and previous[1]))
+        peer.pending[index] = (source, data or (previous is not None and previous[1]), now)
         if index == peer.next_index or source != peer.last_endpoint:
             # a responder's next keypair is confirmed, or the peer roamed: tell control now
             peer.last_endpoint = source
             if index == peer.next_index:
                 peer.next_index = None
-            self._urgent.append(DataReceived(peer.key, index, source, data))
+            self._urgent.append(DataReceived(peer.key, index, source, data, now))
 
     def _fragment(
         self, datagram: memoryview, source: Address, now: float
@@ -835,7 +863,7 @@ class RxEngine:
         receiver, counter = _TRANSPORT_FIELDS.unpack(key)
         entry = self._indices.get(receiver)
         if entry is None:
-            self.counters["unknown_index"] += 1
+            self._hold(_Held(receiver, bytes(ciphertext), key, source, now))
             return []
         peer, keypair = entry
         if now - keypair.created >= self._reject_after_time:
@@ -859,7 +887,7 @@ class RxEngine:
         if not keypair.replay.accept(counter, self._reject_after):
             self.counters["replay"] += 1
             return []
-        self._note_received(peer, receiver, source, True)
+        self._note_received(peer, receiver, source, True, now)
         packet = memoryview(out)[VNET_HDR_SIZE:]
         inner = self._inner(peer, packet)
         if inner is None:

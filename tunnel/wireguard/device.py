@@ -252,10 +252,12 @@ class WireGuardInterface:
             if key is None:
                 continue
             if isinstance(report, DataSent):
-                self.core.note_data_sent(key, report.send_counter, report.carried_data, now)
+                self.core.note_data_sent(
+                    key, report.send_counter, report.carried_data, now, report.at
+                )
             elif isinstance(report, DataReceived):
                 self.core.note_transport_received(
-                    key, report.local_index, report.endpoint, report.carried_data, now
+                    key, report.local_index, report.endpoint, report.carried_data, now, report.at
                 )
             elif isinstance(report, HandshakeNeeded):
                 self.core.request_handshake(key, now)

@@ -9,10 +9,10 @@ Plumbing. The control process (device.py) starts a worker with
 `python -m tunnel.wireguard.workers ROLE CONFIG_JSON` and passes it three file descriptors
 (`pass_fds`): the TUN queue, the UDP socket and its end of a Unix socketpair. Over that pair
 (multiprocessing.connection framing, pickled objects between our own processes) control sends
-`PlaneCommand`s and `Stop`; the worker sends back lists of `Report`s (at most every
-REPORT_INTERVAL, at once when urgent), handshake messages it received (rx), and its counters
-(`WorkerStats`, every second). A worker whose control pipe closes exits: it never outlives the
-device.
+`PlaneCommand`s and `Stop`; the worker sends back lists of `Report`s (every
+REPORT_INTERVAL, at once when urgent), handshake messages it received (rx), and its
+counters (`WorkerStats`, every STATS_INTERVAL). A worker whose control pipe closes exits: it
+never outlives the device.
 
 Shared descriptors share their file status flags: whoever sets O_NONBLOCK on the UDP socket
 sets it for everyone, so senders here wait for POLLOUT on EAGAIN instead of assuming blocking.
@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 UDP_SEGMENT = 103
 UDP_GRO = 104
 BATCH = 64  # reads per wake-up before looking at the control pipe again
-REPORT_INTERVAL = 0.02
-STATS_INTERVAL = 1.0
+REPORT_INTERVAL = 0.1  # routine reports; urgent ones (handshakes, roaming) go at once
+POLL_TIMEOUT_MS = 20
+STATS_INTERVAL = 0.5
 _GRO_ANCILLARY = socket.CMSG_SPACE(4)
 _SEGMENT_SIZE = struct.Struct("=H")
 
@@ -163,7 +164,7 @@ def run_tx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
     last_report = last_stats = 0.0
     reads = 0
     control_fd = conn.fileno()
-    timeout = int(REPORT_INTERVAL * 1000) + 1
+    timeout = POLL_TIMEOUT_MS
     while True:
         ready = poller.poll(timeout)
         now = time.monotonic()
@@ -183,7 +184,7 @@ def run_tx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
                 break
             reads += 1
             send(process(view[:size], now))
-        if now - last_report >= REPORT_INTERVAL:
+        if engine.has_urgent_reports or now - last_report >= REPORT_INTERVAL:
             last_report = now
             reports = engine.reports()
             if reports:
@@ -221,7 +222,7 @@ def run_rx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
                 engine.counters[f"tun_write_error_{exc.errno}"] += 1
 
     control_fd = conn.fileno()
-    timeout = int(REPORT_INTERVAL * 1000) + 1
+    timeout = POLL_TIMEOUT_MS
     while True:
         ready = poller.poll(timeout)
         now = time.monotonic()
