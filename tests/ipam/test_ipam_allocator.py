@@ -115,8 +115,7 @@ def test_allocations_survive_a_restart_exactly() -> None:
     before = [allocate(allocator, f"c{i}") for i in range(5)]
     allocator.release("c2", "eth0")
     snapshot = allocator.snapshot()
-    again_core = IpamCore("n1", "198.19.0.0/24", 28, rng=random.Random(8),
-                          snapshot=core.snapshot())
+    again_core = IpamCore("n1", "198.19.0.0/24", 28, rng=random.Random(8), snapshot=core.snapshot())
     again = PodAllocator(again_core, snapshot=snapshot)
     assert again.allocations() == [a for a in before if a.container_id != "c2"]
     assert again.add("c1", "eth0", 9.0) == before[1]  # idempotent even before the lease is back
@@ -128,16 +127,24 @@ def test_allocations_survive_a_restart_exactly() -> None:
 
 def test_a_corrupt_allocation_snapshot_is_refused() -> None:
     core = solo()
-    bad = {"format": 1, "seq": 1, "range": "198.19.0.0/24", "block_prefix": 28,
-           "allocations": [["c1", "eth0", "198.19.0.1"]], "cursors": []}
+    bad = {
+        "format": 1,
+        "seq": 1,
+        "range": "198.19.0.0/24",
+        "block_prefix": 28,
+        "allocations": [["c1", "eth0", "198.19.0.1"]],
+        "cursors": [],
+    }
     with pytest.raises(IpamDecodeError, match="reserved"):
         PodAllocator(core, snapshot=bad)
     with pytest.raises(IpamDecodeError, match="different cluster range"):
         PodAllocator(core, snapshot={**bad, "range": "198.19.1.0/24", "allocations": []})
 
 
-@pytest.mark.parametrize(("container", "ifname"), [("", "eth0"), ("c", ""), ("c", "x" * 16),
-                                                    ("c", "a/b"), ("c" * 257, "eth0")])
+@pytest.mark.parametrize(
+    ("container", "ifname"),
+    [("", "eth0"), ("c", ""), ("c", "x" * 16), ("c", "a/b"), ("c" * 257, "eth0")],
+)
 def test_bad_keys_are_refused(container: str, ifname: str) -> None:
     with pytest.raises(ValueError):
         PodAllocator(solo()).add(container, ifname, 0.0)

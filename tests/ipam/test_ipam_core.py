@@ -18,7 +18,6 @@ from weavepy.ipam.status import (
     BlockLost,
     IpamState,
     LeaseChanged,
-    MemberRemoved,
     RemovedFromCluster,
 )
 
@@ -55,7 +54,8 @@ def held(sim: IpamSim, name: str) -> list[str]:
 
 def removals(sim: IpamSim, name: str) -> set[tuple[object, ...]]:
     return {
-        key for key, decisions in sim.checker.reclaims.removals.items()
+        key
+        for key, decisions in sim.checker.reclaims.removals.items()
         if key[1] == name and decisions
     }
 
@@ -211,7 +211,8 @@ def test_a_node_reclaimed_while_cut_off_drops_its_blocks_and_rejoins_as_new() ->
     sim.heal()
     sim.run(10.0)
     new = sim.status("n4")
-    assert new is not None and new.generation is not None and new.generation > old.generation
+    assert new is not None and new.generation is not None and old.generation is not None
+    assert new.generation > old.generation
     assert new.state is IpamState.READY
 
 
@@ -327,7 +328,9 @@ def test_a_voter_that_lost_its_disk_does_not_count_until_it_rejoined() -> None:
     sim.run(10.0)
     status = sim.status("n1")
     assert status is not None and status.state is IpamState.READY
-    assert "n3" in status.voters and sim.status("n3").generation > 3  # type: ignore[union-attr]
+    rejoined = sim.status("n3")
+    assert rejoined is not None and rejoined.generation is not None
+    assert "n3" in status.voters and rejoined.generation > 3
 
 
 def test_leave_gives_the_blocks_back() -> None:
@@ -362,7 +365,7 @@ def test_two_clusters_started_apart_refuse_to_merge_and_say_how_to_recover() -> 
     assert after == before
     report = sim.status("a1").cluster_mismatches  # type: ignore[union-attr]
     assert report and report[0].peer == "b1" and report[0].remote_cluster == before["b1"]
-    assert "weavepy reset" in report[0].message and before["a1"] in report[0].message  # type: ignore[operator]
+    assert "weavepy reset" in report[0].message and str(before["a1"]) in report[0].message
     assert sim.status("b1").cluster_mismatches  # type: ignore[union-attr]
 
 
@@ -391,8 +394,9 @@ def test_nothing_leaves_before_the_state_that_caused_it_is_persisted() -> None:
     core.request_block(1.0)
     assert core.persist_needed and core.events() == []  # the claim is decided, not yet durable
     core.mark_persisted(core.snapshot()["seq"])
-    assert any(getattr(e, "block", None) == ipaddress.ip_network("198.19.0.0/24")
-               for e in core.events())
+    assert any(
+        getattr(e, "block", None) == ipaddress.ip_network("198.19.0.0/24") for e in core.events()
+    )
 
 
 def test_bad_configuration_is_refused_with_a_reason() -> None:
@@ -407,7 +411,7 @@ def test_bad_configuration_is_refused_with_a_reason() -> None:
     core.handle_timer(0.0)
     with pytest.raises(ConfigError, match="belongs to node 'n1'"):
         IpamCore("n2", "198.19.0.0/16", 24, rng=rng, snapshot=core.snapshot())
-    with pytest.raises(ConfigError, match="configured with 198.19.0.0/17"):
+    with pytest.raises(ConfigError, match=r"configured with 198\.19\.0\.0/17"):
         IpamCore("n1", "198.19.0.0/17", 24, rng=rng, snapshot=core.snapshot())
     with pytest.raises(IpamDecodeError, match="bad_snapshot"):
         IpamCore("n1", "198.19.0.0/16", 24, rng=rng, snapshot={"format": 1, "node": "n1"})
@@ -419,4 +423,3 @@ def test_reclaim_can_be_switched_off() -> None:
     sim.run(2000.0)
     assert not removals(sim, "n3")
     assert sim.status("n1").state is IpamState.READY  # type: ignore[union-attr]
-    assert any(isinstance(e, MemberRemoved) for e in []) is False

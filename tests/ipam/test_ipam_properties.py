@@ -14,6 +14,7 @@ The network drops 5%, duplicates 3% and delays 5% of messages by up to 1.5 s (re
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -115,13 +116,15 @@ class IpamChaos(RuleBasedStateMachine):
 
     # -- network
 
-    @rule(order=st.permutations(range(MAX_NODES)), cuts=st.sets(st.integers(1, MAX_NODES - 1),
-                                                                 min_size=1, max_size=2))
+    @rule(
+        order=st.permutations(range(MAX_NODES)),
+        cuts=st.sets(st.integers(1, MAX_NODES - 1), min_size=1, max_size=2),
+    )
     def partition(self, order: list[int], cuts: set[int]) -> None:
         names = self.names()
         shuffled = [names[i] for i in order if i < len(names)]
         edges = [0, *sorted(c for c in cuts if c < len(shuffled)), len(shuffled)]
-        self.sim.partition([shuffled[a:b] for a, b in zip(edges, edges[1:]) if a < b])
+        self.sim.partition([shuffled[a:b] for a, b in itertools.pairwise(edges) if a < b])
 
     @rule(a=st.integers(0, 99), b=st.integers(0, 99))
     def one_way_cut(self, a: int, b: int) -> None:
@@ -177,8 +180,8 @@ class IpamChaos(RuleBasedStateMachine):
 
 
 IpamChaos.TestCase.settings = settings(
-    max_examples=30,
-    stateful_step_count=35,
+    max_examples=60,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -186,7 +189,7 @@ test_ipam_chaos_state_machine = pytest.mark.timeout(240)(IpamChaos.TestCase)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_seeded_random_scenarios(seed: int) -> None:
     logging.getLogger("weavepy.ipam").setLevel(logging.CRITICAL)
     report = random_scenario(10_000 + seed, steps=80)

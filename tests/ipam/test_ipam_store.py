@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,9 @@ def test_a_crash_before_the_rename_keeps_the_old_file(tmp_path: Path) -> None:
         (lambda text: "\xff\xfe\x00", "not JSON"),  # not UTF-8 at all
     ],
 )
-def test_corruption_is_detected_moved_aside_and_explained(tmp_path: Path, damage, reason) -> None:
+def test_corruption_is_detected_moved_aside_and_explained(
+    tmp_path: Path, damage: Callable[[str], str], reason: str
+) -> None:
     path = tmp_path / "ipam.json"
     store = StateFile(path, "ipam-core", clock=fixed_clock)
     store.save({"generation": 7, "cluster": None})
@@ -88,9 +91,7 @@ def test_a_core_restarts_from_its_file_with_its_blocks(tmp_path: Path) -> None:
         "198.19.0.0/24",
         "198.19.1.0/24",
     ]
-    again = IpamCore(
-        "n1", "198.19.0.0/16", 24, rng=random.Random(2), snapshot=store.load()
-    )
+    again = IpamCore("n1", "198.19.0.0/16", 24, rng=random.Random(2), snapshot=store.load())
     assert again.held_blocks() == core.held_blocks()
     assert again.cluster_id == core.cluster_id
     assert again.usable_blocks(5.0) == []  # no lease survives a restart ...

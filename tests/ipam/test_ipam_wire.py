@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import msgpack
@@ -108,7 +109,10 @@ def test_serf_user_messages_are_not_ours() -> None:
         (b"\xc1\x01" + msgpack.packb([7, "c", [0, "", 0], "n", 5, 0, 0, [1, [["x"]]]]), "bad_op"),
         (b"\xc1\x01" + msgpack.packb([7, "c", [0, "", 0], "n", 5, 0, 0, [1, []]]), "bad_op"),
         (b"\xc1\x01" + msgpack.packb([9, "c", [0, "", 0], "n", 5, 0, 0, {"x": 1}]), "bad_state"),
-        (b"\xc1\x01" + msgpack.packb([8, "c", [0, "", 0], "n", 5, 0, 0, ["x" * 3000]]), "too_large"),
+        (
+            b"\xc1\x01" + msgpack.packb([8, "c", [0, "", 0], "n", 5, 0, 0, ["x" * 3000]]),
+            "too_large",
+        ),
     ],
 )
 def test_garbage_is_refused_with_a_reason(data: bytes, reason: str) -> None:
@@ -125,8 +129,8 @@ def test_a_state_whose_cluster_differs_from_its_envelope_is_refused() -> None:
 
 def test_inconsistent_states_are_refused() -> None:
     plain = a_state().to_plain()
-    plain["blocks"].append([9, "nobody"])
-    with pytest.raises(IpamDecodeError, match="non-member"):
+    plain["blocks"].append([9, 7])
+    with pytest.raises(IpamDecodeError, match="names member #7 of 2"):
         ClusterState.from_plain(plain)
     plain = a_state().to_plain()
     plain["voters"] = ["n2", "n1"]
@@ -144,16 +148,19 @@ def test_oversized_values_are_not_encoded() -> None:
 @given(st.binary(max_size=300))
 def test_random_bytes_only_raise_decode_errors(data: bytes) -> None:
     for candidate in (data, b"\xc1\x01" + data):
-        try:
+        with contextlib.suppress(IpamDecodeError):
             wire.decode(candidate)
-        except IpamDecodeError:
-            pass
 
 
 plain_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=4), inner,
-                                                                  max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
     max_leaves=25,
 )
 
@@ -167,22 +174,20 @@ def test_well_formed_msgpack_of_the_wrong_shape_only_raises_decode_errors(
     if mutate:
         top[mutate] = body
     data = b"\xc1\x01" + msgpack.packb(top, use_bin_type=True)
-    try:
+    with contextlib.suppress(IpamDecodeError):
         wire.decode(data)
-    except IpamDecodeError:
-        pass
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(BODIES), st.integers(0, 400), st.binary(min_size=1, max_size=3))
-def test_corrupted_real_messages_only_raise_decode_errors(body, position, noise) -> None:
+def test_corrupted_real_messages_only_raise_decode_errors(
+    body: wire.Body, position: int, noise: bytes
+) -> None:
     data = bytearray(wire.encode(Envelope("c0ffee", (0, "", 0), "n2", 42, 1, 1, body)))
     position %= len(data)
     data[position : position + len(noise)] = noise
-    try:
+    with contextlib.suppress(IpamDecodeError):
         wire.decode(bytes(data))
-    except IpamDecodeError:
-        pass
 
 
 def test_the_core_counts_garbage_and_refuses_it_loudly() -> None:

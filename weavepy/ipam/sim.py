@@ -26,7 +26,7 @@ from weavepy.ipam.blocks import IPAddress, IPNetwork
 from weavepy.ipam.core import Bootstrap, IpamCore, Timings
 from weavepy.ipam.errors import RmpeerError
 from weavepy.ipam.invariants import InvariantChecker, InvariantViolation
-from weavepy.ipam.state import Remove
+from weavepy.ipam.state import ClusterState, Remove
 from weavepy.ipam.status import (
     BlockLost,
     ClusterJoined,
@@ -814,11 +814,10 @@ def _cluster_of(node: SimNode) -> str | None:
 def _held_from_snapshot(snapshot: dict[str, Any] | None, core: IpamCore) -> list[IPNetwork]:
     if not snapshot or not snapshot.get("cluster") or snapshot.get("generation") is None:
         return []
-    cluster = snapshot["cluster"]
-    members = {m[0]: m[1] for m in cluster["members"]}
-    if members.get(core.name) != snapshot["generation"]:
+    state = ClusterState.from_plain(snapshot["cluster"])
+    if state.generation_of(core.name) != snapshot["generation"]:
         return []
-    return [core.space.block(i) for i, owner in cluster["blocks"] if owner == core.name]
+    return [core.space.block(i) for i in state.blocks_of(core.name)]
 
 
 # ====================================================================== random scenarios

@@ -385,6 +385,9 @@ class ClusterState:
     # -- plain data (msgpack and JSON friendly: lists, str-keyed dicts, ints, strs, bools)
 
     def to_plain(self) -> dict[str, Any]:
+        """Blocks name their owner by position in the (sorted) member list: 4096 blocks cost
+        about 20 KB instead of 4096 repeated names."""
+        position = {name: i for i, name in enumerate(sorted(self.members))}
         return {
             "cluster_id": self.cluster_id,
             "range": str(self.space.cluster_range),
@@ -394,7 +397,7 @@ class ClusterState:
             "slot": self.slot,
             "voters": list(self.voters),
             "members": [[n, m.generation, m.last_op_slot] for n, m in sorted(self.members.items())],
-            "blocks": [[i, o] for i, o in sorted(self.blocks.items())],
+            "blocks": [[i, position[o]] for i, o in sorted(self.blocks.items())],
             "quarantine": [
                 [i, q.owner, q.generation, q.last_op_slot]
                 for i, q in sorted(self.quarantine.items())
@@ -430,9 +433,12 @@ class ClusterState:
         for entry in _list(d["members"]):
             name, generation, last = _list(entry, 3)
             state.members[check_name(_str(name))] = Member(_int(generation), _int(last))
+        owners = sorted(state.members)
         for entry in _list(d["blocks"]):
             index, owner = _list(entry, 2)
-            state.blocks[_int(index)] = _str(owner)
+            if not 0 <= _int(owner) < len(owners):
+                raise ValueError(f"block {index} names member #{owner} of {len(owners)}")
+            state.blocks[_int(index)] = owners[owner]
         for entry in _list(d["quarantine"]):
             index, owner, generation, last = _list(entry, 4)
             state.quarantine[_int(index)] = Quarantined(_str(owner), _int(generation), _int(last))
