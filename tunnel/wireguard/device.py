@@ -402,6 +402,7 @@ class _InlinePlane(_Plane):
         for command in commands:
             self.rx.apply(command, now)
             self.transmitter.send(self.tx.apply(command, now))
+        self.transmitter.flush()
         self._write(self.rx.retry_held(now))
         self._report()
 
@@ -437,6 +438,7 @@ class _InlinePlane(_Plane):
                 except BlockingIOError:
                     break
                 self.transmitter.send(self.tx.process(view[:size], now))
+            self.transmitter.flush()
             self._report()
             await trio.lowlevel.checkpoint()
 

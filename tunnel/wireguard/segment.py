@@ -88,6 +88,14 @@ def _swap16(value: int) -> int:
 def ones_complement_sum(data: bytes | bytearray | memoryview) -> int:
     """The folded 16-bit one's-complement sum of `data` read as big-endian words."""
     length = len(data)
+    if length < 512:  # small (an ACK): one big-integer remainder beats numpy's call overhead
+        total = (
+            int.from_bytes(data, "big")
+            if not length & 1
+            else int.from_bytes(bytes(data) + b"\x00", "big")
+        )
+        folded = total % 0xFFFF
+        return folded if folded or not total else 0xFFFF
     head = length & ~3
     total = int(np.frombuffer(data, dtype="<u4", count=head >> 2).sum(dtype=np.uint64))
     total = _swap16(_fold(total))

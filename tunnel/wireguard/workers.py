@@ -100,7 +100,11 @@ def plane_config_from_json(text: str) -> PlaneConfig:
 
 
 class Transmitter:
-    """Sends `Send`s on a UDP socket: UDP GSO for runs, waiting out EAGAIN."""
+    """Sends `Send`s on a UDP socket: UDP GSO for runs, waiting out EAGAIN.
+
+    Single datagrams of equal size to one endpoint (a burst of TCP ACKs, say) are gathered
+    into one UDP GSO send; call `flush` when the batch of reads is done.
+    """
 
     def __init__(self, sock: socket.socket, counters: Counter[str]) -> None:
         self.sock = sock
@@ -108,30 +112,62 @@ class Transmitter:
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLOUT)
         self.calls = 0
+        self._run = bytearray(65536)
+        self._run_view = memoryview(self._run)
+        self._run_length = 0
+        self._run_count = 0
+        self._run_size = 0
+        self._run_endpoint: tuple[str, int] | None = None
 
     def send(self, sends: list[Send]) -> None:
-        sock = self.sock
         for item in sends:
-            for _ in range(100):
-                try:
-                    if item.segment_size:
-                        sock.sendmsg(
-                            [item.data],
-                            [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(item.segment_size))],
-                            0,
-                            item.endpoint,
-                        )
-                    else:
-                        sock.sendto(item.data, item.endpoint)
-                    self.calls += 1
-                    break
-                except BlockingIOError:
-                    self._poll.poll(100)
-                except OSError as exc:
-                    self.counters[f"send_error_{exc.errno}"] += 1
-                    break
-            else:
-                self.counters["send_stalled"] += 1
+            size = len(item.data)
+            if item.segment_size:
+                self.flush()
+                self._transmit(item.data, item.segment_size, item.endpoint)
+                continue
+            if self._run_count and (
+                size != self._run_size
+                or item.endpoint != self._run_endpoint
+                or self._run_length + size > len(self._run)
+                or self._run_count >= 64
+            ):
+                self.flush()
+            at = self._run_length
+            self._run_view[at : at + size] = item.data
+            self._run_length = at + size
+            self._run_count += 1
+            self._run_size = size
+            self._run_endpoint = item.endpoint
+
+    def flush(self) -> None:
+        if not self._run_count or self._run_endpoint is None:
+            return
+        segment = self._run_size if self._run_count > 1 else 0
+        self._transmit(self._run_view[: self._run_length], segment, self._run_endpoint)
+        self._run_length = self._run_count = 0
+
+    def _transmit(self, data: memoryview, segment_size: int, endpoint: tuple[str, int]) -> None:
+        sock = self.sock
+        for _ in range(100):
+            try:
+                if segment_size:
+                    sock.sendmsg(
+                        [data],
+                        [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(segment_size))],
+                        0,
+                        endpoint,
+                    )
+                else:
+                    sock.sendto(data, endpoint)
+                self.calls += 1
+                return
+            except BlockingIOError:
+                self._poll.poll(100)
+            except OSError as exc:
+                self.counters[f"send_error_{exc.errno}"] += 1
+                return
+        self.counters["send_stalled"] += 1
 
 
 def gro_segment_size(ancillary: list[tuple[int, int, bytes]], default: int) -> int:
@@ -177,6 +213,7 @@ def run_tx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
                 if isinstance(message, Stop):
                     return
                 send(engine.apply(message, now))
+            transmitter.flush()
         for _ in range(BATCH):
             try:
                 size = readv(tun_fd, [buffer])
@@ -184,6 +221,7 @@ def run_tx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
                 break
             reads += 1
             send(process(view[:size], now))
+        transmitter.flush()
         if engine.has_urgent_reports or now - last_report >= REPORT_INTERVAL:
             last_report = now
             reports = engine.reports()
