@@ -136,6 +136,21 @@ def _sum16(data: bytes | bytearray | memoryview) -> int:
     return int.from_bytes(data, "big") % 0xFFFF
 
 
+# The header fields that differ between the segments of one super-packet, as records whose
+# bytes are scattered into the header columns listed in Segmenter (big-endian on the wire).
+_FIELDS_V4 = np.dtype(
+    [
+        ("length", ">u2"),
+        ("ident", ">u2"),
+        ("ip_checksum", ">u2"),
+        ("seq", ">u4"),
+        ("flags", "u1"),
+        ("tcp_checksum", ">u2"),
+    ]
+)
+_FIELDS_V6 = np.dtype([("length", ">u2"), ("seq", ">u4"), ("flags", "u1"), ("tcp_checksum", ">u2")])
+
+
 class Segmenter:
     """Cuts TCP super-packets into IP packets, into one reusable matrix (one row each).
 
@@ -152,6 +167,12 @@ class Segmenter:
         self.storage = np.zeros(MAX_SEGMENTS * self.width + 64, dtype=np.uint8)
         self.flat = memoryview(self.storage.data)  # row i starts at i * width
         self._index = np.arange(MAX_SEGMENTS, dtype=np.uint64)
+        self._tcp_lengths = np.zeros(MAX_SEGMENTS, dtype=np.uint64)
+        self._fields_v4 = np.zeros(MAX_SEGMENTS, dtype=_FIELDS_V4)
+        self._fields_v6 = np.zeros(MAX_SEGMENTS, dtype=_FIELDS_V6)
+        # header columns of each record's bytes, in record order (csum_start 20 / 40)
+        self._columns_v4 = np.array([2, 3, 4, 5, 10, 11, 24, 25, 26, 27, 33, 36, 37], np.intp)
+        self._columns_v6 = np.array([4, 5, 44, 45, 46, 47, 53, 56, 57], np.intp)
 
     def segment(
         self, packet: memoryview, gso_type: int, gso_size: int, csum_start: int
@@ -195,37 +216,39 @@ class Segmenter:
         rows[count - 1, header + last : header + gso_size] = 0
         rows[count - 1, header : header + last] = source[total - last :]
 
-        # per-row numbers
+        # per-row numbers: every varying header field of a row is one record of `fields`,
+        # scattered into the rows' header columns in one assignment at the end
+        fields = self._fields_v4[:count] if v4 else self._fields_v6[:count]
         index = self._index[:count]
-        tcp_lengths = np.full(count, tcp_header + gso_size, dtype=np.uint64)
+        tcp_lengths = self._tcp_lengths[:count]
+        tcp_lengths.fill(tcp_header + gso_size)
         tcp_lengths[count - 1] = tcp_header + last
-        seq0 = int.from_bytes(packet[csum_start + 4 : csum_start + 8], "big")
-        seqs = (index * gso_size + seq0) & 0xFFFFFFFF
-        rows[:, csum_start + 4 : csum_start + 8] = (
-            seqs.astype(">u4").view(np.uint8).reshape(count, 4)
-        )
+        seqs = index * gso_size + int.from_bytes(packet[csum_start + 4 : csum_start + 8], "big")
+        seqs &= 0xFFFFFFFF
+        fields["seq"] = seqs
         flags = packet[csum_start + 13]
         middle = flags & ~(TCP_FIN | TCP_PSH | TCP_CWR)
         first_flags = (flags & ~(TCP_FIN | TCP_PSH)) if count > 1 else flags
         last_flags = flags & ~TCP_CWR
-        rows[:, csum_start + 13] = middle
-        rows[0, csum_start + 13] = first_flags
-        rows[count - 1, csum_start + 13] = last_flags if count > 1 else flags
+        tcp_flags = fields["flags"]
+        tcp_flags.fill(middle)
+        tcp_flags[0] = first_flags
+        if count > 1:
+            tcp_flags[count - 1] = last_flags
 
-        # IPv4 header: length, id, checksum (template sum with those fields zeroed)
-        if v4:
+        if v4:  # IPv4 header: length, id, checksum (template sum with those fields zeroed)
             ip_lengths = tcp_lengths + csum_start
             idents = (index + int.from_bytes(packet[4:6], "big")) & 0xFFFF
-            rows[:, 2:6] = (
-                ((ip_lengths << 16) | idents).astype(">u4").view(np.uint8).reshape(count, 4)
-            )
+            fields["length"] = ip_lengths
+            fields["ident"] = idents
             template = bytes(packet[:2]) + bytes(4) + bytes(packet[6:10]) + bytes(packet[12:20])
-            ip_sums = (ip_lengths + idents + _sum16(template)) % 0xFFFF
-            rows[:, 10:12] = (0xFFFF - ip_sums).astype(">u2").view(np.uint8).reshape(count, 2)
+            fields["ip_checksum"] = 0xFFFF - (ip_lengths + idents + _sum16(template)) % 0xFFFF
             pseudo = _sum16(packet[12:20]) + IPPROTO_TCP
+            columns = self._columns_v4
         else:
-            rows[:, 4:6] = tcp_lengths.astype(">u2").view(np.uint8).reshape(count, 2)
+            fields["length"] = tcp_lengths
             pseudo = _sum16(packet[8:40]) + IPPROTO_TCP
+            columns = self._columns_v6
 
         # TCP checksum: pseudo-header + header template (seq, checksum zero; middle flags)
         # + sequence + payload, per row
@@ -233,16 +256,14 @@ class Segmenter:
         tcp_template[4:8] = bytes(4)
         tcp_template[13] = middle
         tcp_template[16:18] = bytes(2)
-        base = pseudo + _sum16(tcp_template)
-        payload_sums = rows[:, header:].view("<u4").sum(axis=1, dtype=np.uint64)
-        totals = payload_sums * np.uint64(256) + (tcp_lengths + seqs + base)
+        totals = rows[:, header:].view("<u4").sum(axis=1, dtype=np.uint64)
+        totals *= np.uint64(256)
+        totals += tcp_lengths + seqs + (pseudo + _sum16(tcp_template))
         totals[0] += first_flags - middle
         if count > 1:
             totals[count - 1] += last_flags - middle
-        checksums = 0xFFFF - totals % 0xFFFF
-        rows[:, csum_start + 16 : csum_start + 18] = (
-            checksums.astype(">u2").view(np.uint8).reshape(count, 2)
-        )
+        fields["tcp_checksum"] = 0xFFFF - totals % 0xFFFF
+        rows[:, columns] = fields.view(np.uint8).reshape(count, -1)
 
         mtu = self.mtu
         plain = [padded_length(header + gso_size, mtu)] * count
