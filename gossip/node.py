@@ -20,6 +20,9 @@ Timing (memberlist `state.go`), all driven by `handle_timer`:
   protocol 4+), and open a TCP ping to it if it speaks 3+. Any ack before the probe deadline,
   `probe_interval` scaled by our health score, is success (health +1); otherwise the member is
   suspected, and our health drops by the nacks that did not come (or by 1 if none were asked).
+  As in memberlist, a relay sends its nack `probe_timeout` after it got the request, which is
+  about when our deadline passes: at health 0 those nacks usually arrive late and count as
+  missing (swift-cluster-membership#6 discusses this property of memberlist's timers).
 * Gossip: every `gossip_interval`, pending broadcasts go to `gossip_nodes` random members
   (alive, suspect, or dead for less than `gossip_to_the_dead_time`).
 * Push/pull: every `push_pull_interval * pushPullScale(n)`, a full state exchange over TCP with

@@ -53,6 +53,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from gossip import wire
 from gossip.awareness import Awareness
@@ -81,14 +82,14 @@ class Rule:
     moves_from: frozenset[MemberState]
 
 
-RULES: Mapping[Rumour, Rule] = {
+RULES: Mapping[Rumour, Rule] = MappingProxyType({
     Rumour.ALIVE: Rule(strictly_newer=True, moves_from=frozenset(MemberState)),
     Rumour.SUSPECT: Rule(strictly_newer=False, moves_from=frozenset({ALIVE})),
     Rumour.DEAD: Rule(strictly_newer=False, moves_from=frozenset({ALIVE, SUSPECT})),
-}
+})
 
 # Which event a state change produces (an unlisted pair produces none).
-EVENT_FOR_CHANGE: Mapping[tuple[MemberState, MemberState], MemberEventKind] = {
+EVENT_FOR_CHANGE: Mapping[tuple[MemberState, MemberState], MemberEventKind] = MappingProxyType({
     (DEAD, ALIVE): MemberEventKind.JOIN,
     (LEFT, ALIVE): MemberEventKind.JOIN,
     (SUSPECT, ALIVE): MemberEventKind.ALIVE,
@@ -97,7 +98,7 @@ EVENT_FOR_CHANGE: Mapping[tuple[MemberState, MemberState], MemberEventKind] = {
     (SUSPECT, DEAD): MemberEventKind.FAILED,
     (ALIVE, LEFT): MemberEventKind.LEAVE,
     (SUSPECT, LEFT): MemberEventKind.LEAVE,
-}
+})
 
 
 class MemberRecord:
