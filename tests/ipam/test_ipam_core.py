@@ -294,8 +294,13 @@ def test_forced_rmpeer_without_a_quorum_starts_a_new_era_that_everyone_adopts() 
     assert sim.status("n1").state is IpamState.MINORITY_PARTITION  # type: ignore[union-attr]
     assert sim.force_allowed("n1", gone[0])
     message = sim.rmpeer("n1", gone[0], force=True)
-    assert message.startswith("FORCED") and "era 1" in message
+    assert message.startswith("FORCED") and "era 1" in message and "fenced" in message
     sim.run(5.0)
+    fenced = sim.status("n1")
+    assert fenced is not None and fenced.free_blocks == 0  # nothing is handed out for a lease
+    sim.request_block("n1")
+    assert sim.status("n1").state is IpamState.OWNED_BY_UNREACHABLE_PEERS  # type: ignore[union-attr]
+    assert "fenced" in sim.status("n1").detail  # type: ignore[union-attr]
     assert f"removal of {gone[1]}" in sim.rmpeer("n1", gone[1])  # a normal rmpeer works now
     sim.run(CFG.lease + 10.0)
     for name in ("n1", member):
@@ -303,7 +308,8 @@ def test_forced_rmpeer_without_a_quorum_starts_a_new_era_that_everyone_adopts() 
         assert status is not None and status.state is IpamState.READY
         assert status.era is not None and status.era[0] == 1
         assert {m.name for m in status.members} == {"n1", member}
-    assert sim.status("n1").free_blocks == 256 - 2  # type: ignore[union-attr]
+    assert sim.status("n1").free_blocks == 256 - 3  # type: ignore[union-attr]
+    assert sim.status("n1").quarantined_blocks == 0  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------ voters
@@ -341,7 +347,8 @@ def test_leave_gives_the_blocks_back() -> None:
     assert node.core.usable_blocks(sim.now) == []  # stops at once, before the decision
     sim._after_input(node)
     sim.run(5.0)
-    assert sim.status("n1").free_blocks == 256 - 2  # type: ignore[union-attr]
+    assert sim.status("n1").free_blocks == 256 - 3  # type: ignore[union-attr]
+    assert sim.status("n1").quarantined_blocks == 0  # type: ignore[union-attr]
     assert "left" in sim.status("n3").detail  # type: ignore[union-attr]
 
 

@@ -53,6 +53,7 @@ from weavepy.ipam import wire
 from weavepy.ipam.blocks import BlockSpace, IPNetwork
 from weavepy.ipam.errors import ConfigError, IpamDecodeError, RmpeerError
 from weavepy.ipam.state import (
+    FENCE_OWNER,
     MAX_BLOCKS_PER_CLAIM,
     MAX_OPS_PER_VALUE,
     Claim,
@@ -345,7 +346,8 @@ class IpamCore:
         its blocks are free at once if it has been silent for a lease, else quarantined until
         then. With `force` (the operator vouches it is gone for good): with a reachable
         quorum, removed and freed at once by the voters; without one, this node starts a new
-        era in which it is the only voter. See docs/ipam.md for what that risks.
+        era in which it is the only voter, and every free block is fenced for a lease. See
+        docs/ipam.md for what that risks.
         """
         self._begin(now)
         cluster = self._cluster
@@ -832,10 +834,10 @@ class IpamCore:
                 intents.append(_Intent("free", owner, generation))
         demoting = sum(1 for intent in intents if intent.kind in ("demote", "reclaim"))
         if len(cluster.voters) - demoting < cluster.max_voters:
-            candidates = sorted(
+            candidates = sorted(  # alive *as that generation*: it can keep its promises
                 name
-                for name in cluster.members
-                if name not in cluster.voters and name in self._alive
+                for name, member in cluster.members.items()
+                if name not in cluster.voters and self._alive_gen(name, member.generation)
             )
             if candidates:
                 intents.append(_Intent("promote", candidates[0]))
@@ -980,6 +982,7 @@ class IpamCore:
                 self._lease_until, max(mine_decided) + self._lease * LEASE_SAFETY
             )
         self._emit(SlotDecided(cluster.era, slot, value, proposed_here, voters_before))
+        self._prune_evidence()
         if self._round is not None and self._round.slot <= cluster.slot:
             self._round = None
             self._backoff_until = -math.inf
@@ -1038,6 +1041,16 @@ class IpamCore:
             if state.generation_of(name) != self._rmpeer[name].generation:
                 del self._rmpeer[name]
         self._after_state_change(now, held_before, "adopted")
+
+    def _prune_evidence(self) -> None:
+        """Forget evidence of generations that are neither members nor quarantined."""
+        cluster = self._cluster
+        if cluster is None or len(self._gen_evidence) <= 2 * len(cluster.members) + 64:
+            return
+        keep = {(name, m.generation) for name, m in cluster.members.items()}
+        keep |= {(q.owner, q.generation) for q in cluster.quarantine.values()}
+        for key in [key for key in self._gen_evidence if key not in keep]:
+            del self._gen_evidence[key]
 
     def _after_state_change(self, now: float, held_before: set[int], how: str) -> None:
         cluster = self._cluster
@@ -1188,10 +1201,11 @@ class IpamCore:
         self._lease_until = now + self._lease * LEASE_SAFETY
         message = (
             f"FORCED: no quorum of voters is reachable, so this node started era "
-            f"{cluster.era[0]} as the only voter and removed {target} (generation {generation}); "
-            f"{len(outcome.freed)} block(s) are free. Nodes that still hold the old era adopt "
-            "this one when they hear it. This is safe only if every node this side cannot reach "
-            "is down for good."
+            f"{cluster.era[0]} as the only voter and removed {target} (generation {generation}). "
+            f"The {len(outcome.quarantined)} free block(s), its own included, are fenced for "
+            f"{self._lease:g}s (a lease this node may not have heard of could still cover them). "
+            "Nodes that hold the old era adopt this one when they hear it. This is safe only if "
+            "every node this side cannot reach is down for good."
         )
         log.warning("%s", message)
         self._emit(
@@ -1201,8 +1215,8 @@ class IpamCore:
                 "rmpeer-force",
                 cluster.era,
                 cluster.slot,
-                tuple(self._space.block(i) for i in outcome.freed),
                 (),
+                tuple(self._space.block(i) for i in outcome.quarantined),
             )
         )
         self._after_state_change(now, held_before, "forced")
@@ -1417,6 +1431,12 @@ class IpamCore:
                 for n in cluster.members
                 if n != self._name and n not in self._alive and cluster.blocks_of(n)
             )
+            fenced = sum(1 for q in cluster.quarantine.values() if q.owner == FENCE_OWNER)
+            if fenced:
+                return IpamState.OWNED_BY_UNREACHABLE_PEERS, (
+                    f"no free block: {fenced} block(s) are fenced for a lease after a forced "
+                    f"rmpeer started era {cluster.era[0]}; they free up automatically"
+                )
             if unreachable or cluster.quarantine:
                 return IpamState.OWNED_BY_UNREACHABLE_PEERS, (
                     f"no free block; blocks held by unreachable {unreachable} or quarantined "

@@ -43,6 +43,8 @@ MAX_OPS_PER_VALUE = 8
 MAX_BLOCKS_PER_CLAIM = 4
 
 Era = tuple[int, str, int]  # (number, node that forced it, nonce); (0, "", 0) from founding
+# Pseudo-owner of the blocks a forced era fences for a lease; not a valid Kubernetes node name.
+FENCE_OWNER = "(forced-era fence)"
 FOUNDING_ERA: Era = (0, "", 0)
 
 
@@ -371,16 +373,22 @@ class ClusterState:
         """Operator override without quorum: new era, `forcer` sole voter, `target` removed.
 
         This is the one transition not decided by Paxos; see docs/ipam.md for what it risks.
+        The forcer may have missed decisions of the old era (it was cut off), so a block that
+        looks free here may be in use under a lease it never heard of: every free block, the
+        target's included, is fenced (quarantined under FENCE_OWNER) until a lease has passed.
         """
         self.era = (self.era[0] + 1, forcer, nonce)
         self.slot += 1
-        op = Remove(forcer, nonce, target, self.members[target].generation, "rmpeer-force", True)
+        op = Remove(forcer, nonce, target, self.members[target].generation, "rmpeer-force", False)
         member = self.members[target]
-        freed, _ = self._retire(target, member, "rmpeer-force", free_now=True)
+        self._retire(target, member, "rmpeer-force", free_now=True)
         self._by_owner = None
+        fenced = tuple(self.free_blocks())
+        for index in fenced:
+            self.quarantine[index] = Quarantined(FENCE_OWNER, self.era[0], self.slot)
         self.voters = (forcer,)
         self._touch(forcer)
-        return Outcome(op, True, freed=freed)
+        return Outcome(op, True, quarantined=fenced)
 
     # -- plain data (msgpack and JSON friendly: lists, str-keyed dicts, ints, strs, bools)
 
