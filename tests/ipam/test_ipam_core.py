@@ -347,7 +347,7 @@ def test_leave_gives_the_blocks_back() -> None:
     assert node.core.usable_blocks(sim.now) == []  # stops at once, before the decision
     sim._after_input(node)
     sim.run(5.0)
-    assert sim.status("n1").free_blocks == 256 - 3  # type: ignore[union-attr]
+    assert sim.status("n1").free_blocks == 256 - 2  # type: ignore[union-attr]
     assert sim.status("n1").quarantined_blocks == 0  # type: ignore[union-attr]
     assert "left" in sim.status("n3").detail  # type: ignore[union-attr]
 
