@@ -52,10 +52,11 @@ import trio
 from gossip.config import GossipConfig
 from gossip.events import MemberEventKind, MemberState
 from gossip.keyring import Keyring
+from gossip.tags import encode_tags
 from gossip.transport import GossipService, JoinError
 from tunnel.vxlan import VxlanBackend, VxlanConfig
 from weavepy import __version__
-from weavepy.cluster import ClusterView, DataPlaneIdentity, encode_tags_for
+from weavepy.cluster import ClusterView, DataPlaneIdentity
 from weavepy.config import AgentConfig, parse_peer
 from weavepy.hostnet import HostNetError, Underlay, find_underlay, range_conflicts
 from weavepy.identity import Identity, IdentityError, load_or_create, write_private_file
@@ -175,7 +176,8 @@ class Agent:
         self.rng = random.Random()
         self.targets = TargetSchedule(self.rng)
         self.ipam = IpamLink(self.config, self.identity, on_table_change=self._table_changed,
-                             on_cluster_id=self._cluster_id_learned)
+                             on_cluster_id=self._cluster_id_learned,
+                             on_tag_change=self._publish_tags)
         self.backend = VxlanBackend(VxlanConfig(
             vtep_mac=self.identity.vtep_mac,
             local_ip=prepared.underlay.local_ip,
@@ -230,20 +232,27 @@ class Agent:
                 self.identity.save(self.config.state_dir)
             except OSError as exc:
                 log.error("cannot save the cluster ID in %s: %s", self.config.state_dir, exc)
+        self._publish_tags()
+
+    def tags(self) -> dict[str, str]:
+        """Our gossip tags: the data-plane identity and the IPAM standing."""
+        return {**self.data_plane_identity().to_tags(), **self.ipam.tags()}
+
+    def _publish_tags(self) -> None:
         if self.svc is not None:
-            self.svc.update_tags(self.data_plane_identity().to_tags())
+            self.svc.update_tags(self.tags())
 
     # -- running ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
         config = self.config
-        tags = self.data_plane_identity()
-        encode_tags_for(tags)  # fails now, not in the middle of the cluster, if too large
+        tags = self.tags()
+        encode_tags(tags)  # fails now, not in the middle of the cluster, if too large
         try:
             service = GossipService(
                 self.prepared.gossip, config.name, ("0.0.0.0", config.gossip_port),
                 self.prepared.advertise, keyring=self.prepared.keyring,
-                delegate=self.ipam.delegate, tags=tags.to_tags(), rng=self.rng)
+                delegate=self.ipam.delegate, tags=tags, rng=self.rng)
             async with service as svc, trio.open_nursery() as nursery:
                 self.svc = svc
                 self.ipam.attach(svc)
@@ -286,7 +295,7 @@ class Agent:
         changed = self.view.sync(svc.members(), trio.current_time())
         for member in svc.members():
             if member.state in (MemberState.ALIVE, MemberState.SUSPECT):
-                self.ipam.member_alive(member.name)
+                self.ipam.member_alive(member.name, member.tags)
             else:
                 self.ipam.member_dead(member.name)
         return changed
@@ -301,7 +310,7 @@ class Agent:
             if event.name != self.config.name:
                 if event.kind in (MemberEventKind.JOIN, MemberEventKind.ALIVE,
                                   MemberEventKind.UPDATE):
-                    self.ipam.member_alive(event.name)
+                    self.ipam.member_alive(event.name, event.tags)
                 elif event.kind in (MemberEventKind.FAILED, MemberEventKind.LEAVE):
                     self.ipam.member_dead(event.name)
                 level = logging.DEBUG if event.kind is MemberEventKind.UPDATE else logging.INFO

@@ -27,7 +27,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from gossip.transport import GossipService
 from weavepy.config import AgentConfig
 from weavepy.identity import Identity
 from weavepy.ipam.allocator import Allocation, PodAllocator, Unavailable
-from weavepy.ipam.core import IpamCore
+from weavepy.ipam.core import TAG_KEY, IpamCore
 from weavepy.ipam.errors import ConfigError, CorruptStateError, IpamDecodeError, RmpeerError
 from weavepy.ipam.status import (
     BlockAcquired,
@@ -129,10 +129,12 @@ class IpamLink:
 
     def __init__(self, config: AgentConfig, identity: Identity, *,
                  on_table_change: Callable[[], None],
-                 on_cluster_id: Callable[[str], None]) -> None:
+                 on_cluster_id: Callable[[str], None],
+                 on_tag_change: Callable[[], None]) -> None:
         self.config = config
         self.on_table_change = on_table_change
         self.on_cluster_id = on_cluster_id
+        self.on_tag_change = on_tag_change
         leftovers = corrupt_leftovers(config.state_dir)
         if leftovers:
             raise IpamLinkError(
@@ -177,6 +179,7 @@ class IpamLink:
         self._blocks_event = trio.Event()
         self._cluster_id = self.core.cluster_id
         self.trio_token: trio.lowlevel.TrioToken | None = None
+        self._meta_tag = ""
         self._refresh_blocks(notify=False)
 
     # -- inputs (non-blocking; from the delegate and the membership task) ----------------------
@@ -190,8 +193,10 @@ class IpamLink:
         except trio.WouldBlock:
             self.drops["inbox_full"] += 1
 
-    def member_alive(self, name: str) -> None:
-        self.enqueue(("alive", name))
+    def member_alive(self, name: str, tags: Mapping[str, str]) -> None:
+        """`tags` are the member's gossip tags: its IPAM tag (`TAG_KEY`) says which cluster
+        and generation its current process speaks as."""
+        self.enqueue(("alive", (name, tags.get(TAG_KEY))))
 
     def member_dead(self, name: str) -> None:
         self.enqueue(("dead", name))
@@ -257,6 +262,15 @@ class IpamLink:
             self._cluster_id = status.cluster_id
             if notify:
                 self.on_cluster_id(status.cluster_id)
+        tag = self.core.meta_tag
+        if tag != self._meta_tag:
+            self._meta_tag = tag
+            if notify:
+                self.on_tag_change()
+
+    def tags(self) -> dict[str, str]:
+        """What this node publishes about its IPAM standing in its gossip meta."""
+        return {TAG_KEY: self._meta_tag} if self._meta_tag else {}
 
     # -- the driver task -------------------------------------------------------------------------
 
@@ -293,7 +307,8 @@ class IpamLink:
             elif kind == "state":
                 self.core.merge_remote_state(value, now)
             elif kind == "alive":
-                self.core.on_member_alive(value, now)
+                name, ipam_tag = value
+                self.core.on_member_alive(name, now, ipam_tag=ipam_tag)
             elif kind == "dead":
                 self.core.on_member_dead(value, now)
         except IpamDecodeError as exc:

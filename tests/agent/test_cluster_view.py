@@ -38,6 +38,9 @@ def test_tags_round_trip_and_fit_in_memberlist_meta() -> None:
     worst = DataPlaneIdentity(IPv4Address("255.255.255.254"), "02:ff:ff:ff:ff:ff", 16777215,
                               65535, bytes(32), frozenset({"vxlan", "wg"}), "f" * 64)
     assert len(encode_tags_for(worst)) < META_MAX_SIZE // 2
+    with_ipam = {**worst.to_tags(), "ipam": "f" * 64 + "/" + "9" * 19}  # the agent adds it
+    assert len(encode_tags(with_ipam)) < META_MAX_SIZE // 2
+    assert decode_identity(decode_tags(encode_tags(with_ipam))) == worst
 
 
 @pytest.mark.parametrize(("change", "reason"), [
