@@ -39,7 +39,7 @@ def test_tags_round_trip_and_fit_in_memberlist_meta() -> None:
                               65535, bytes(32), frozenset({"vxlan", "wg"}), "f" * 64)
     assert len(encode_tags_for(worst)) < META_MAX_SIZE // 2
     with_ipam = {**worst.to_tags(), "ipam": "f" * 64 + "/" + "9" * 19}  # the agent adds it
-    assert len(encode_tags(with_ipam)) < META_MAX_SIZE // 2
+    assert len(encode_tags(with_ipam)) < META_MAX_SIZE - 150  # room for later data paths
     assert decode_identity(decode_tags(encode_tags(with_ipam))) == worst
 
 
