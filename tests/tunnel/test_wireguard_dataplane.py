@@ -271,3 +271,27 @@ def test_messages_for_a_keypair_not_yet_installed_are_held_briefly() -> None:
     fresh.process(memoryview(bogus), 0, A_ADDR, 1.0)
     fresh.expire_held(2.0)
     assert fresh.counters["unknown_index"] == 1
+
+
+def test_a_forged_gro_batch_is_refused_whole_and_reports_nothing() -> None:
+    net = Net()
+    net.send(net.a, super_read(os.urandom(1368 * 10)))
+    data, segment = next((d, s) for d, s in net.a.wire_out if s)
+    rx = net.b.rx
+    rx.reports()
+    forged = bytearray(data)
+    for start in range(0, len(forged), segment):  # fresh counters, but every tag is wrong
+        forged[start + 8 : start + 16] = (10**9 + start).to_bytes(8, "little")
+    assert rx.process(memoryview(forged), segment, A_ADDR, net.now) == []
+    assert rx.counters["decrypt_failed"] == 10
+    assert rx.reports() == []
+    # one bad datagram in an otherwise good batch: the rest is delivered, one drop counted
+    net.b.tun_writes.clear()
+    read = super_read(os.urandom(1368 * 10))
+    (send,) = net.a.tx.process(memoryview(bytearray(read)), net.now)
+    batch = bytearray(send.data)
+    batch[3 * send.segment_size + 100] ^= 0xFF
+    writes = rx.process(memoryview(batch), send.segment_size, A_ADDR, net.now)
+    assert rx.counters["decrypt_failed"] == 11
+    delivered = sum(len(w) for w in writes)
+    assert 0 < delivered < len(read)

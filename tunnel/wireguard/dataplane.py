@@ -714,37 +714,50 @@ class RxEngine:
         decrypt_into = keypair.receiver.decrypt_into
         rows = self._rows_flat
         failed: list[int] = []
-        for start in range(0, total, segment_size):
-            length = plain if start != last_start else last_plain
+        last_body = last_start + TRANSPORT_HEADER_SIZE
+        for start in range(0, last_start, segment_size):
             body = start + TRANSPORT_HEADER_SIZE
             try:
                 decrypt_into(
                     batch[start + 4 : body],
-                    batch[body : body + length + TAG_SIZE],
+                    batch[body : start + segment_size],
                     None,
-                    rows[start : start + length],
+                    rows[start : start + plain],
                 )
             except InvalidTag:
                 failed.append(start)
-        if failed:
-            self.counters["decrypt_failed"] += len(failed)
-            for start in range(0, total, segment_size):
-                if start not in failed:
-                    replay.accept(first + start // segment_size, self._reject_after)
-        else:
-            replay.accept_run(first, count)
+        try:
+            decrypt_into(
+                batch[last_start + 4 : last_body],
+                batch[last_body:total],
+                None,
+                rows[last_start : last_start + last_plain],
+            )
+        except InvalidTag:
+            failed.append(last_start)
         if len(failed) == count:
+            self.counters["decrypt_failed"] += count
             return []
         self._note_received(peer, receiver, source, True, now)
+        self.stats["fast_batches"] += 1
+        if not failed:
+            replay.accept_run(first, count)
+            merged = self._merge_rows(peer, count, segment_size, last_plain)
+            if merged is not None:
+                return [merged]
+            opened = [(start, peer, plain) for start in range(0, last_start, segment_size)]
+            opened.append((last_start, peer, last_plain))
+            return self._deliver(opened, segment_size, whole=False)
+        self.counters["decrypt_failed"] += len(failed)
+        for start in range(0, total, segment_size):
+            if start not in failed:
+                replay.accept(first + start // segment_size, self._reject_after)
         opened = [
-            (start, peer, plain)
-            for start in range(0, last_start, segment_size)
+            (start, peer, plain if start != last_start else last_plain)
+            for start in range(0, total, segment_size)
             if start not in failed
         ]
-        if last_start not in failed:
-            opened.append((last_start, peer, last_plain))
-        self.stats["fast_batches"] += 1
-        return self._deliver(opened, segment_size, whole=not failed)
+        return self._deliver(opened, segment_size, whole=False)
 
     def _merge(self, opened: list[tuple[int, _RxPeer, int]], segment_size: int) -> bytearray | None:
         """The whole batch decrypted, from one peer: try to merge it with column operations."""
@@ -752,13 +765,17 @@ class RxEngine:
         for _, other, plain_length in opened:
             if other is not peer or plain_length == 0:
                 return None
-        count = len(opened)
+        return self._merge_rows(peer, len(opened), segment_size, opened[-1][2])
+
+    def _merge_rows(
+        self, peer: _RxPeer, count: int, segment_size: int, last_plain: int
+    ) -> bytearray | None:
         plain = segment_size - TRANSPORT_HEADER_SIZE - TAG_SIZE
         rows = self._rows[: count * segment_size].reshape(count, segment_size)[:, :plain]
         first = rows[0]
         if first[0] != 0x45 or self._sources.lookup(first[12:16].tobytes()) is not peer:
             return None  # the per-packet path counts whatever is wrong
-        merged = coalesce_rows(rows, opened[-1][2], self.config.verify_checksums)
+        merged = coalesce_rows(rows, last_plain, self.config.verify_checksums)
         if merged is not None:
             self.stats["packets_received"] += count
             self.stats["batches_merged"] += 1
