@@ -11,9 +11,13 @@ Layout, from the bottom up:
     allowedips.py  cryptokey routing (longest prefix match)
     session.py     keypairs, transport sealing/opening, keypair rotation
     core.py        the sans-IO device that ties them together (bytes and time in, bytes out)
+    segment.py     userspace TSO/GRO for TCP super-packets (numpy column operations)
+    extension.py   the weavepy super-packet extension's framing
+    dataplane.py   sans-IO TX/RX engines for the fast path (batches in, sends/writes out)
+    workers.py     one worker process per direction around an engine
+    device.py      the trio control process and `WireGuardInterface` (what the agent embeds)
 
-The I/O around it (TUN, UDP, worker processes) lives in device.py and the data-plane modules;
-this package imports nothing from gossip or weavepy.
+docs/wireguard.md explains the design. This package imports nothing from gossip or weavepy.
 """
 
 from tunnel.wireguard.core import (

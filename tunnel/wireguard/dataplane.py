@@ -81,6 +81,7 @@ _NONCE = struct.Struct("<4xQ")  # the AEAD nonce of a counter
 _HEADER = struct.Struct("<IIQ")  # type word, receiver index, counter
 _COUNTER = struct.Struct("<Q")
 _TRANSPORT_TYPE_WORD = np.array([MESSAGE_TRANSPORT, 0, 0, 0, 0, 0, 0, 0], dtype=np.uint8)
+_TRANSPORT_TYPE_WORD.setflags(write=False)
 MAX_STAGED = 128
 _MAX_ROWS = 64  # a UDP GRO read holds at most 64 datagrams
 _MAX_HELD = 32  # messages for not-yet-known indices kept at most ...

@@ -288,10 +288,14 @@ class WireGuardInterface:
             self._wake.set()
 
 
+SO_SNDBUFFORCE = 32  # set buffer sizes beyond net.core.*mem_max (we run with CAP_NET_ADMIN)
+SO_RCVBUFFORCE = 33
+
+
 def _open_socket(address: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
-    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
+    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
         except OSError:

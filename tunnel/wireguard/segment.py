@@ -438,6 +438,7 @@ _PLAIN_VNET = bytes(VNET_HDR_SIZE)  # GSO none, checksum complete
 # IPv4+TCP header columns that must be equal in every segment of one run: version/IHL, TOS,
 # fragment field, TTL, protocol, addresses, ports, acknowledgement, data offset.
 _RUN_COLUMNS_V4 = np.array([0, 1, 6, 7, 8, 9, *range(12, 24), *range(28, 33)], dtype=np.intp)
+_RUN_COLUMNS_V4.setflags(write=False)
 
 
 def coalesce_rows(rows: Matrix, last_plain: int, verify: bool) -> bytearray | None:
