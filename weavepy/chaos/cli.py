@@ -73,3 +73,7 @@ def chaos_command(nodes: int, seed: int | None, duration: float | None, profile:
     else:
         click.echo(report.to_text(), nl=False)
     sys.exit(0 if report.ok else 1)
+
+
+if __name__ == "__main__":
+    chaos_command()
