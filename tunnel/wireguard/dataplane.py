@@ -505,6 +505,8 @@ class RxEngine:
         self._cipher = bytearray(MAX_READ + 256)
         self._cipher_view = memoryview(self._cipher)
         self._reassembly = Reassembly()
+        # one reusable output for the result of a fast-path batch (written before the next)
+        self._out = bytearray(VNET_HDR_SIZE + 65536 + 64)
         self._held: collections.deque[_Held] = collections.deque()
         self._urgent: list[Report] = []
         self.handshake_messages: list[tuple[bytes, Address]] = []
@@ -565,9 +567,9 @@ class RxEngine:
         self._held = collections.deque()
         for held in queue:
             if held.receiver in self._indices:
-                if held.key is None:  # a type-4 datagram
+                if held.key is None:  # a type-4 datagram (process() reuses its output buffer)
                     data = memoryview(bytearray(held.payload))
-                    writes.extend(self.process(data, len(data), held.source, now))
+                    writes.extend(bytes(w) for w in self.process(data, len(data), held.source, now))
                 else:  # an extension message's ciphertext
                     cipher = self._cipher_view[: len(held.payload)]
                     cipher[:] = held.payload
@@ -616,7 +618,7 @@ class RxEngine:
             length = gather_batch(batch, segment_size, self._cipher)
             if length is not None:
                 return self._open_extension(
-                    self._cipher_view[:length], bytes(batch[4:16]), source, now
+                    self._cipher_view[:length], bytes(batch[4:16]), source, now, reuse=True
                 )
         if segment_size > self._row_width or total > self._row_width * _MAX_ROWS:
             self.counters["oversized_read"] += 1
@@ -760,7 +762,9 @@ class RxEngine:
         ]
         return self._deliver(opened, segment_size, whole=False)
 
-    def _merge(self, opened: list[tuple[int, _RxPeer, int]], segment_size: int) -> bytearray | None:
+    def _merge(
+        self, opened: list[tuple[int, _RxPeer, int]], segment_size: int
+    ) -> bytearray | memoryview | None:
         """The whole batch decrypted, from one peer: try to merge it with column operations."""
         peer = opened[0][1]
         for _, other, plain_length in opened:
@@ -770,13 +774,13 @@ class RxEngine:
 
     def _merge_rows(
         self, peer: _RxPeer, count: int, segment_size: int, last_plain: int
-    ) -> bytearray | None:
+    ) -> bytearray | memoryview | None:
         plain = segment_size - TRANSPORT_HEADER_SIZE - TAG_SIZE
         rows = self._rows[: count * segment_size].reshape(count, segment_size)[:, :plain]
         first = rows[0]
         if first[0] != 0x45 or self._sources.lookup(first[12:16].tobytes()) is not peer:
             return None  # the per-packet path counts whatever is wrong
-        merged = coalesce_rows(rows, last_plain, self.config.verify_checksums)
+        merged = coalesce_rows(rows, last_plain, self.config.verify_checksums, self._out)
         if merged is not None:
             self.stats["packets_received"] += count
             self.stats["batches_merged"] += 1
@@ -876,7 +880,7 @@ class RxEngine:
         return self._open_extension(view, key, source, now)
 
     def _open_extension(
-        self, ciphertext: memoryview, key: bytes, source: Address, now: float
+        self, ciphertext: memoryview, key: bytes, source: Address, now: float, reuse: bool = False
     ) -> list[bytes | bytearray | memoryview]:
         receiver, counter = _TRANSPORT_FIELDS.unpack(key)
         entry = self._indices.get(receiver)
@@ -894,7 +898,7 @@ class RxEngine:
         if length < VNET_HDR_SIZE + 20:
             self.counters["truncated"] += 1
             return []
-        out = bytearray(length)
+        out = memoryview(self._out)[:length] if reuse else memoryview(bytearray(length))
         try:
             keypair.extension_ciphers[1].decrypt_into(
                 _NONCE_PREFIX + key[4:12], ciphertext, None, out
@@ -906,7 +910,7 @@ class RxEngine:
             self.counters["replay"] += 1
             return []
         self._note_received(peer, receiver, source, True, now)
-        packet = memoryview(out)[VNET_HDR_SIZE:]
+        packet = out[VNET_HDR_SIZE:]
         inner = self._inner(peer, packet)
         if inner is None:
             return []

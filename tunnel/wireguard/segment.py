@@ -441,7 +441,9 @@ _RUN_COLUMNS_V4 = np.array([0, 1, 6, 7, 8, 9, *range(12, 24), *range(28, 33)], d
 _RUN_COLUMNS_V4.setflags(write=False)
 
 
-def coalesce_rows(rows: Matrix, last_plain: int, verify: bool) -> bytearray | None:
+def coalesce_rows(
+    rows: Matrix, last_plain: int, verify: bool, out: bytearray | None = None
+) -> bytearray | memoryview | None:
     """Merge a GRO batch of decrypted IPv4/TCP segments in one step, or None if they are not one
     in-order run (the caller then feeds them to a `Coalescer` one by one).
 
@@ -450,7 +452,8 @@ def coalesce_rows(rows: Matrix, last_plain: int, verify: bool) -> bytearray | No
     The checks are those of `Coalescer.add`, done as column operations. The checksum check
     sums whole rows, WireGuard's zero padding included: padding that is not zero can only make
     the check fail, and a failed check just means the per-packet path (where the kernel checks
-    every segment) takes the batch.
+    every segment) takes the batch. With `out` (at least 65545 bytes) the result is written
+    there and a view of it returned, so nothing is allocated per batch.
     """
     count, stride = rows.shape
     first = rows[0]
@@ -486,14 +489,16 @@ def coalesce_rows(rows: Matrix, last_plain: int, verify: bool) -> bytearray | No
     total_length = header + (count - 1) * gso_size + last_payload
     if total_length > 65535:
         return None
-    out = bytearray(VNET_HDR_SIZE + total_length)
-    target = np.frombuffer(out, dtype=np.uint8)
+    size = VNET_HDR_SIZE + total_length
+    if out is None:
+        out = bytearray(size)
+    target = np.frombuffer(out, dtype=np.uint8, count=size)
     target[VNET_HDR_SIZE : VNET_HDR_SIZE + header] = first[:header]
     body = VNET_HDR_SIZE + header
     middle = (count - 1) * gso_size
     target[body : body + middle].reshape(count - 1, gso_size)[:] = rows[:-1, header:full]
     target[body + middle :] = last[header:final]
-    view = memoryview(out)[VNET_HDR_SIZE:]
+    view = memoryview(out)[VNET_HDR_SIZE:size]
     view[33] = int(last[33])
     view[2:4] = _U16.pack(total_length)
     view[10:12] = b"\x00\x00"
@@ -502,7 +507,7 @@ def coalesce_rows(rows: Matrix, last_plain: int, verify: bool) -> bytearray | No
     VNET_HDR.pack_into(
         out, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, header, gso_size, 20, 16
     )
-    return out
+    return out if len(out) == size else memoryview(out)[:size]
 
 
 def _segment_valid(packet: memoryview, ip_header: int) -> bool:
