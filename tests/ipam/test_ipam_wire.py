@@ -201,3 +201,22 @@ def test_the_core_counts_garbage_and_refuses_it_loudly() -> None:
         core.on_message("n2", spoofed, 1.0)
     assert core.status(1.0).dropped == {"bad_msgpack": 1, "bad_version": 1, "sender_mismatch": 1}
     assert core.status(1.0).state.value == "ready"
+
+
+def test_a_message_from_another_cluster_is_refused_counted_and_reported() -> None:
+    core = IpamCore("n1", "198.19.0.0/16", 24, rng=random.Random(1), bootstrap="found")
+    core.handle_timer(0.0)
+    mine = core.cluster_id
+    foreign = wire.encode(Envelope("0ther", (0, "", 0), "z1", 42, 1, 9, Decided(10, VALUE)))
+    core.on_message("z1", foreign, 1.0)  # well-formed: refused, not raised
+    core.on_message("z1", foreign, 2.0)
+    status = core.status(2.0)
+    assert status.cluster_id == mine and status.slot == 1  # nothing of it was applied
+    assert status.dropped == {"cluster_mismatch": 2}
+    (report,) = status.cluster_mismatches
+    assert report.peer == "z1" and report.remote_cluster == "0ther"
+    assert f"belongs to IPAM cluster {mine}, peer z1 to cluster 0ther" in report.message
+    assert "weavepy reset" in report.message
+    core.mark_persisted(core.snapshot()["seq"])
+    mismatches = [e for e in core.events() if type(e).__name__ == "ClusterMismatch"]
+    assert len(mismatches) == 1  # reported once per peer, not per message
