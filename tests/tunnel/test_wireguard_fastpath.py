@@ -109,6 +109,7 @@ else:
 def test_extension_carries_pod_traffic_and_the_underlay_sees_no_plaintext(
     sandbox_factory: Any, tmp_path: Path
 ) -> None:
+    require_binary("ping", "iputils-ping")
     box = sandbox_factory(nodes=2)
     network = PodNetwork(box, tmp_path)
     try:

@@ -179,6 +179,7 @@ class Pair:
     def __init__(self, box: Any, directory: Path, **options: Any) -> None:
         require_binary("wireguard-go")
         require_binary("wg", "wireguard-tools")
+        require_binary("ping", "iputils-ping")
         self.box = box
         self.n1, self.n2 = box.nodes[0], box.nodes[1]
         self.ours_key, self.theirs_key = PrivateKey.generate(), PrivateKey.generate()
@@ -264,6 +265,7 @@ def test_rekey_under_traffic_loses_nothing(sandbox_factory: Any, tmp_path: Path)
         "keepalive_timeout": 1.0,
         "rekey_timeout": 1.0,
     }
+    require_binary("iperf3")
     pair = Pair(sandbox_factory(nodes=2), tmp_path, timers=timers)
     assert pair.ping(pair.n1, THEIRS)
     before = pair.handshakes()
