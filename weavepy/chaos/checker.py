@@ -31,7 +31,9 @@ distribution of convergence times. Theory of operation:
   rate only if the pair was *healthy* from its send time to its deadline: both agents running
   and not stopped, both cables in, no drop between A and B either way, neither node impaired,
   and neither node inside a convergence window (from a ground-truth change that touched it
-  until the checker saw the cluster converge again plus a grace, or the bound). Other probes
+  until the checker saw the cluster converge again plus a grace, or the bound; after an
+  undefined phase ends, the full bound, because a suspicion raised during it may still
+  mature into a death after the heal). Other probes
   are reported but not judged. The rate must be at least 99.9 %.
 """
 
@@ -303,10 +305,15 @@ class LiveChecker:
                 self._restarted[node] = self.held[node]
         if truth.minority != self.truth.minority:
             self._minority_held = {n: self.held.get(n, frozenset()) for n in truth.minority}
+        ends_undefined = not self.truth.defined and truth.defined
         self.truth = truth
         self._truths.append((now, truth))
         window_nodes = affected_set | carried
         self._windows.append(_Window(window_nodes, now, None))
+        if ends_undefined:
+            # a suspicion begun while the outcome was undefined (asymmetric partition, stall)
+            # may still mature after the heal: the touched nodes stay unjudged for the bound
+            self._windows.append(_Window(window_nodes, now, now + self.bound))
         if truth.defined:
             self._pending = _Measurement(label, now, now + self.bound, window_nodes)
 
