@@ -20,9 +20,13 @@ cluster range that overlaps the host's routes, an API port already taken.
 
 `Agent.run()` then runs, as children of one nursery: the gossip service, the membership task
 (events -> view -> reconciler and IPAM), the IPAM link, the join-target task, the reconciler,
-the CNI server, the API and the signal task. A restart re-derives everything from the state
-directory (identity, IPAM), the run directory (peers programmed last time) and the kernel; the
-reconciler keeps working routes until the view has settled, so nothing flaps.
+the CNI server, the API, the metrics endpoint (`--metrics-addr`), the tunnel-counter sampler,
+the signal task and, with `--kube-peers`, the Kubernetes peer watch and the task that sets
+the node's NetworkUnavailable condition to False once the node is first ready.
+
+A restart re-derives everything from the state directory (identity, IPAM), the run
+directory (peers programmed last time) and the kernel; the reconciler keeps working routes
+until the view has settled, so nothing flaps.
 
 Stopping (SIGTERM, SIGINT, `POST /stop`): leave the gossip cluster (peers see `left` and
 remove their routes to us), persist, close the CNI socket, and exit 0. Kernel state stays:
@@ -61,7 +65,9 @@ from weavepy.config import AgentConfig, parse_peer
 from weavepy.hostnet import HostNetError, Underlay, find_underlay, range_conflicts
 from weavepy.identity import Identity, IdentityError, load_or_create, write_private_file
 from weavepy.ipam_link import IpamLink, IpamLinkError
+from weavepy.metrics import AgentMetrics
 from weavepy.reconcile import DesiredDataPlane, Reconciler, desired_data_plane
+from weavepy.statusview import REPORT_VERSION, connection_entries, ipam_advice
 from weavepy.targets import TargetSchedule
 
 __all__ = ["Agent", "AgentError", "Prepared", "prepare", "reset_node", "run_agent"]
@@ -75,6 +81,8 @@ SETTLE_MAX = 15.0  # ... and at most this long after start, joined or not
 CONNECT_TIMEOUT = 10.0
 RMPEER_TIMEOUT = 15.0
 KNOWN_PEERS_FILE = "known-peers.json"
+TRAFFIC_SAMPLE_INTERVAL = 2.0  # seconds between reads of the VXLAN device's counters
+NETWORK_AVAILABLE_BACKOFF = (1.0, 60.0)  # first and largest retry delay for the node condition
 
 
 class AgentError(Exception):
@@ -155,12 +163,28 @@ def prepare(config: AgentConfig) -> Prepared:
 
     try:
         check_bindable(*config.api_addr)
+        if config.metrics_addr is not None:
+            check_bindable(*config.metrics_addr)
     except OSError as exc:
         raise AgentError(str(exc)) from None
+    if config.install_cni:
+        _install_cni(config)
     log.info("underlay %s %s (mtu %d, chosen by %s); overlay mtu %d; advertising %s:%d",
              underlay.iface, underlay.local_ip, underlay.mtu, underlay.how, mtu, *advertise)
     return Prepared(config, identity, keyring, underlay, advertise, mtu,
                     _gossip_profile(config.profile))
+
+
+def _install_cni(config: AgentConfig) -> None:
+    from weavepy.cni.install import InstallError, install_cni
+    from weavepy.config import DEFAULT_CNI_CONF_DIR
+
+    conf_dir = config.cni_conf_dir or DEFAULT_CNI_CONF_DIR
+    try:
+        installed = install_cni(config.cni_bin_dir, conf_dir, socket_path=str(config.cni_socket))
+    except (InstallError, OSError) as exc:
+        raise AgentError(f"--install-cni: {exc}") from None
+    log.info("installed the CNI plugin %s and %s", installed.plugin, installed.conflist)
 
 
 class Agent:
@@ -191,7 +215,11 @@ class Agent:
         self.reconciler = Reconciler(
             self.backend, self._desired, run_dir=self.config.run_dir, bridge=self.config.bridge,
             mtu=prepared.mtu, ensure_bridge=_ensure_bridge,
-            interval=self.config.reconcile_interval)
+            interval=self.config.reconcile_interval, on_pass=self._reconcile_observed)
+        self.metrics = AgentMetrics()
+        self.traffic: dict[str, dict[str, int]] = {}
+        self.kube: Any = None  # weavepy.kube.KubePeerSource with --kube-peers
+        self.network_available_set = False
         if self.ipam.cluster_id is not None:
             self._cluster_id_learned(self.ipam.cluster_id)
         self.cni_listening = False
@@ -221,6 +249,9 @@ class Agent:
         return desired, {p.name for p in self.view.peers()}
 
     # -- callbacks from the IPAM link ------------------------------------------------------------
+
+    def _reconcile_observed(self, seconds: float, ok: bool) -> None:
+        self.metrics.observe_reconcile(seconds, ok)
 
     def _table_changed(self) -> None:
         self.reconciler.poke("block table changed")
@@ -268,6 +299,15 @@ class Agent:
                 from weavepy.api import build_app, serve_api
 
                 await nursery.start(serve_api, build_app(self), *config.api_addr)
+                if config.metrics_addr is not None:
+                    from weavepy.api import build_metrics_app
+
+                    await nursery.start(serve_api, build_metrics_app(self.render_metrics),
+                                        *config.metrics_addr)
+                nursery.start_soon(self._sample_traffic)
+                if self.kube is not None:
+                    nursery.start_soon(self._kube_peers, self.kube)
+                    nursery.start_soon(self._mark_network_available, self.kube)
                 await self._stop.wait()
                 log.info("stopping: leaving the cluster (kernel state stays)")
                 with trio.move_on_after(LEAVE_TIMEOUT + 2):
@@ -283,6 +323,54 @@ class Agent:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def render_metrics(self) -> bytes:
+        """The Prometheus exposition, gauges refreshed from the status now."""
+        self.metrics.update_from_status(self.status())
+        return self.metrics.render()
+
+    async def _sample_traffic(self) -> None:
+        """Keep `traffic` (the VXLAN device's IFLA_STATS64 counters) fresh for status and
+        metrics; a missing device (before the first pass) reads as no sample."""
+        while True:
+            try:
+                sample = await trio.to_thread.run_sync(
+                    read_link_counters, self.config.vxlan_device)
+            except OSError as exc:
+                log.debug("cannot read %s counters: %s", self.config.vxlan_device, exc)
+                sample = None
+            if sample is not None:
+                self.traffic = {"vxlan": sample}
+            await trio.sleep(TRAFFIC_SAMPLE_INTERVAL)
+
+    async def _kube_peers(self, source: Any) -> None:
+        """Peers from the Kubernetes API: each new node set replaces the join targets (plus
+        the configured peers). The watch retries API failures itself and never ends."""
+        async with source, source.watch_peers() as sets:
+            async for peers in sets:
+                addresses = [f"{p.address}:{self.config.gossip_port}" for p in sorted(
+                    peers, key=lambda p: p.node)]
+                self.targets.replace(addresses + self._normalise(list(self.config.peers)),
+                                     trio.current_time())
+                self._targets_changed.set()
+                log.info("Kubernetes API: %d peers", len(addresses))
+
+    async def _mark_network_available(self, source: Any) -> None:
+        """Once the node is first ready, set NetworkUnavailable=False (retrying with backoff)."""
+        from weavepy.kube import KubeError
+
+        while not self.readiness()[0]:
+            await trio.sleep(0.5)
+        delay, most = NETWORK_AVAILABLE_BACKOFF
+        while True:
+            try:
+                await source.set_network_available()
+                self.network_available_set = True
+                return
+            except KubeError as exc:
+                log.warning("%s; retrying in %.0f s", exc, delay)
+            await trio.sleep(delay)
+            delay = min(most, delay * 2)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -433,8 +521,12 @@ class Agent:
             key = f"{command.lower()}_{'ok' if code == 0 else 'error'}"
             self.cni_requests[key] = self.cni_requests.get(key, 0) + 1
 
+        def observe_both(command: str, code: int, seconds: float) -> None:
+            observe(command, code, seconds)
+            self.metrics.observe_cni_request(command, code, seconds)
+
         server = CniServer(lambda: self.ipam.cni_backend(self.prepared.mtu),
-                           self.config.cni_socket, on_request=observe)
+                           self.config.cni_socket, on_request=observe_both)
         started = _Started(task_status, self)
         try:
             await server.serve(task_status=started)
@@ -460,7 +552,24 @@ class Agent:
             reasons.append("the last reconcile pass had errors")
         if not self.cni_listening:
             reasons.append("the CNI socket is not listening")
+        conflist = self.conflist_path()
+        if conflist is not None and not conflist.exists():
+            reasons.append(f"the CNI config {conflist} is not installed (the init container "
+                           f"or `weavepy install-cni` writes it)")
         return not reasons, reasons
+
+    def conflist_path(self) -> Path | None:
+        """The conflist /readyz waits for, or None when this node does not check it."""
+        from weavepy.cni.install import CONFLIST_NAME
+
+        conf_dir = self.config.cni_conf_check_dir
+        return conf_dir / CONFLIST_NAME if conf_dir is not None else None
+
+    def discovery(self) -> dict[str, Any]:
+        """How this node finds peers: the configured list, or the Kubernetes API."""
+        if self.kube is not None:
+            return {**self.kube.status(), "network_available_set": self.network_available_set}
+        return {"source": "peers", "peers": len(self.targets.addresses())}
 
     def status(self) -> dict[str, Any]:
         svc = self.svc
@@ -487,9 +596,17 @@ class Agent:
                 "drops": dict(stats.drops()),
                 "packets_in": stats.node.packets_in,
                 "packets_out": stats.node.packets_out,
+                "bytes_in": stats.node.bytes_in,
+                "bytes_out": stats.node.bytes_out,
+                "probe_failures": stats.node.probe_failures,
+                "suspicions": stats.node.suspicions,
                 "tag_problems": dict(self.view.tag_problems),
             }
+        ipam = self.ipam.status_json()
+        ipam["fix"] = ipam_advice(ipam, self.config.name)
+        conflist = self.conflist_path()
         return {
+            "report_version": REPORT_VERSION,
             "version": __version__,
             "name": self.config.name,
             "cluster_id": self.ipam.cluster_id,
@@ -497,12 +614,14 @@ class Agent:
             "encryption": self.prepared.keyring is not None,
             "ready": ready,
             "not_ready_reasons": reasons,
+            "discovery": self.discovery(),
             "gossip": gossip,
             "targets": self.targets.to_json(),
             "peers": peers,
             "blocks": [{"block": str(b), "owner": owner} for owner, owned in sorted(blocks.items())
                        for b in owned],
-            "ipam": self.ipam.status_json(),
+            "connections": connection_entries(peers, desired.fallbacks, self.prepared.mtu),
+            "ipam": ipam,
             "dataplane": {
                 "path": "vxlan",
                 "device": self.config.vxlan_device,
@@ -519,9 +638,12 @@ class Agent:
                 "pass_errors": self.reconciler.errors,
                 "last_pass": last.to_json() if last else None,
                 "programmed_peers": sorted(programmed),
+                "traffic": {path: dict(counters) for path, counters in self.traffic.items()},
             },
             "cni": {"socket": str(self.config.cni_socket), "listening": self.cni_listening,
-                    "requests": dict(self.cni_requests)},
+                    "requests": dict(self.cni_requests),
+                    "conflist": str(conflist) if conflist is not None else None,
+                    "conflist_installed": conflist.exists() if conflist is not None else None},
             "config": self.config.to_public_dict(),
         }
 
@@ -601,6 +723,24 @@ class _Started:
         self.inner.started()
 
 
+def read_link_counters(name: str) -> dict[str, int] | None:
+    """The link's IFLA_STATS64 rx/tx bytes and packets in this namespace (None: no link)."""
+    from tunnel.netlink import open_iproute
+
+    ipr = open_iproute()
+    try:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        stats = ipr.get_links(found[0])[0].get_attr("IFLA_STATS64")
+    finally:
+        ipr.close()
+    if stats is None:
+        return None
+    return {key: int(stats[key]) for key in ("rx_bytes", "tx_bytes", "rx_packets",
+                                             "tx_packets")}
+
+
 def _ensure_bridge(name: str, gateways: list[Any], mtu: int) -> object:
     from weavepy.cni.podnet import ensure_bridge
 
@@ -614,6 +754,14 @@ def run_agent(config: AgentConfig) -> None:
         agent = Agent(prepared)
     except IpamLinkError as exc:
         raise AgentError(str(exc)) from None
+    if config.kube_peers:
+        from weavepy.kube import KubeError, KubePeerSource
+
+        try:
+            agent.kube = KubePeerSource.in_cluster(
+                config.name, exclude_addresses=[str(prepared.underlay.local_ip)])
+        except KubeError as exc:
+            raise AgentError(str(exc)) from None
     try:
         trio.run(agent.run)
     except BaseExceptionGroup as group:  # a task failed; surface our own one-line errors

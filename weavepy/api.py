@@ -31,7 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-__all__ = ["AgentControl", "ApiError", "build_app", "check_bindable", "serve_api"]
+__all__ = ["AgentControl", "ApiError", "build_app", "build_metrics_app", "check_bindable",
+           "serve_api"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,10 @@ def build_app(control: AgentControl) -> Starlette:
     async def status(request: Request) -> Response:
         return JSONResponse(control.status())
 
+    async def report(request: Request) -> Response:
+        # The whole status document, under the stable schema docs/report.schema.json.
+        return JSONResponse(control.status())
+
     async def status_part(request: Request) -> Response:
         part = request.path_params["part"]
         doc = control.status()
@@ -156,6 +161,7 @@ def build_app(control: AgentControl) -> Starlette:
     routes = [
         Route("/status", guarded(status), methods=["GET"]),
         Route("/status/{part}", guarded(status_part), methods=["GET"]),
+        Route("/report", guarded(report), methods=["GET"]),
         Route("/healthz", guarded(healthz), methods=["GET"]),
         Route("/readyz", guarded(readyz), methods=["GET"]),
         Route("/connect", guarded(connect), methods=["POST"]),
@@ -170,6 +176,20 @@ def build_app(control: AgentControl) -> Starlette:
                       f"{'no such endpoint' if code == 404 else 'method not allowed'}")
 
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+
+
+def build_metrics_app(render: Callable[[], bytes]) -> Starlette:
+    """`GET /metrics`: `render()` (the Prometheus text exposition) at every scrape."""
+    from weavepy.metrics import CONTENT_TYPE_LATEST
+
+    async def metrics(request: Request) -> Response:
+        return Response(render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return _error(getattr(exc, "status_code", 404), "only GET /metrics is served here")
+
+    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"])],
+                     exception_handlers={404: not_found, 405: not_found})
 
 
 def check_bindable(host: str, port: int) -> None:

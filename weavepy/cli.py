@@ -22,7 +22,10 @@ from typing import Any, TypeVar
 import click
 
 from weavepy import __version__
+from weavepy.chaos.cli import chaos_command
 from weavepy.config import SETTINGS, ConfigError, load_config, parse_peer
+from weavepy.logfmt import LOG_FORMATS, configure_logging
+from weavepy.manifest import manifest_command
 from weavepy.sandbox_cli import sandbox_group
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -30,13 +33,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="weavepy")
-@click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-def main(log_level: str) -> None:
+@click.option("--log-level", default="warning", show_default=True, envvar="WEAVEPY_LOG_LEVEL",
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              help="[env: $WEAVEPY_LOG_LEVEL]")
+@click.option("--log-format", default="text", show_default=True, envvar="WEAVEPY_LOG_FORMAT",
+              type=click.Choice(LOG_FORMATS), help="json: one JSON object a line "
+              "[env: $WEAVEPY_LOG_FORMAT]")
+def main(log_level: str, log_format: str) -> None:
     """weavepy: a pod network with memberlist gossip, VXLAN or WireGuard tunnels, and CNI."""
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug log is every message
+    configure_logging(log_level, log_format)
 
 
 @main.command("demo")
@@ -51,6 +56,33 @@ def demo(nodes: int, keep: bool) -> None:
 
 
 main.add_command(sandbox_group)
+main.add_command(manifest_command)
+main.add_command(chaos_command)
+
+
+@main.command("install-cni")
+@click.option("--bin-dir", default="/opt/cni/bin", show_default=True,
+              help="where the weavepy-cni plugin goes")
+@click.option("--conf-dir", default="/etc/cni/net.d", show_default=True,
+              help="where 10-weavepy.conflist goes")
+@click.option("--interpreter", default=None, metavar="PATH",
+              help="the Python binary the plugin runs with (default: this one)")
+@click.option("--socket", "socket_path", default=None, metavar="PATH",
+              help="the agent's CNI socket [default: /run/weavepy/cni.sock]")
+def install_cni_command(bin_dir: str, conf_dir: str, interpreter: str | None,
+                        socket_path: str | None) -> None:
+    """Install the weavepy-cni plugin and its network configuration (the init container's
+    job; the agent does it itself with `launch --install-cni`)."""
+    from weavepy.cni.install import InstallError, install_cni
+    from weavepy.cni.protocol import DEFAULT_SOCKET_PATH
+
+    try:
+        installed = install_cni(bin_dir, conf_dir, interpreter=interpreter,
+                                socket_path=socket_path or DEFAULT_SOCKET_PATH)
+    except (InstallError, OSError) as exc:
+        raise click.ClickException(f"install-cni: {exc}") from None
+    click.echo(f"installed {installed.plugin} (python {installed.interpreter}) and "
+               f"{installed.conflist}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,69 +195,95 @@ def _detach(config: Any) -> None:
                                f"see {log_path}")
 
 
-def _plain_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
-             for row in [header, *rows]]
-    return "\n".join(lines)
+def _echo_output(items: list[Any]) -> None:
+    """Lines and tables from weavepy.statusview: rich tables on a terminal, plain text when
+    piped (stable, for scripts and snapshot tests)."""
+    from weavepy.statusview import Table
 
-
-def _echo_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    console = None
     if sys.stdout.isatty():
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title=title, title_justify="left")
-        for column in header:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
-    else:
-        click.echo(f"{title}:")
-        click.echo(_plain_table(header, rows) if rows else "  (none)")
+        console = Console()
+    for item in items:
+        if not isinstance(item, Table):
+            click.echo(item)
+        elif console is not None:
+            from rich.table import Table as RichTable
 
-
-def render_status(doc: dict[str, Any]) -> None:
-    """Human-readable status (rich tables on a terminal, plain text when piped)."""
-    ipam = doc.get("ipam") or {}
-    dataplane = doc.get("dataplane") or {}
-    ready = "ready" if doc.get("ready") else "NOT READY: " + "; ".join(doc.get("not_ready_reasons",
-                                                                             []))
-    click.echo(f"weavepy {doc.get('version')}  node {doc.get('name')}  "
-               f"cluster {doc.get('cluster_id') or '-'}  "
-               f"encryption {'on' if doc.get('encryption') else 'OFF'}  {ready}")
-    members = doc.get("gossip", {}).get("members", {})
-    click.echo("members: " + (", ".join(f"{n} {s}" for s, n in sorted(members.items())) or "-"))
-    click.echo(f"IPAM: {ipam.get('state', '-')}" + (f" ({ipam['detail']})"
-                                                   if ipam.get("detail") else ""))
-    last = dataplane.get("last_pass") or {}
-    click.echo(f"data path: {dataplane.get('path')} dev {dataplane.get('device')} "
-               f"mtu {dataplane.get('mtu')}, last pass "
-               f"{'ok' if last.get('ok') else 'with errors' if last else 'pending'}")
-    targets = doc.get("targets") or []
-    if targets:
-        click.echo("targets: " + ", ".join(
-            f"{t['peer']} {t['state']}" + (f" ({t['last_error']})" if t.get("last_error") else "")
-            for t in targets))
-    rows = [[p["name"], p["state"], p.get("underlay_ip") or "-", " ".join(p.get("blocks", []))
-             or "-", p.get("path") or (p.get("excluded") or p.get("problem") or "-"),
-             "yes" if p.get("programmed") else "no"] for p in doc.get("peers", [])]
-    _echo_table("peers", ["NAME", "STATE", "UNDERLAY", "BLOCKS", "PATH", "ROUTES"], rows)
-    block_rows = [[b["block"], b["owner"]] for b in doc.get("blocks", [])]
-    _echo_table("blocks", ["BLOCK", "OWNER"], block_rows)
+            table = RichTable(title=item.title, title_justify="left")
+            for column in item.header:
+                table.add_column(column)
+            for row in item.rows:
+                table.add_row(*row)
+            console.print(table)
+        else:
+            click.echo(item.plain())
 
 
-@main.command("status")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@api_option
-def status(as_json: bool, api_addr: str | None) -> None:
-    """Show this node's agent: peers, blocks, IPAM and data-path state."""
-    doc = _call(lambda: _client(api_addr).get("/status"))
+def _show(api_addr: str | None, path: str, as_json: bool, render: Callable[[Any], list[Any]],
+          part: str | None = None) -> None:
+    doc = _call(lambda: _client(api_addr).get(path))
     if as_json:
-        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        click.echo(json.dumps(doc if part is None else doc.get(part), indent=2, sort_keys=True))
     else:
-        render_status(doc)
+        _echo_output(render(doc))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+
+
+@main.group("status", invoke_without_command=True)
+@json_option
+@api_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, api_addr: str | None) -> None:
+    """This node at a glance: version, readiness, encryption, discovery, members,
+    connections, IPAM state (with the command that fixes it) and the data path."""
+    if ctx.invoked_subcommand is None:
+        from weavepy.statusview import render_summary
+
+        _show(api_addr, "/status", as_json, render_summary)
+
+
+@status.command("peers")
+@json_option
+@api_option
+def status_peers(as_json: bool, api_addr: str | None) -> None:
+    """Every member: state, underlay and gossip address, blocks, routes programmed."""
+    from weavepy.statusview import render_peers
+
+    _show(api_addr, "/status", as_json, render_peers, "peers")
+
+
+@status.command("connections")
+@json_option
+@api_option
+def status_connections(as_json: bool, api_addr: str | None) -> None:
+    """Per peer: data path, encryption, MTU, state, and the reason for any fallback."""
+    from weavepy.statusview import render_connections
+
+    _show(api_addr, "/status", as_json, render_connections, "connections")
+
+
+@status.command("ipam")
+@json_option
+@api_option
+def status_ipam(as_json: bool, api_addr: str | None) -> None:
+    """Address space: state, blocks per node, used and free, unreachable owners."""
+    from weavepy.statusview import render_ipam
+
+    _show(api_addr, "/status", as_json, render_ipam, "ipam")
+
+
+@main.command("report")
+@json_option
+@api_option
+def report(as_json: bool, api_addr: str | None) -> None:
+    """Everything the agent knows (--json: the stable schema in docs/report.schema.json)."""
+    from weavepy.statusview import render_report
+
+    _show(api_addr, "/report", as_json, render_report)
 
 
 @main.command("connect")

@@ -32,7 +32,10 @@ import yaml
 
 __all__ = [
     "DEFAULT_API_PORT",
+    "DEFAULT_CNI_BIN_DIR",
+    "DEFAULT_CNI_CONF_DIR",
     "DEFAULT_GOSSIP_PORT",
+    "DEFAULT_METRICS_PORT",
     "PROFILES",
     "SETTINGS",
     "AgentConfig",
@@ -45,6 +48,9 @@ __all__ = [
 
 DEFAULT_GOSSIP_PORT = 6783  # Weave's control port; serf uses 7946
 DEFAULT_API_PORT = 6784  # Weave's local HTTP API port
+DEFAULT_METRICS_PORT = 6782  # Weave's metrics port
+DEFAULT_CNI_CONF_DIR = Path("/etc/cni/net.d")
+DEFAULT_CNI_BIN_DIR = Path("/opt/cni/bin")
 DEFAULT_RECLAIM_AFTER = 24 * 3600.0  # long enough that a reboot or an upgrade never triggers it
 PROFILES = ("lan", "wan", "local")
 MIN_MTU, MAX_MTU = 576, 9216
@@ -243,6 +249,30 @@ def _encrypt_key(value: object) -> bytes | None:
     return key
 
 
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {text!r}")
+
+
+def _metrics_addr(value: object) -> tuple[str, int] | None:
+    """`IP:PORT` (any IP: Prometheus scrapes from elsewhere), or `off`/empty to disable."""
+    text = _text(value)
+    if text.lower() in ("", "off", "none"):
+        return None
+    host, port = parse_peer(text, DEFAULT_METRICS_PORT)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"must be an IP address with an optional port, got {text!r}") from None
+    return host, port
+
+
 def _profile(value: object) -> str:
     text = _text(value).lower()
     if text not in PROFILES:
@@ -323,6 +353,20 @@ SETTINGS: tuple[Setting, ...] = (
             "DURATION"),
     Setting("profile", _profile, _const("lan"), "gossip timing profile: lan, wan or local",
             ("WEAVEPY_PROFILE",), "PROFILE"),
+    Setting("metrics_addr", _metrics_addr, _const(("127.0.0.1", DEFAULT_METRICS_PORT)),
+            "Prometheus /metrics address (IP:PORT, or off)", ("WEAVEPY_METRICS_ADDR",),
+            "IP:PORT"),
+    Setting("kube_peers", _bool, _const(False), "take peers from the Kubernetes API (the "
+            "nodes' InternalIPs) and set the node's NetworkUnavailable=False when ready",
+            ("WEAVEPY_KUBE_PEERS",), is_flag=True),
+    Setting("install_cni", _bool, _const(False), "install the weavepy-cni plugin and its "
+            "conflist at start (else the init container or `weavepy install-cni` does)",
+            ("WEAVEPY_INSTALL_CNI",), is_flag=True),
+    Setting("cni_conf_dir", _optional_path, _const(None), "CNI configuration directory; "
+            "/readyz waits for the conflist there (default /etc/cni/net.d with --kube-peers "
+            "or --install-cni, else not checked)", ("WEAVEPY_CNI_CONF_DIR",), "DIR"),
+    Setting("cni_bin_dir", _path, _const(DEFAULT_CNI_BIN_DIR), "CNI plugin directory (for "
+            "--install-cni)", ("WEAVEPY_CNI_BIN_DIR",), "DIR"),
 )
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
 CONFIG_FILE_ENV = "WEAVEPY_CONFIG"
@@ -353,11 +397,24 @@ class AgentConfig:
     ipam_lease: float
     reconcile_interval: float
     profile: str
+    metrics_addr: tuple[str, int] | None
+    kube_peers: bool
+    install_cni: bool
+    cni_conf_dir: Path | None
+    cni_bin_dir: Path
     config_file: Path | None = None
 
     @property
     def cni_socket(self) -> Path:
         return self.run_dir / "cni.sock"
+
+    @property
+    def cni_conf_check_dir(self) -> Path | None:
+        """Where /readyz expects the conflist: the configured directory, else the default one
+        when this node is a Kubernetes node or installs CNI itself, else None (not checked)."""
+        if self.cni_conf_dir is not None:
+            return self.cni_conf_dir
+        return DEFAULT_CNI_CONF_DIR if (self.kube_peers or self.install_cni) else None
 
     @property
     def encrypted(self) -> bool:

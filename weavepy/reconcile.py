@@ -48,6 +48,7 @@ __all__ = [
     "Reconciler",
     "choose_path",
     "desired_data_plane",
+    "fallback_reason",
     "load_programmed",
     "save_programmed",
     "with_retained",
@@ -70,6 +71,18 @@ def choose_path(local: DataPlaneIdentity, peer: DataPlaneIdentity) -> str | None
     return None
 
 
+def fallback_reason(local: DataPlaneIdentity, peer: DataPlaneIdentity, path: str) -> str | None:
+    """Why the path to `peer` is not the encrypted one, when one side offers it (pure);
+    None when there is nothing to explain."""
+    if path == "wireguard":
+        return None
+    if "wireguard" in peer.capabilities and "wireguard" not in local.capabilities:
+        return "this node has no WireGuard data path"
+    if "wireguard" in local.capabilities and "wireguard" not in peer.capabilities:
+        return "the peer has no WireGuard data path"
+    return None
+
+
 @dataclass(frozen=True)
 class DesiredDataPlane:
     """What the kernel should hold: peers to program, our blocks, who is left out and why."""
@@ -78,6 +91,7 @@ class DesiredDataPlane:
     local_blocks: tuple[IPv4Network, ...]
     excluded: Mapping[str, str] = field(default_factory=dict)
     paths: Mapping[str, str] = field(default_factory=dict)
+    fallbacks: Mapping[str, str] = field(default_factory=dict)  # name -> why not encrypted
 
 
 def desired_data_plane(
@@ -94,6 +108,7 @@ def desired_data_plane(
     peers: list[Peer] = []
     excluded: dict[str, str] = {}
     paths: dict[str, str] = {}
+    fallbacks: dict[str, str] = {}
     for member in view:
         if member.name == self_name or not member.live:
             continue
@@ -115,10 +130,13 @@ def desired_data_plane(
             excluded[member.name] = f"no common data path (it has {sorted(ident.capabilities)})"
             continue
         paths[member.name] = path
+        reason = fallback_reason(local, ident, path)
+        if reason is not None:
+            fallbacks[member.name] = reason
         peers.append(Peer(member.name, ident.underlay_ip, ident.vtep_mac,
                           tuple(blocks_by_node.get(member.name, ()))))
     return DesiredDataPlane(tuple(peers), tuple(blocks_by_node.get(self_name, ())),
-                            excluded, paths)
+                            excluded, paths, fallbacks)
 
 
 def with_retained(desired: DesiredDataPlane, retained: Sequence[Peer],
@@ -128,7 +146,8 @@ def with_retained(desired: DesiredDataPlane, retained: Sequence[Peer],
     if not extra:
         return desired
     return DesiredDataPlane((*desired.peers, *extra), desired.local_blocks, desired.excluded,
-                            {**desired.paths, **{p.name: "vxlan (retained)" for p in extra}})
+                            {**desired.paths, **{p.name: "vxlan (retained)" for p in extra}},
+                            desired.fallbacks)
 
 
 def _peer_to_json(peer: Peer) -> dict[str, Any]:
@@ -203,6 +222,7 @@ class Reconciler:
         mtu: int,
         ensure_bridge: BridgeApplier,
         interval: float = 30.0,
+        on_pass: Callable[[float, bool], None] | None = None,
     ) -> None:
         self.backend = backend
         self.source = source
@@ -211,6 +231,7 @@ class Reconciler:
         self.mtu = mtu
         self.ensure_bridge = ensure_bridge
         self.interval = interval
+        self.on_pass = on_pass  # (seconds, ok) after every pass, e.g. for metrics
         self.retained: list[Peer] = load_programmed(run_dir)
         self.settled = not self.retained
         self.last: PassRecord | None = None
@@ -269,6 +290,7 @@ class Reconciler:
 
     async def run_pass(self, reason: str) -> PassRecord:
         started = time.time()
+        clock = time.monotonic()
         desired, known = self.source()
         retained = 0
         if not self.settled:
@@ -289,6 +311,8 @@ class Reconciler:
         if report.changed:
             log.info("%s (%s)", report.summary(), reason)
         self._save(list(self.programmed.values()))
+        if self.on_pass is not None:
+            self.on_pass(time.monotonic() - clock, report.ok and bridge_error is None)
         done, self._pass_done = self._pass_done, trio.Event()
         done.set()
         return record

@@ -24,11 +24,14 @@ def test_operator_commands(agent_box: Any) -> None:
 
     human = rig.cli(n1, "status")
     assert human.returncode == 0, human.stderr
-    assert "node n1" in human.stdout and "encryption on" in human.stdout
+    assert "node n1" in human.stdout and "encryption:   on" in human.stdout
+    assert "connections:  2 established" in human.stdout
+    peers = rig.cli(n1, "status", "peers")
+    assert peers.returncode == 0, peers.stderr
     for name in ("n2", "n3"):
-        assert name in human.stdout
+        assert name in peers.stdout
     for block in blocks["n2"] + blocks["n3"]:
-        assert block in human.stdout
+        assert block in peers.stdout
     doc = json.loads(rig.cli(n1, "status", "--json").stdout)
     assert doc["ready"] and doc["ipam"]["state"] == "ready"
     assert {p["name"]: p["programmed"] for p in doc["peers"]} == {"n2": True, "n3": True}

@@ -109,6 +109,25 @@ def random_mac() -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
+IP_FORWARD_SYSCTL = "/proc/sys/net/ipv4/ip_forward"
+
+
+def enable_ip_forwarding(path: str = IP_FORWARD_SYSCTL) -> None:
+    """Make sure IPv4 forwarding is on: read the sysctl first and write it only if it is
+    off, so an unprivileged agent (read-only /proc/sys; the init container set it) works.
+    PodNetError with the fix if it is off and cannot be turned on."""
+    with open(path) as sysctl:
+        if sysctl.read().strip() == "1":
+            return
+    try:
+        with open(path, "w") as sysctl:
+            sysctl.write("1")
+    except OSError as exc:
+        raise PodNetError(f"IPv4 forwarding is off and {path} cannot be written "
+                          f"({exc.strerror or exc}): run `sysctl -w net.ipv4.ip_forward=1` "
+                          f"on the host (the DaemonSet's init container does)") from None
+
+
 @dataclass(frozen=True)
 class PodRoute:
     dst: ipaddress.IPv4Network
@@ -405,8 +424,7 @@ class PodNetwork:
                           prefixlen=cidr.network.prefixlen)
             log.info("bridge %s: removed gateway %s", name, cidr)
         if forwarding:
-            with open("/proc/sys/net/ipv4/ip_forward", "w") as sysctl:
-                sysctl.write("1")
+            enable_ip_forwarding()
         final = self.bridge_state(name)
         assert final is not None
         self._bridges[name] = (final.index, final.mac)

@@ -1,0 +1,244 @@
+"""What an operator reads: the status document's derived fields, and its text rendering.
+
+This module owns turning the agent's status document (docs/api.md, schema in
+docs/report.schema.json) into advice and into the text of `weavepy status ...` and
+`weavepy report`. It is pure: documents in, strings and `Table`s out; no I/O, no clock, so
+the CLI's output is checked by snapshot tests from stored documents.
+
+The rules it keeps: every IPAM state that is not `ready` comes with the command that fixes
+it; a missing or malformed field renders as `-`, never as a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "REPORT_VERSION",
+    "Table",
+    "connection_entries",
+    "ipam_advice",
+    "render_connections",
+    "render_ipam",
+    "render_peers",
+    "render_report",
+    "render_summary",
+]
+
+REPORT_VERSION = 1  # bump on an incompatible change of the report's shape
+Doc = Mapping[str, Any]
+Output = list["str | Table"]
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+    def plain(self) -> str:
+        """Aligned columns, for pipes and snapshots."""
+        if not self.rows:
+            return f"{self.title}:\n  (none)"
+        cells = [self.header, *self.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                 for row in cells]
+        return f"{self.title}:\n" + "\n".join(lines)
+
+
+def _map(doc: Doc, key: str) -> Mapping[str, Any]:
+    value = doc.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(doc: Doc, key: str) -> list[Mapping[str, Any]]:
+    value = doc.get(key)
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+
+def _text(value: object) -> str:
+    if value is None or value == "" or value == []:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived fields (the agent puts these into its status document)
+
+
+def ipam_advice(ipam: Doc, node: str) -> str | None:
+    """The command (or action) that fixes this node's IPAM state; None when ready."""
+    state = ipam.get("state")
+    unreachable = [str(n) for n in ipam.get("unreachable_owners") or ()]
+    voters = [str(v) for v in ipam.get("voters") or () if v != node]
+    if state == "ready":
+        return None
+    if state == "waiting_for_cluster":
+        return ("join a cluster: `weavepy connect HOST` (or launch with peers); a node "
+                "without peers founds one by itself")
+    if state == "joining":
+        return "wait for the join to be decided; `weavepy status peers` shows who is reachable"
+    if state == "waiting_for_quorum":
+        return ("wait a few seconds for a majority of voters to answer; if voters are gone "
+                "for good: `weavepy rmpeer NAME` for each (`weavepy status ipam` lists them)")
+    if state == "minority_partition":
+        names = " ".join(voters) or "NAME"
+        return (f"restore the network to the other voters ({names}); if they are gone for "
+                f"good: `weavepy rmpeer NAME --force` for each")
+    if state == "out_of_space":
+        return ("free space with `weavepy rmpeer NAME` for nodes that are gone, or relaunch "
+                "every node with a larger --ipalloc-range")
+    if state == "owned_by_unreachable_peers":
+        if unreachable:
+            return "reclaim their blocks: " + "; ".join(
+                f"`weavepy rmpeer {name}`" for name in unreachable)
+        return "wait for the quarantine of released blocks to end, or `weavepy rmpeer NAME`"
+    return None
+
+
+def connection_entries(peers: Sequence[Doc], fallbacks: Mapping[str, str], mtu: int
+                       ) -> list[dict[str, Any]]:
+    """One connection per live peer: {peer, path, encrypted, mtu, state, reason}.
+
+    `state` is established (routes programmed), failed (the data plane left it out; the
+    reason says why) or pending (not programmed yet, e.g. no block yet)."""
+    out: list[dict[str, Any]] = []
+    for peer in peers:
+        if peer.get("state") not in ("alive", "suspect"):
+            continue
+        name = str(peer.get("name"))
+        path = peer.get("path")
+        reason: str | None
+        if peer.get("excluded") or (path is None and peer.get("problem")):
+            state, reason = "failed", str(peer.get("excluded") or peer.get("problem"))
+        elif peer.get("programmed"):
+            state, reason = "established", fallbacks.get(name)
+        else:
+            state = "pending"
+            reason = ("no block yet" if not peer.get("blocks") else "waiting for the next "
+                      "reconcile pass") if path else "waiting for its data-plane tags"
+        out.append({"peer": name, "path": str(path) if path else "none",
+                    "encrypted": path == "wireguard", "mtu": mtu, "state": state,
+                    "reason": reason})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _counts(counts: Mapping[str, Any], order: Sequence[str]) -> str:
+    known = [f"{int(counts.get(s, 0))} {s}" for s in order]
+    extra = [f"{int(v)} {k}" for k, v in sorted(counts.items()) if k not in order]
+    return ", ".join(known + extra)
+
+
+def _discovery(doc: Doc) -> str:
+    disc = _map(doc, "discovery")
+    if disc.get("source") == "kubernetes":
+        text = f"Kubernetes API ({_text(disc.get('peers'))} peers"
+        if disc.get("last_error"):
+            text += f", last error: {disc['last_error']}"
+        return text + ")"
+    targets = _list(doc, "targets")
+    failing = [t for t in targets if t.get("last_error")]
+    text = f"peer list ({len(targets)} targets"
+    if failing:
+        text += f", {len(failing)} failing"
+    return text + ")"
+
+
+def render_summary(doc: Doc) -> Output:
+    """`weavepy status`: one line per concern."""
+    ipam = _map(doc, "ipam")
+    dataplane = _map(doc, "dataplane")
+    conns = _list(doc, "connections")
+    conn_counts: dict[str, int] = {}
+    for conn in conns:
+        conn_counts[str(conn.get("state"))] = conn_counts.get(str(conn.get("state")), 0) + 1
+    paths = sorted({f"{c.get('path')} {'encrypted' if c.get('encrypted') else 'unencrypted'}"
+                    for c in conns})
+    ready = "yes" if doc.get("ready") else "NO: " + "; ".join(
+        str(r) for r in doc.get("not_ready_reasons") or ())
+    owned = len(ipam.get("owned_blocks") or ())
+    last = _map(dataplane, "last_pass")
+    encryption = "on (gossip keyring)" if doc.get("encryption") else "OFF (no gossip key)"
+    members = _counts(_map(_map(doc, "gossip"), "members"), ("alive", "suspect", "failed", "left"))
+    lines: Output = [
+        f"weavepy {_text(doc.get('version'))} on node {_text(doc.get('name'))} "
+        f"(cluster {_text(doc.get('cluster_id'))})",
+        f"  ready:        {ready}",
+        f"  encryption:   {encryption}",
+        f"  discovery:    {_discovery(doc)}",
+        f"  members:      {members}",
+        f"  connections:  {_counts(conn_counts, ('established', 'pending', 'failed'))}"
+        + (f" ({', '.join(paths)})" if paths else ""),
+        f"  IPAM:         {_text(ipam.get('state'))}: {owned} blocks owned, "
+        f"{_text(ipam.get('free_blocks'))} free in the range"
+        + (f" ({ipam['detail']})" if ipam.get("detail") else ""),
+    ]
+    if ipam.get("fix"):
+        lines.append(f"    fix:        {ipam['fix']}")
+    lines.append(f"  data path:    {_text(dataplane.get('path'))} device "
+                 f"{_text(dataplane.get('device'))} mtu {_text(dataplane.get('mtu'))}, last pass "
+                 + ("pending" if not last else "ok" if last.get("ok") else "with errors"))
+    return lines
+
+
+def render_peers(doc: Doc) -> Output:
+    rows = tuple((_text(p.get("name")), _text(p.get("state")), _text(p.get("underlay_ip")),
+                  _text(p.get("gossip_addr")), _text(p.get("blocks")),
+                  _text(p.get("programmed")))
+                 for p in _list(doc, "peers"))
+    return [Table("peers", ("NAME", "STATE", "UNDERLAY", "GOSSIP", "BLOCKS", "ROUTES"), rows)]
+
+
+def render_connections(doc: Doc) -> Output:
+    rows = tuple((_text(c.get("peer")), _text(c.get("path")), _text(c.get("encrypted")),
+                  _text(c.get("mtu")), _text(c.get("state")), _text(c.get("reason")))
+                 for c in _list(doc, "connections"))
+    return [Table("connections", ("PEER", "PATH", "ENCRYPTED", "MTU", "STATE", "REASON"),
+                  rows)]
+
+
+def render_ipam(doc: Doc) -> Output:
+    ipam = _map(doc, "ipam")
+    pods = _map(ipam, "pods")
+    out: Output = [
+        f"IPAM {_text(ipam.get('state'))}" + (f": {ipam['detail']}" if ipam.get("detail")
+                                             else ""),
+        f"  voters {ipam.get('voters_reachable', '-')}/{len(ipam.get('voters') or ())} "
+        f"reachable (quorum {_text(ipam.get('quorum'))}); blocks: "
+        f"{_text(ipam.get('total_blocks'))} in the range, {_text(ipam.get('free_blocks'))} free,"
+        f" {_text(ipam.get('quarantined_blocks'))} quarantined",
+        f"  unreachable owners: {_text(ipam.get('unreachable_owners'))}",
+    ]
+    if ipam.get("fix"):
+        out.append(f"  fix: {ipam['fix']}")
+    rows = []
+    for member in _list(ipam, "members"):
+        blocks = [str(b) for b in member.get("blocks") or ()]
+        usage = [_map(pods, b) for b in blocks if b in pods]
+        used = sum(int(u.get("used", 0)) for u in usage)
+        capacity = sum(int(u.get("capacity", 0)) for u in usage)
+        rows.append((_text(member.get("name")), _text(blocks),
+                     str(used) if usage else "-",
+                     str(capacity - used) if usage else "-",
+                     "yes" if member.get("alive") else "NO",
+                     _text(member.get("voter"))))
+    out.append(Table("blocks per node", ("NODE", "BLOCKS", "USED", "FREE", "REACHABLE",
+                                         "VOTER"), tuple(rows)))
+    return out
+
+
+def render_report(doc: Doc) -> Output:
+    """`weavepy report` without --json: every section."""
+    return [*render_summary(doc), *render_peers(doc), *render_connections(doc),
+            *render_ipam(doc)]
