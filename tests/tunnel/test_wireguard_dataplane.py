@@ -171,6 +171,11 @@ def test_extension_carries_the_super_packet_whole() -> None:
     data, segment = next((d, s) for d, s in net.a.wire_out if s)
     assert data[0] == 0x77 and segment == 1472
     assert net.b.rx.stats["extension_messages_received"] == 1
+    # a small packet (an ACK) is one fragment, opened where it lies
+    ack = tcp_packet(b"", seq=5, partial=True)
+    ack = ack[:12] + bytes([198, 19, 2, 2, 198, 19, 1, 2]) + ack[20:]
+    net.send(net.b, vnet(csum=True) + ack)
+    assert net.a.tun_writes == [vnet(csum=True) + ack]
     # a replayed extension message is refused
     net.b.tun_writes.clear()
     net.b.rx.process(memoryview(data), segment, A_ADDR, net.now)

@@ -51,6 +51,7 @@ from tunnel.wireguard.core import (
     KeepaliveRequested,
     KeypairsChanged,
 )
+from tunnel.wireguard.extension import SUPER_HEADER as _SUPER_HEADER
 from tunnel.wireguard.extension import Fragmenter, Reassembly, gather_batch
 from tunnel.wireguard.keys import TAG_SIZE
 from tunnel.wireguard.messages import (
@@ -420,9 +421,21 @@ class TxEngine:
         counter = keypair.send_counter
         keypair.send_counter = counter + 1
         cipher = keypair.extension_ciphers[0]
-        sealed = self._cipher_view[: length + TAG_SIZE]
-        cipher.encrypt_into(_NONCE_PREFIX + counter.to_bytes(8, "little"), read, None, sealed)
         fragmenter = self._fragmenter
+        nonce = _NONCE.pack(counter)
+        if length + TAG_SIZE <= fragmenter.chunk:
+            # one fragment (a TCP ACK, a small packet): header and ciphertext in place
+            out = self._out_view
+            _SUPER_HEADER.pack_into(
+                out, 0, MESSAGE_SUPER_FRAGMENT, 0, 1, 0, keypair.remote_index, counter
+            )
+            end = SUPER_HEADER_SIZE + length + TAG_SIZE
+            cipher.encrypt_into(nonce, read, None, out[SUPER_HEADER_SIZE:end])
+            peer.sent = (counter + 1, True, self._now)
+            self.stats["extension_messages_sent"] += 1
+            return [Send(out[:end], 0, peer.endpoint)]
+        sealed = self._cipher_view[: length + TAG_SIZE]
+        cipher.encrypt_into(nonce, read, None, sealed)
         used, count = fragmenter.layout(sealed, keypair.remote_index, counter)
         peer.sent = (counter + 1, True, self._now)
         self.stats["extension_messages_sent"] += 1
@@ -615,6 +628,11 @@ class RxEngine:
         if segment_size <= 0 or segment_size > total:
             segment_size = total
         if batch[0] == MESSAGE_SUPER_FRAGMENT:
+            if total == segment_size and batch[1] == 0 and batch[2] == 1:
+                # one datagram, one fragment: open the ciphertext where it lies
+                return self._open_extension(
+                    batch[SUPER_HEADER_SIZE:], bytes(batch[4:16]), source, now, reuse=True
+                )
             length = gather_batch(batch, segment_size, self._cipher)
             if length is not None:
                 return self._open_extension(
