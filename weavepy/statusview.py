@@ -180,8 +180,8 @@ def render_summary(doc: Doc) -> Output:
         f"  members:      {members}",
         f"  connections:  {_counts(conn_counts, ('established', 'pending', 'failed'))}"
         + (f" ({', '.join(paths)})" if paths else ""),
-        f"  IPAM:         {_text(ipam.get('state'))}: {owned} blocks owned, "
-        f"{_text(ipam.get('free_blocks'))} free in the range"
+        f"  IPAM:         {_text(ipam.get('state'))}: owns {owned} of "
+        f"{_text(ipam.get('total_blocks'))} blocks, {_text(ipam.get('free_blocks'))} free"
         + (f" ({ipam['detail']})" if ipam.get("detail") else ""),
     ]
     if ipam.get("fix"):

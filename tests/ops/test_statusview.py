@@ -1,0 +1,112 @@
+"""The operator's views rendered from stored status documents (no agent needed): snapshot
+tests of every `status` view, the stored report against the JSON schema, the IPAM advice for
+every state, and the connection states."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from tests.ops.snapshot import SNAPSHOTS, assert_snapshot
+from weavepy.ipam.status import IpamState
+from weavepy.statusview import (
+    Table,
+    connection_entries,
+    ipam_advice,
+    render_connections,
+    render_ipam,
+    render_peers,
+    render_report,
+    render_summary,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA = json.loads((REPO / "docs" / "report.schema.json").read_text())
+
+
+def stored_report() -> dict[str, Any]:
+    """A report captured from a live 3-node sandbox run (tests/ops/test_ops_netns.py)."""
+    doc: dict[str, Any] = json.loads((SNAPSHOTS / "report-3-nodes.json").read_text())
+    return doc
+
+
+def plain(items: list[str | Table]) -> str:
+    return "\n".join(item.plain() if isinstance(item, Table) else item for item in items) + "\n"
+
+
+def test_stored_report_matches_the_schema() -> None:
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    jsonschema.validate(stored_report(), SCHEMA)
+
+
+def test_schema_rejects_a_wrong_shape() -> None:
+    doc = stored_report()
+    doc["connections"][0]["state"] = "sort of"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, SCHEMA)
+    del doc["ipam"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, SCHEMA)
+
+
+@pytest.mark.parametrize("name, render", [
+    ("summary", render_summary), ("peers", render_peers),
+    ("connections", render_connections), ("ipam", render_ipam), ("report", render_report)])
+def test_views_of_a_healthy_node(name: str, render: Any) -> None:
+    assert_snapshot(f"stored-{name}.txt", plain(render(stored_report())))
+
+
+def test_views_of_a_node_in_trouble() -> None:
+    doc = stored_report()
+    doc["ready"] = False
+    doc["not_ready_reasons"] = ["no usable block yet (IPAM owned_by_unreachable_peers)"]
+    ipam = doc["ipam"]
+    ipam["state"] = "owned_by_unreachable_peers"
+    ipam["unreachable_owners"] = ["n3"]
+    ipam["fix"] = ipam_advice(ipam, doc["name"])
+    for member in ipam["members"]:
+        member["alive"] = member["name"] != "n3"
+    doc["connections"][1].update(state="failed", reason="belongs to cluster x, we are y")
+    jsonschema.validate(doc, SCHEMA)
+    assert_snapshot("stored-trouble.txt", plain(render_summary(doc) + render_ipam(doc)
+                                                + render_connections(doc)))
+
+
+def test_every_ipam_state_but_ready_has_a_fix() -> None:
+    for state in IpamState:
+        advice = ipam_advice({"state": state.value, "unreachable_owners": ["n7"],
+                              "voters": ["n1", "n2", "n3"]}, "n1")
+        assert (advice is None) == (state is IpamState.READY), state
+    assert ipam_advice({"state": "owned_by_unreachable_peers", "unreachable_owners": ["n7"]},
+                       "n1") == "reclaim their blocks: `weavepy rmpeer n7`"
+    minority = ipam_advice({"state": "minority_partition", "voters": ["n1", "n2", "n3"]}, "n1")
+    assert minority is not None and "(n2 n3)" in minority and "--force" in minority
+
+
+def test_connection_states() -> None:
+    peers: list[dict[str, Any]] = [
+        {"name": "a", "state": "alive", "path": "vxlan", "programmed": True, "blocks": ["b"]},
+        {"name": "b", "state": "alive", "path": "vxlan", "programmed": False, "blocks": []},
+        {"name": "c", "state": "suspect", "path": None, "programmed": False,
+         "excluded": "VXLAN vni 2 port 8472 differs from ours (1:8472)"},
+        {"name": "d", "state": "failed", "path": "vxlan", "programmed": False},
+    ]
+    got = connection_entries(peers, {"a": "the peer has no WireGuard data path"}, 1450)
+    assert [(c["peer"], c["state"], c["reason"]) for c in got] == [
+        ("a", "established", "the peer has no WireGuard data path"),
+        ("b", "pending", "no block yet"),
+        ("c", "failed", "VXLAN vni 2 port 8472 differs from ours (1:8472)"),
+    ]
+    assert all(c["mtu"] == 1450 and c["encrypted"] is False for c in got)
+    assert got[2]["path"] == "none"
+
+
+def test_malformed_documents_render_without_tracebacks() -> None:
+    for doc in ({}, {"ipam": [], "peers": "x", "connections": [1, None]},
+                {"gossip": {"members": {"alive": 2}}, "dataplane": None}):
+        text = plain(render_report(doc))
+        assert "weavepy - on node -" in text
