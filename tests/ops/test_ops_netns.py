@@ -151,3 +151,10 @@ def test_readiness_metrics_report_cli_logs(agent_box: Any, monkeypatch: pytest.M
         assert down.stderr.strip() == ("Error: the weavepy agent is not running (nothing "
                                        "listens on 127.0.0.1:6784); start it with "
                                        "`weavepy launch`")
+
+    # --kube-peers outside a pod (no service account): one readable line, non-zero exit
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    proc = rig.launch(n1, extra=["--kube-peers"])
+    assert proc.wait(timeout=30) not in (0, None)
+    last = rig.log(n1).strip().splitlines()[-1]
+    assert last.startswith("Error: --kube-peers needs the in-cluster service account"), last
