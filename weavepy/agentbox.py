@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from pyroute2 import IPRoute  # imported here so forked readers do not pay for it each time
 
-from weavepy.sandbox import ManagedProcess, Sandbox, SandboxNode
+from weavepy.sandbox import ManagedProcess, Sandbox, SandboxError, SandboxNode
 
 __all__ = ["AgentBox", "DataPlaneView", "WaitTimeout", "read_dataplane"]
 
@@ -183,6 +183,29 @@ class AgentBox:
             parts.append(f"--- {name} ({'alive' if proc.alive() else 'exited'}):\n"
                          + "\n".join(tail))
         return "\n".join(parts)
+
+    # -- pods ------------------------------------------------------------------------------------
+
+    def cni_add(self, node: SandboxNode, plugin: str | Path, pod_netns: str,
+                ifname: str = "eth0", timeout: float = 30) -> str:
+        """CNI ADD of the pod in netns `pod_netns` through the installed weavepy-cni `plugin`,
+        run inside `node` against its agent's CNI socket; the pod's address (no prefix).
+
+        The container id is the pod's netns name, so repeating the ADD (after an agent
+        restart) asks for the same pod again. A failed ADD raises `SandboxError` with the
+        plugin's own error output."""
+        conf = {"cniVersion": "1.0.0", "name": "weavepy", "type": "weavepy-cni",
+                "socketPath": str(self.run_dir(node) / "cni.sock")}
+        plugin = Path(plugin)
+        env = ["CNI_COMMAND=ADD", f"CNI_CONTAINERID={pod_netns}",
+               f"CNI_NETNS=/run/netns/{pod_netns}", f"CNI_IFNAME={ifname}",
+               f"CNI_PATH={plugin.parent}"]
+        result = node.run(["env", *env, str(plugin)], input=json.dumps(conf), check=False,
+                          timeout=timeout)
+        if result.returncode != 0:
+            raise SandboxError(f"CNI ADD in {node.name} failed: {result.stdout.strip()}")
+        address: str = json.loads(result.stdout)["ips"][0]["address"]
+        return address.split("/")[0]
 
     # -- observing -------------------------------------------------------------------------------
 

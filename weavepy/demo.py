@@ -12,7 +12,6 @@ the pods on the other nodes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -20,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from weavepy.agentbox import AgentBox, WaitTimeout, gateway_of
-from weavepy.sandbox import Sandbox, SandboxError, SandboxNode
+from weavepy.sandbox import Sandbox, SandboxError
 
 PING_RTT = re.compile(r"= [\d.]+/([\d.]+)/")
 
@@ -50,19 +49,6 @@ def _matrix(echo: Callable[[str], None], names: list[str],
             cells.append(f"{value:>11}")
         echo(f"{src:<6}" + "".join(cells))
     return failures
-
-
-def _add_pod(rig: AgentBox, node: SandboxNode, plugin: str, pod_netns: str) -> str:
-    """CNI ADD through the installed weavepy-cni plugin, run in the node; the pod's address."""
-    conf = {"cniVersion": "1.0.0", "name": "weavepy", "type": "weavepy-cni",
-            "socketPath": str(rig.run_dir(node) / "cni.sock")}
-    env = ["CNI_COMMAND=ADD", f"CNI_CONTAINERID={pod_netns}", f"CNI_NETNS=/run/netns/{pod_netns}",
-           "CNI_IFNAME=eth0", f"CNI_PATH={os.path.dirname(plugin)}"]
-    result = node.run(["env", *env, plugin], input=json.dumps(conf), check=False, timeout=30)
-    if result.returncode != 0:
-        raise SandboxError(f"CNI ADD in {node.name} failed: {result.stdout.strip()}")
-    address: str = json.loads(result.stdout)["ips"][0]["address"]
-    return address.split("/")[0]
 
 
 def run_demo(nodes: int, keep: bool, echo: Callable[[str], None]) -> int:
@@ -120,7 +106,7 @@ def run_demo(nodes: int, keep: bool, echo: Callable[[str], None]) -> int:
             netns = f"{box.prefix}-pod{node.index}"
             subprocess.run(["ip", "netns", "add", netns], check=True, timeout=10)
             pod_ns.append(netns)
-            pod_ips.append(_add_pod(rig, node, str(installed.plugin), netns))
+            pod_ips.append(rig.cni_add(node, installed.plugin, netns))
             echo(f"  pod{node.index} on {node.name}: {pod_ips[-1]}")
         echo("pod-to-pod across nodes (ping, average RTT):")
         pods = [f"pod{n.index}" for n in box.nodes]

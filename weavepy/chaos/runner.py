@@ -69,20 +69,6 @@ def observe_node(api_timeout: float) -> tuple[dict[str, Any] | None, DataPlaneVi
     return status, kernel
 
 
-def cni_add(rig: AgentBox, node: SandboxNode, plugin: Path, pod_netns: str) -> str:
-    """CNI ADD of the pod through the installed weavepy-cni plugin; the pod's address."""
-    conf = {"cniVersion": "1.0.0", "name": "weavepy", "type": "weavepy-cni",
-            "socketPath": str(rig.run_dir(node) / "cni.sock")}
-    env = ["CNI_COMMAND=ADD", f"CNI_CONTAINERID={pod_netns}",
-           f"CNI_NETNS=/run/netns/{pod_netns}", "CNI_IFNAME=eth0", f"CNI_PATH={plugin.parent}"]
-    result = node.run(["env", *env, str(plugin)], input=json.dumps(conf), check=False,
-                      timeout=30)
-    if result.returncode != 0:
-        raise SandboxError(f"CNI ADD in {node.name} failed: {result.stdout.strip()}")
-    address: str = json.loads(result.stdout)["ips"][0]["address"]
-    return address.split("/")[0]
-
-
 class _Run:
     """One chaos run's moving parts; `run_chaos` drives it."""
 
@@ -124,7 +110,7 @@ class _Run:
             subprocess.run(["ip", "netns", "add", netns], check=True, timeout=10)
             self.pod_netns[node.name] = netns
             try:
-                addresses[node.name] = cni_add(self.rig, node, self.plugin, netns)
+                addresses[node.name] = self.rig.cni_add(node, self.plugin, netns)
             except SandboxError as exc:
                 raise ChaosSetupError(str(exc)) from None
             self.checker.pod_address(time.monotonic(), netns, addresses[node.name], "before")
@@ -175,7 +161,7 @@ class _Run:
         assert self.plugin is not None
         netns = self.pod_netns[name]
         try:
-            address = cni_add(self.rig, self.nodes[name], self.plugin, netns)
+            address = self.rig.cni_add(self.nodes[name], self.plugin, netns)
         except SandboxError as exc:
             self.checker.note(time.monotonic(), f"repeated CNI ADD on {name} failed: {exc}")
             return
