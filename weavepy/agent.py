@@ -45,7 +45,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -70,7 +70,8 @@ from weavepy.reconcile import DesiredDataPlane, Reconciler, desired_data_plane
 from weavepy.statusview import REPORT_VERSION, connection_entries, ipam_advice
 from weavepy.targets import TargetSchedule
 
-__all__ = ["Agent", "AgentError", "Prepared", "prepare", "reset_node", "run_agent"]
+__all__ = ["Agent", "AgentError", "Prepared", "follow_kube_peers", "mark_network_available",
+           "prepare", "reset_node", "run_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -344,33 +345,13 @@ class Agent:
             await trio.sleep(TRAFFIC_SAMPLE_INTERVAL)
 
     async def _kube_peers(self, source: Any) -> None:
-        """Peers from the Kubernetes API: each new node set replaces the join targets (plus
-        the configured peers). The watch retries API failures itself and never ends."""
-        async with source, source.watch_peers() as sets:
-            async for peers in sets:
-                addresses = [f"{p.address}:{self.config.gossip_port}" for p in sorted(
-                    peers, key=lambda p: p.node)]
-                self.targets.replace(addresses + self._normalise(list(self.config.peers)),
-                                     trio.current_time())
-                self._targets_changed.set()
-                log.info("Kubernetes API: %d peers", len(addresses))
+        await follow_kube_peers(source, self.targets, self.config.gossip_port,
+                                self._normalise(list(self.config.peers)),
+                                self._targets_changed.set)
 
     async def _mark_network_available(self, source: Any) -> None:
-        """Once the node is first ready, set NetworkUnavailable=False (retrying with backoff)."""
-        from weavepy.kube import KubeError
-
-        while not self.readiness()[0]:
-            await trio.sleep(0.5)
-        delay, most = NETWORK_AVAILABLE_BACKOFF
-        while True:
-            try:
-                await source.set_network_available()
-                self.network_available_set = True
-                return
-            except KubeError as exc:
-                log.warning("%s; retrying in %.0f s", exc, delay)
-            await trio.sleep(delay)
-            delay = min(most, delay * 2)
+        await mark_network_available(source, lambda: self.readiness()[0])
+        self.network_available_set = True
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -692,6 +673,40 @@ class Agent:
             raise ApiError(503, f"no decision on removing {name} within {RMPEER_TIMEOUT:.0f} s "
                            f"(IPAM {self.ipam.state_name()}); a majority of voters must be "
                            f"reachable, or use --force") from None
+
+
+async def follow_kube_peers(source: Any, targets: TargetSchedule, gossip_port: int,
+                            static_peers: list[str], changed: Callable[[], None]) -> None:
+    """Peers from the Kubernetes API (`source`: a weavepy.kube.KubePeerSource, closed at the
+    end): each new node set replaces the join targets, plus `static_peers`; `changed()` then
+    wakes the join loop. The watch retries API failures itself and never ends."""
+    async with source, source.watch_peers() as sets:
+        async for peers in sets:
+            addresses = [f"{p.address}:{gossip_port}" for p in sorted(peers, key=lambda p: p.node)]
+            targets.replace(addresses + [p for p in static_peers if p not in addresses],
+                            trio.current_time())
+            changed()
+            log.info("Kubernetes API: %d peers", len(addresses))
+
+
+async def mark_network_available(source: Any, is_ready: Callable[[], bool], *,
+                                 backoff: tuple[float, float] = NETWORK_AVAILABLE_BACKOFF,
+                                 poll: float = 0.5) -> None:
+    """Wait until `is_ready()`, then set the node's NetworkUnavailable=False, retrying with
+    exponential backoff until the API accepts it."""
+    from weavepy.kube import KubeError
+
+    while not is_ready():
+        await trio.sleep(poll)
+    delay, most = backoff
+    while True:
+        try:
+            await source.set_network_available()
+            return
+        except KubeError as exc:
+            log.warning("%s; retrying in %.1f s", exc, delay)
+        await trio.sleep(delay)
+        delay = min(most, delay * 2)
 
 
 def load_known_peers(state_dir: Path) -> list[str]:
