@@ -378,10 +378,7 @@ def _run_in(netns: str, argv: list[str], timeout: float) -> str:
 
 def _start_in(box: Sandbox, netns: str, label: str, argv: list[str]) -> ManagedProcess:
     """A process in a pod namespace, recorded by the sandbox like node processes."""
-    from weavepy.sandbox import SandboxNode as Node
-
-    pod_node = Node(box, 0, netns.rsplit("-", 1)[1], netns, "", "")
-    return pod_node.start(label, argv)
+    return box.namespace(netns).start(label, argv)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -300,3 +300,17 @@ def test_bad_input_is_one_readable_line() -> None:
         assert out.returncode != 0, args
         assert "Traceback" not in out.stderr, out.stderr
         assert out.stderr.strip().count("\n") <= 3, out.stderr
+
+
+def test_extra_namespaces_belong_to_the_run(sandbox_factory) -> None:
+    box = sandbox_factory(nodes=1)
+    pod = box.add_netns("pod1")
+    assert pod.netns == f"{box.prefix}-pod1"
+    assert "127.0.0.1/8" in pod.addresses()
+    proc = pod.start("sleeper", ["sleep", "60"])
+    assert proc.alive()
+    with pytest.raises(ValueError):
+        box.namespace("someone-else")
+    box.destroy()
+    assert _namespaces(box.prefix) == []
+    assert not proc.alive()

@@ -453,6 +453,27 @@ class Sandbox:
                 return node
         raise KeyError(f"no sandbox node {name_or_index!r} in {self.prefix}")
 
+    def add_netns(self, label: str) -> SandboxNode:
+        """Create an extra namespace `<prefix>-<label>` (a pod, a client) with `lo` up.
+
+        It has no underlay link; the caller wires it (veth to a node). `destroy()` and `down`
+        remove it with the rest, because it carries the prefix."""
+        if not label.replace("-", "").isalnum() or len(label) > 40:
+            raise ValueError(f"namespace label must be alphanumeric (dashes allowed): {label!r}")
+        netns = f"{self.prefix}-{label}"
+        _run(["ip", "netns", "add", netns])
+        _run(["ip", "-n", netns, "link", "set", "lo", "up"])
+        return self.namespace(netns)
+
+    def namespace(self, netns: str) -> SandboxNode:
+        """A handle to run and start processes in an existing namespace of this run."""
+        if not netns.startswith(self.prefix + "-"):
+            raise ValueError(f"{netns} does not belong to sandbox {self.prefix}")
+        for node in self.nodes:
+            if node.netns == netns:
+                return node
+        return SandboxNode(self, 0, netns.removeprefix(self.prefix + "-"), netns, "", "")
+
     def _start(self, node: SandboxNode, label: str, argv: Sequence[str],
                env: dict[str, str] | None, cwd: str | None) -> ManagedProcess:
         if self._destroyed:
