@@ -69,6 +69,18 @@ from weavepy.metrics import AgentMetrics
 from weavepy.reconcile import DesiredDataPlane, Reconciler, desired_data_plane
 from weavepy.statusview import REPORT_VERSION, connection_entries, ipam_advice
 from weavepy.targets import TargetSchedule
+from weavepy.wgpath import (
+    CAP_EXTENSION,
+    CAP_WIREGUARD,
+    UDP_IPV4_OVERHEAD,
+    WG_OVERHEAD,
+    ConfigNode,
+    EncryptedPath,
+    ExternalPeer,
+    encrypt_tag,
+    parse_external_peer,
+    render_wg_quick,
+)
 
 __all__ = ["Agent", "AgentError", "Prepared", "follow_kube_peers", "mark_network_available",
            "prepare", "reset_node", "run_agent"]
@@ -82,6 +94,12 @@ SETTLE_MAX = 15.0  # ... and at most this long after start, joined or not
 CONNECT_TIMEOUT = 10.0
 RMPEER_TIMEOUT = 15.0
 KNOWN_PEERS_FILE = "known-peers.json"
+EXTERNAL_PEERS_FILE = "external-peers.json"  # external peers declared through the API
+# The WireGuard data plane runs inside the agent's trio process (one core). Its worker
+# processes (one per direction) pickle reply classes defined in tunnel.wireguard.workers while
+# it runs as __main__, which only a parent that is itself that module's importer under the
+# same name can unpickle (tunnel.wireguard.device works; `python -m weavepy.cli` does not).
+AGENT_WORKERS = False
 TRAFFIC_SAMPLE_INTERVAL = 2.0  # seconds between reads of the VXLAN device's counters
 NETWORK_AVAILABLE_BACKOFF = (1.0, 60.0)  # first and largest retry delay for the node condition
 
@@ -155,7 +173,8 @@ def prepare(config: AgentConfig) -> Prepared:
         advertise = parse_peer(config.advertise_addr, config.gossip_port)
     else:
         advertise = (str(underlay.local_ip), config.gossip_port)
-    mtu = config.mtu if config.mtu is not None else underlay.mtu - ENCAP_OVERHEAD
+    overhead = WG_OVERHEAD if encryption_configured(config) else ENCAP_OVERHEAD
+    mtu = config.mtu if config.mtu is not None else underlay.mtu - overhead
     if mtu + ENCAP_OVERHEAD > underlay.mtu:
         log.warning("--mtu %d plus %d bytes of VXLAN overhead exceeds the underlay MTU %d of "
                     "%s: large packets will be fragmented or dropped", mtu, ENCAP_OVERHEAD,
@@ -174,6 +193,12 @@ def prepare(config: AgentConfig) -> Prepared:
              underlay.iface, underlay.local_ip, underlay.mtu, underlay.how, mtu, *advertise)
     return Prepared(config, identity, keyring, underlay, advertise, mtu,
                     _gossip_profile(config.profile))
+
+
+def encryption_configured(config: AgentConfig) -> bool:
+    """This node asks for the encrypted path to some peer (then pods get the WireGuard MTU
+    and the fast path's gso_max_size)."""
+    return bool(config.encrypt_all or config.encrypt_peers or config.external_peers)
 
 
 def _install_cni(config: AgentConfig) -> None:
@@ -213,10 +238,19 @@ class Agent:
             mtu=prepared.mtu,
             pod_range=self.config.ipalloc_range,
         ))
+        underlay_mtu = prepared.underlay.mtu
+        self.encrypted = EncryptedPath(
+            device=self.config.wg_device, private_key=self.identity.wg_private_key,
+            listen_port=self.config.wg_port, mtu=underlay_mtu - WG_OVERHEAD,
+            max_datagram=underlay_mtu - UDP_IPV4_OVERHEAD, workers=AGENT_WORKERS,
+            on_ready=lambda: self.reconciler.poke("WireGuard interface changed"))
+        self.external: dict[str, ExternalPeer] = {p.name: p for p in self.config.external_peers}
+        self.external.update(load_external_peers(self.config.state_dir))
         self.reconciler = Reconciler(
             self.backend, self._desired, run_dir=self.config.run_dir, bridge=self.config.bridge,
             mtu=prepared.mtu, ensure_bridge=_ensure_bridge,
-            interval=self.config.reconcile_interval, on_pass=self._reconcile_observed)
+            interval=self.config.reconcile_interval, on_pass=self._reconcile_observed,
+            encrypted=self.encrypted)
         self.metrics = AgentMetrics()
         self.traffic: dict[str, dict[str, int]] = {}
         self.kube: Any = None  # weavepy.kube.KubePeerSource with --kube-peers
@@ -240,13 +274,16 @@ class Agent:
             vxlan_vni=self.config.vxlan_vni,
             vxlan_port=self.config.vxlan_port,
             wg_public_key=self.identity.wg_public_key,
-            capabilities=frozenset({"vxlan"}),
+            capabilities=frozenset({"vxlan", CAP_WIREGUARD, CAP_EXTENSION}),
             cluster_id=self.ipam.cluster_id,
+            wg_port=self.config.wg_port,
+            encrypt=encrypt_tag(self.config.encrypt_all, self.config.encrypt_peers),
         )
 
     def _desired(self) -> tuple[DesiredDataPlane, set[str]]:
         desired = desired_data_plane(self.view.peers(), self.ipam.blocks_by_node(),
-                                     self.config.name, self.data_plane_identity())
+                                     self.config.name, self.data_plane_identity(),
+                                     sorted(self.external.values(), key=lambda p: p.name))
         return desired, {p.name for p in self.view.peers()}
 
     # -- callbacks from the IPAM link ------------------------------------------------------------
@@ -292,6 +329,7 @@ class Agent:
                          *svc.address)
                 await nursery.start(self.ipam.run)
                 nursery.start_soon(self._membership, svc)
+                nursery.start_soon(self.encrypted.run)
                 await nursery.start(self.reconciler.run)
                 nursery.start_soon(self._settle)
                 nursery.start_soon(self._join_loop, svc)
@@ -506,7 +544,7 @@ class Agent:
             observe(command, code, seconds)
             self.metrics.observe_cni_request(command, code, seconds)
 
-        server = CniServer(lambda: self.ipam.cni_backend(self.prepared.mtu),
+        server = CniServer(self._cni_backend,
                            self.config.cni_socket, on_request=observe_both)
         started = _Started(task_status, self)
         try:
@@ -517,6 +555,21 @@ class Agent:
             raise AgentError(f"cannot serve CNI on {self.config.cni_socket}: {exc}") from None
         finally:
             self.cni_listening = False
+
+    def _cni_backend(self) -> Any:
+        """The CNI server's backend (built on its worker thread): pod veths get the overlay
+        MTU and, when this node encrypts, the WireGuard fast path's gso_max_size (a larger
+        one makes the kernel segment forwarded traffic before the TUN device)."""
+        from tunnel.tun import FAST_PATH_GSO_MAX_SIZE
+        from weavepy.cni.backend import BridgeBackend, PodLinkSettings
+        from weavepy.ipam_link import CniAllocator
+
+        token = self.ipam.trio_token
+        if token is None:
+            raise RuntimeError("the IPAM link is not running")
+        gso = FAST_PATH_GSO_MAX_SIZE if encryption_configured(self.config) else None
+        return BridgeBackend(CniAllocator(self.ipam, token), bridge=self.config.bridge,
+                             settings=PodLinkSettings(mtu=self.prepared.mtu, gso_max_size=gso))
 
     # -- AgentControl ----------------------------------------------------------------------------
 
@@ -529,7 +582,7 @@ class Agent:
         last = self.reconciler.last
         if last is None:
             reasons.append("routes not programmed yet")
-        elif not last.report.ok or last.bridge_error:
+        elif not last.ok:
             reasons.append("the last reconcile pass had errors")
         if not self.cni_listening:
             reasons.append("the CNI socket is not listening")
@@ -555,7 +608,7 @@ class Agent:
     def status(self) -> dict[str, Any]:
         svc = self.svc
         desired, _ = self._desired()
-        programmed = self.reconciler.programmed
+        programmed = set(self.reconciler.programmed) | self.reconciler.encrypted_programmed
         blocks = self.ipam.blocks_by_node()
         peers = []
         for peer in self.view.peers():
@@ -601,7 +654,9 @@ class Agent:
             "peers": peers,
             "blocks": [{"block": str(b), "owner": owner} for owner, owned in sorted(blocks.items())
                        for b in owned],
-            "connections": connection_entries(peers, desired.fallbacks, self.prepared.mtu),
+            "connections": connection_entries(
+                peers + self._external_entries(programmed), desired.fallbacks,
+                self.prepared.mtu, self._encrypted_states(desired), self.encrypted.mtu),
             "ipam": ipam,
             "dataplane": {
                 "path": "vxlan",
@@ -620,6 +675,9 @@ class Agent:
                 "last_pass": last.to_json() if last else None,
                 "programmed_peers": sorted(programmed),
                 "traffic": {path: dict(counters) for path, counters in self.traffic.items()},
+                "encrypt": encrypt_tag(self.config.encrypt_all, self.config.encrypt_peers),
+                "wireguard": self.encrypted.status(),
+                "external_peers": [p.to_json() for _, p in sorted(self.external.items())],
             },
             "cni": {"socket": str(self.config.cni_socket), "listening": self.cni_listening,
                     "requests": dict(self.cni_requests),
@@ -627,6 +685,77 @@ class Agent:
                     "conflist_installed": conflist.exists() if conflist is not None else None},
             "config": self.config.to_public_dict(),
         }
+
+    def _encrypted_states(self, desired: DesiredDataPlane) -> dict[str, tuple[str, str | None]]:
+        return {peer.name: self.encrypted.connection(peer.name) for peer in desired.wg_peers}
+
+    def _external_entries(self, programmed: set[str]) -> list[dict[str, Any]]:
+        """External hosts as peer-like entries for the connection list."""
+        return [{"name": name, "state": "alive", "path": "wireguard", "external": True,
+                 "programmed": name in programmed, "blocks": [str(n) for n in host.allowed_ips]}
+                for name, host in sorted(self.external.items())]
+
+    def wg_config(self, name: str) -> str:
+        """The wg-quick configuration for external peer `name` (see weavepy.wgpath)."""
+        from weavepy.api import ApiError
+
+        host = self.external.get(name)
+        if host is None:
+            known = ", ".join(sorted(self.external)) or "none are declared"
+            raise ApiError(404, f"no external peer named {name!r} ({known}); declare it with "
+                           f"`weavepy external add` or in the config file")
+        blocks = self.ipam.blocks_by_node()
+        nodes = [ConfigNode(self.config.name, self.identity.wg_public_key,
+                            (self.prepared.advertise[0], self.config.wg_port),
+                            tuple(blocks.get(self.config.name, ())))]
+        for peer in self.view.live_peers():
+            ident = peer.identity
+            if (ident is None or ident.wg_public_key is None or ident.wg_port is None
+                    or CAP_WIREGUARD not in ident.capabilities):
+                continue
+            nodes.append(ConfigNode(peer.name, ident.wg_public_key,
+                                    (str(ident.underlay_ip), ident.wg_port),
+                                    tuple(blocks.get(peer.name, ()))))
+        return render_wg_quick(host, nodes, self.encrypted.mtu, self.config.name)
+
+    def add_external(self, raw: object) -> dict[str, Any]:
+        """Declare (or replace) an external peer; kept in the state directory."""
+        from weavepy.api import ApiError
+
+        try:
+            host = parse_external_peer(raw)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        if host.name == self.config.name or self.view.get(host.name) is not None:
+            raise ApiError(409, f"{host.name} is a cluster member's name; pick another")
+        pod_range = self.config.ipalloc_range
+        inside = [str(n) for n in host.allowed_ips if n.overlaps(pod_range)]
+        if inside:
+            raise ApiError(400, f"{', '.join(inside)} overlaps the cluster range {pod_range} "
+                           f"(pods get those addresses); give the host an address outside it")
+        self.external[host.name] = host
+        self._save_external()
+        self.reconciler.poke(f"external peer {host.name} declared")
+        return {"external_peers": [p.to_json() for _, p in sorted(self.external.items())]}
+
+    def remove_external(self, name: str) -> dict[str, Any]:
+        from weavepy.api import ApiError
+
+        if name not in self.external:
+            raise ApiError(404, f"no external peer named {name!r}")
+        del self.external[name]
+        self._save_external()
+        self.reconciler.poke(f"external peer {name} removed")
+        return {"external_peers": [p.to_json() for _, p in sorted(self.external.items())]}
+
+    def _save_external(self) -> None:
+        declared = {p.name for p in self.config.external_peers}
+        doc = [p.to_json() for name, p in sorted(self.external.items()) if name not in declared]
+        try:
+            write_private_file(self.config.state_dir / EXTERNAL_PEERS_FILE,
+                               json.dumps({"version": 1, "peers": doc}).encode())
+        except OSError as exc:
+            log.warning("cannot save external peers in %s: %s", self.config.state_dir, exc)
 
     async def connect(self, peers: list[str], replace: bool) -> dict[str, Any]:
         from weavepy.api import ApiError
@@ -707,6 +836,18 @@ async def mark_network_available(source: Any, is_ready: Callable[[], bool], *,
             log.warning("%s; retrying in %.1f s", exc, delay)
         await trio.sleep(delay)
         delay = min(most, delay * 2)
+
+
+def load_external_peers(state_dir: Path) -> dict[str, ExternalPeer]:
+    """The external peers declared through the API by an earlier run ({} if none)."""
+    try:
+        doc = json.loads((state_dir / EXTERNAL_PEERS_FILE).read_bytes())
+        return {p.name: p for p in (parse_external_peer(raw) for raw in doc["peers"])}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring %s: %s", state_dir / EXTERNAL_PEERS_FILE, exc)
+        return {}
 
 
 def load_known_peers(state_dir: Path) -> list[str]:
@@ -820,7 +961,7 @@ def reset_node(config: AgentConfig) -> list[str]:
     removed: list[str] = []
     ipr = open_iproute()
     try:
-        for name in (config.vxlan_device, config.bridge):
+        for name in (config.vxlan_device, config.bridge, config.wg_device):
             if _remove_link(ipr, name):
                 removed.append(f"link {name}")
     finally:
@@ -845,7 +986,7 @@ def _state_files(config: AgentConfig) -> Iterator[Path]:
     from weavepy.ipam_link import CORE_FILE, PODS_FILE
     from weavepy.reconcile import PROGRAMMED_FILE
 
-    for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE, KNOWN_PEERS_FILE):
+    for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE, KNOWN_PEERS_FILE, EXTERNAL_PEERS_FILE):
         yield config.state_dir / name
         if config.state_dir.is_dir():
             yield from sorted(config.state_dir.glob(f"{name}.corrupt-*"))

@@ -63,6 +63,14 @@ class AgentControl(Protocol):
 
     def request_stop(self) -> None: ...
 
+    def wg_config(self, name: str) -> str:
+        """The wg-quick configuration of external peer `name`."""
+        ...
+
+    def add_external(self, raw: object) -> dict[str, Any]: ...
+
+    def remove_external(self, name: str) -> dict[str, Any]: ...
+
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
@@ -154,6 +162,23 @@ def build_app(control: AgentControl) -> Starlette:
         force = _truthy(request.query_params.get("force"))
         return JSONResponse(await control.rmpeer(name, force))
 
+    async def wg_config(request: Request) -> Response:
+        name = request.path_params["name"]
+        return JSONResponse({"name": name, "config": control.wg_config(name)})
+
+    async def add_external(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > 65536:
+            raise ApiError(413, "request body larger than 64 KiB")
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        return JSONResponse(control.add_external(doc))
+
+    async def remove_external(request: Request) -> Response:
+        return JSONResponse(control.remove_external(request.path_params["name"]))
+
     async def stop(request: Request) -> Response:
         control.request_stop()
         return JSONResponse({"stopping": True}, status_code=202)
@@ -168,6 +193,9 @@ def build_app(control: AgentControl) -> Starlette:
         Route("/forget", guarded(forget), methods=["POST"]),
         Route("/peer/{name}", guarded(rmpeer), methods=["DELETE"]),
         Route("/stop", guarded(stop), methods=["POST"]),
+        Route("/wg-config/{name}", guarded(wg_config), methods=["GET"]),
+        Route("/external-peers", guarded(add_external), methods=["POST"]),
+        Route("/external-peers/{name}", guarded(remove_external), methods=["DELETE"]),
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -350,7 +350,7 @@ def _wait_down(client: Any, seconds: float) -> bool:
 
 
 @main.command("reset")
-@_setting_options({"state_dir", "run_dir", "vxlan_device", "bridge", "api_addr"})
+@_setting_options({"state_dir", "run_dir", "vxlan_device", "bridge", "wg_device", "api_addr"})
 @click.option("--force", is_flag=True, help="do not ask for confirmation")
 def reset(config_file: str | None, force: bool, **flags: Any) -> None:
     """Stop the agent if it runs, then remove this node's VXLAN device, pod bridge, pod veths
@@ -380,6 +380,48 @@ def reset(config_file: str | None, force: bool, **flags: Any) -> None:
     except OSError as exc:
         raise click.ClickException(f"reset failed: {exc}") from None
     click.echo(f"removed {len(removed)} items" + (": " + ", ".join(removed) if removed else ""))
+
+
+@main.command("wg-config")
+@click.argument("name")
+@api_option
+def wg_config(name: str, api_addr: str | None) -> None:
+    """Print the wg-quick configuration that lets external host NAME (stock WireGuard) join
+    the pod network; fill in its private key."""
+    doc = _call(lambda: _client(api_addr).get(f"/wg-config/{name}"))
+    click.echo(doc["config"], nl=False)
+
+
+@main.group("external")
+def external() -> None:
+    """Declare hosts with stock WireGuard that join the pod network (on each node)."""
+
+
+@external.command("add")
+@click.argument("name")
+@click.option("--public-key", required=True, help="the host's WireGuard public key (base64)")
+@click.option("--allowed-ips", required=True, metavar="CIDR[,CIDR...]",
+              help="the host's overlay address(es), outside the pod range")
+@click.option("--endpoint", default=None, metavar="IP:PORT",
+              help="where the host listens (omit when it is behind NAT: it is learned from "
+              "its first handshake)")
+@api_option
+def external_add(name: str, public_key: str, allowed_ips: str, endpoint: str | None,
+                 api_addr: str | None) -> None:
+    """Declare (or replace) external peer NAME on this node."""
+    body = {"name": name, "public_key": public_key, "allowed_ips": allowed_ips,
+            "endpoint": endpoint}
+    doc = _call(lambda: _client(api_addr).post("/external-peers", body))
+    click.echo(f"external peers: {', '.join(p['name'] for p in doc['external_peers'])}")
+
+
+@external.command("rm")
+@click.argument("name")
+@api_option
+def external_rm(name: str, api_addr: str | None) -> None:
+    """Remove external peer NAME from this node."""
+    doc = _call(lambda: _client(api_addr).delete(f"/external-peers/{name}"))
+    click.echo(f"external peers: {', '.join(p['name'] for p in doc['external_peers']) or '-'}")
 
 
 @main.command("keygen")

@@ -4,9 +4,10 @@ This module owns two things:
 
 * the **tags** a weavepy node publishes in its memberlist `Meta` (serf-style, so `serf members`
   shows them), which say how to reach the node's pods: the underlay address its VXLAN packets
-  come from, its VTEP MAC, its VXLAN VNI and port, its WireGuard public key, its capabilities
-  and its cluster ID. `encode_tags` keeps them within memberlist's 512 bytes of meta;
-  `decode_identity` turns a peer's tags back into a `DataPlaneIdentity` or a `TagProblem`;
+  come from, its VTEP MAC, its VXLAN VNI and port, its WireGuard public key and port, its
+  capabilities, which peers it wants encrypted, and its cluster ID. `encode_tags` keeps them
+  within memberlist's 512 bytes of meta; `decode_identity` turns a peer's tags back into a
+  `DataPlaneIdentity` or a `TagProblem`;
 * the `ClusterView`: a pure state machine fed `MemberEvent`s (or a full member list) that keeps
   one `PeerView` per known member and answers "which peers are live, and how do I reach them".
 
@@ -52,8 +53,10 @@ T_UNDERLAY = "ip"
 T_MAC = "mac"
 T_VXLAN = "vx"  # "<vni>:<port>"
 T_WG = "wg"  # base64 X25519 public key
-T_CAPS = "caps"  # comma-separated: vxlan, wg
+T_CAPS = "caps"  # comma-separated: vxlan, wireguard, wgx (the super-packet extension)
 T_CLUSTER = "cid"
+T_WG_PORT = "wgp"  # the WireGuard UDP port (with the wireguard capability)
+T_ENCRYPT = "enc"  # the peers this node wants encrypted: "*" or a comma list of names
 
 
 class PeerState(enum.Enum):
@@ -94,6 +97,8 @@ class DataPlaneIdentity:
     wg_public_key: bytes | None = None
     capabilities: frozenset[str] = frozenset({"vxlan"})
     cluster_id: str | None = None
+    wg_port: int | None = None
+    encrypt: str = ""  # the `enc` tag: "*", "n2,n3" or "" (see weavepy.wgpath)
 
     def to_tags(self) -> dict[str, str]:
         tags = {
@@ -108,6 +113,10 @@ class DataPlaneIdentity:
             tags[T_WG] = base64.b64encode(self.wg_public_key).decode()
         if self.cluster_id:
             tags[T_CLUSTER] = self.cluster_id
+        if self.wg_port is not None:
+            tags[T_WG_PORT] = str(self.wg_port)
+        if self.encrypt:
+            tags[T_ENCRYPT] = self.encrypt
         return tags
 
 
@@ -121,7 +130,7 @@ class TagProblem:
     """Why a member's tags do not describe a usable weavepy data plane.
 
     reason is a short stable label (for counters): not-weavepy, bad-version, bad-underlay-ip,
-    bad-mac, bad-vxlan, bad-wg-key.
+    bad-mac, bad-vxlan, bad-wg-key, bad-wg-port.
     """
 
     reason: str
@@ -175,6 +184,12 @@ def decode_identity(tags: Mapping[str, str]) -> DataPlaneIdentity | TagProblem:
         if len(wg_key) != 32:
             return TagProblem("bad-wg-key", f"{tags[T_WG]!r} is not a base64 32-byte key")
     caps = frozenset(c for c in tags.get(T_CAPS, "vxlan").split(",") if c)
+    wg_port: int | None = None
+    if T_WG_PORT in tags:
+        port_text = tags[T_WG_PORT]
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            return TagProblem("bad-wg-port", f"{port_text!r} is not a UDP port")
+        wg_port = int(port_text)
     return DataPlaneIdentity(
         underlay_ip=underlay,
         vtep_mac=mac,
@@ -183,6 +198,8 @@ def decode_identity(tags: Mapping[str, str]) -> DataPlaneIdentity | TagProblem:
         wg_public_key=wg_key,
         capabilities=caps,
         cluster_id=tags.get(T_CLUSTER) or None,
+        wg_port=wg_port,
+        encrypt=tags.get(T_ENCRYPT, ""),
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +52,7 @@ DEFAULT_API_PORT = 6784  # Weave's local HTTP API port
 DEFAULT_METRICS_PORT = 6782  # Weave's metrics port
 DEFAULT_CNI_CONF_DIR = Path("/etc/cni/net.d")
 DEFAULT_CNI_BIN_DIR = Path("/opt/cni/bin")
+DEFAULT_WG_PORT = 51820
 DEFAULT_RECLAIM_AFTER = 24 * 3600.0  # long enough that a reboot or an upgrade never triggers it
 PROFILES = ("lan", "wan", "local")
 MIN_MTU, MAX_MTU = 576, 9216
@@ -249,6 +251,34 @@ def _encrypt_key(value: object) -> bytes | None:
     return key
 
 
+def _names(value: object) -> tuple[str, ...]:
+    """Node names: a list (file), or a string separated by spaces or commas (flags, env)."""
+    items: list[str] = []
+    for item in value if isinstance(value, list | tuple) else [value]:
+        items.extend(n for n in re.split(r"[\s,]+", _text(item)) if n)
+    return tuple(dict.fromkeys(_name(n) for n in items))
+
+
+def _external_peers(value: object) -> tuple[Any, ...]:
+    """Declared stock-WireGuard hosts: a YAML list of {name, public_key, allowed_ips,
+    endpoint}, or the same as JSON text (environment)."""
+    from weavepy.wgpath import parse_external_peer
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"must be a JSON list of external peers ({exc.msg})") from None
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of external peers, got {type(value).__name__}")
+    peers = tuple(parse_external_peer(item) for item in value)
+    names = [p.name for p in peers]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"external peer names must be unique: {', '.join(duplicates)}")
+    return peers
+
+
 def _bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -296,10 +326,11 @@ class Setting:
     metavar: str = "VALUE"
     flag: bool = True  # False: environment and file only (secrets never go on a command line)
     is_flag: bool = False  # a boolean switch on the command line
+    option: str = ""  # the command-line flag when it is not --<name> (e.g. --encrypt)
 
     @property
     def flag_name(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.option or "--" + self.name.replace("_", "-")
 
 
 def _const(value: Any) -> Callable[[], Any]:
@@ -367,6 +398,18 @@ SETTINGS: tuple[Setting, ...] = (
             "or --install-cni, else not checked)", ("WEAVEPY_CNI_CONF_DIR",), "DIR"),
     Setting("cni_bin_dir", _path, _const(DEFAULT_CNI_BIN_DIR), "CNI plugin directory (for "
             "--install-cni)", ("WEAVEPY_CNI_BIN_DIR",), "DIR"),
+    Setting("encrypt_all", _bool, _const(False), "encrypt pod traffic to every peer with "
+            "WireGuard (default: kernel VXLAN, unencrypted)", ("WEAVEPY_ENCRYPT_ALL",),
+            is_flag=True, option="--encrypt"),
+    Setting("encrypt_peers", _names, _const(()), "encrypt pod traffic to these peers (node "
+            "names, comma separated) with WireGuard", ("WEAVEPY_ENCRYPT_PEERS",), "NAMES"),
+    Setting("wg_port", _int_between(1, 65535), _const(DEFAULT_WG_PORT),
+            "WireGuard UDP port", ("WEAVEPY_WG_PORT",), "PORT"),
+    Setting("wg_device", _ifname, _const("weavepy.wg"), "name of the WireGuard TUN device",
+            ("WEAVEPY_WG_DEVICE",), "IFNAME"),
+    Setting("external_peers", _external_peers, _const(()), "hosts with stock WireGuard that "
+            "join the pod network (file: a list of {name, public_key, allowed_ips, endpoint}; "
+            "environment: the same as JSON)", ("WEAVEPY_EXTERNAL_PEERS",), "LIST", flag=False),
 )
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
 CONFIG_FILE_ENV = "WEAVEPY_CONFIG"
@@ -402,6 +445,11 @@ class AgentConfig:
     install_cni: bool
     cni_conf_dir: Path | None
     cni_bin_dir: Path
+    encrypt_all: bool = False
+    encrypt_peers: tuple[str, ...] = ()
+    wg_port: int = DEFAULT_WG_PORT
+    wg_device: str = "weavepy.wg"
+    external_peers: tuple[Any, ...] = ()  # weavepy.wgpath.ExternalPeer
     config_file: Path | None = None
 
     @property
@@ -435,6 +483,8 @@ class AgentConfig:
             value = getattr(self, f.name)
             if f.name == "encrypt":
                 value = "(set)" if value else None
+            elif f.name == "external_peers":
+                value = [p.to_json() for p in value]
             elif isinstance(value, Path | ipaddress.IPv4Network):
                 value = str(value)
             elif isinstance(value, tuple):
@@ -535,6 +585,15 @@ def _cross_checks(values: Mapping[str, Any]) -> list[str]:
                         f"(use a shorter --block-prefix)")
     if values["vxlan_device"] == values["bridge"]:
         problems.append("--bridge: must differ from --vxlan-device")
+    if values["wg_device"] in (values["vxlan_device"], values["bridge"]):
+        problems.append("--wg-device: must differ from --vxlan-device and --bridge")
+    for host in values["external_peers"]:
+        inside = [str(n) for n in host.allowed_ips if n.overlaps(network)]
+        if inside:
+            problems.append(f"external peer {host.name}: {', '.join(inside)} overlaps the "
+                            f"cluster range {network} (pods get those addresses)")
+    if values["wg_port"] in (values["vxlan_port"], values["gossip_port"]):
+        problems.append("--wg-port: must differ from --vxlan-port and --gossip-port")
     if values["ipam_lease"] > values["reclaim_after"]:
         problems.append(f"--ipam-lease ({values['ipam_lease']:g}s) must not exceed "
                         f"--reclaim-after ({values['reclaim_after']:g}s)")

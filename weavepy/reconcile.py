@@ -41,6 +41,14 @@ import trio
 from tunnel.vxlan import Peer, ReconcileReport, VxlanBackend, watch_device
 from weavepy.cluster import DataPlaneIdentity, PeerView
 from weavepy.identity import write_private_file
+from weavepy.wgpath import (
+    CAP_EXTENSION,
+    CAP_WIREGUARD,
+    EncryptedPath,
+    ExternalPeer,
+    WgPeer,
+    encryption_wanted,
+)
 
 __all__ = [
     "PROGRAMMED_FILE",
@@ -60,38 +68,54 @@ PROGRAMMED_FILE = "vxlan-peers.json"
 DEBOUNCE = 0.005  # seconds: pokes within this window share one pass
 
 
-def choose_path(local: DataPlaneIdentity, peer: DataPlaneIdentity) -> str | None:
+def choose_path(local: DataPlaneIdentity, peer: DataPlaneIdentity, *, local_name: str = "",
+                peer_name: str = "") -> str | None:
     """The data path to `peer`, or None if we share none.
 
-    Only kernel VXLAN exists today; the encrypted userspace path ("wireguard") slots in here
-    when both sides list it in their capabilities and encryption is wanted.
-    """
+    "wireguard" when either node wants the connection encrypted (`weavepy.wgpath`'s symmetric
+    rule on the `enc` tags) and both announced the capability, a key and a port; else kernel
+    "vxlan" when both speak it (see `fallback_reason` for why an encrypted wish fell back)."""
+    if (encryption_wanted(local_name, local.encrypt, peer_name, peer.encrypt)
+            and _speaks_wireguard(local) and _speaks_wireguard(peer)):
+        return "wireguard"
     if "vxlan" in local.capabilities and "vxlan" in peer.capabilities:
         return "vxlan"
     return None
 
 
-def fallback_reason(local: DataPlaneIdentity, peer: DataPlaneIdentity, path: str) -> str | None:
-    """Why the path to `peer` is not the encrypted one, when one side offers it (pure);
+def _speaks_wireguard(ident: DataPlaneIdentity) -> bool:
+    return (CAP_WIREGUARD in ident.capabilities and ident.wg_public_key is not None
+            and ident.wg_port is not None)
+
+
+def fallback_reason(local: DataPlaneIdentity, peer: DataPlaneIdentity, path: str, *,
+                    local_name: str = "", peer_name: str = "") -> str | None:
+    """Why the path to `peer` is not the encrypted one although encryption is wanted (pure);
     None when there is nothing to explain."""
     if path == "wireguard":
         return None
-    if "wireguard" in peer.capabilities and "wireguard" not in local.capabilities:
-        return "this node has no WireGuard data path"
-    if "wireguard" in local.capabilities and "wireguard" not in peer.capabilities:
-        return "the peer has no WireGuard data path"
+    if not encryption_wanted(local_name, local.encrypt, peer_name, peer.encrypt):
+        return None
+    if not _speaks_wireguard(local):
+        return "encryption wanted, but this node has no WireGuard data path"
+    if peer.wg_public_key is None:
+        return "encryption wanted, but the peer did not announce a WireGuard key"
+    if CAP_WIREGUARD not in peer.capabilities or peer.wg_port is None:
+        return "encryption wanted, but the peer has no WireGuard data path"
     return None
 
 
 @dataclass(frozen=True)
 class DesiredDataPlane:
-    """What the kernel should hold: peers to program, our blocks, who is left out and why."""
+    """What the kernel should hold: VXLAN peers, WireGuard peers, our blocks, who is left out
+    and why."""
 
     peers: tuple[Peer, ...]
     local_blocks: tuple[IPv4Network, ...]
     excluded: Mapping[str, str] = field(default_factory=dict)
     paths: Mapping[str, str] = field(default_factory=dict)
     fallbacks: Mapping[str, str] = field(default_factory=dict)  # name -> why not encrypted
+    wg_peers: tuple[WgPeer, ...] = ()
 
 
 def desired_data_plane(
@@ -99,13 +123,16 @@ def desired_data_plane(
     blocks_by_node: Mapping[str, Sequence[IPv4Network]],
     self_name: str,
     local: DataPlaneIdentity,
+    external: Sequence[ExternalPeer] = (),
 ) -> DesiredDataPlane:
     """The desired data plane for this node (pure).
 
     `view` is every known member (live or not); `blocks_by_node` maps node names to their
-    blocks, first claimed first (the VXLAN scheme anchors a peer on its first block).
+    blocks, first claimed first (the VXLAN scheme anchors a peer on its first block);
+    `external` are declared stock-WireGuard hosts (always over WireGuard).
     """
     peers: list[Peer] = []
+    wg_peers: list[WgPeer] = []
     excluded: dict[str, str] = {}
     paths: dict[str, str] = {}
     fallbacks: dict[str, str] = {}
@@ -121,22 +148,38 @@ def desired_data_plane(
             excluded[member.name] = (f"belongs to cluster {ident.cluster_id}, "
                                      f"we are {local.cluster_id}")
             continue
+        path = choose_path(local, ident, local_name=self_name, peer_name=member.name)
+        if path == "wireguard" and ident.wg_public_key is not None and ident.wg_port:
+            paths[member.name] = path
+            wg_peers.append(WgPeer(
+                member.name, ident.wg_public_key, (str(ident.underlay_ip), ident.wg_port),
+                tuple(blocks_by_node.get(member.name, ())),
+                extension_ok=CAP_EXTENSION in ident.capabilities and CAP_EXTENSION in
+                local.capabilities))
+            continue
         if (ident.vxlan_vni, ident.vxlan_port) != (local.vxlan_vni, local.vxlan_port):
             excluded[member.name] = (f"VXLAN vni {ident.vxlan_vni} port {ident.vxlan_port} "
                                      f"differs from ours ({local.vxlan_vni}:{local.vxlan_port})")
             continue
-        path = choose_path(local, ident)
         if path is None:
             excluded[member.name] = f"no common data path (it has {sorted(ident.capabilities)})"
             continue
         paths[member.name] = path
-        reason = fallback_reason(local, ident, path)
+        reason = fallback_reason(local, ident, path, local_name=self_name,
+                                 peer_name=member.name)
         if reason is not None:
             fallbacks[member.name] = reason
         peers.append(Peer(member.name, ident.underlay_ip, ident.vtep_mac,
                           tuple(blocks_by_node.get(member.name, ()))))
+    members = {m.name for m in view} | {self_name}
+    for host in external:
+        if host.name in members:
+            excluded[host.name] = "an external peer may not share a cluster member's name"
+            continue
+        paths[host.name] = "wireguard"
+        wg_peers.append(host.wg_peer())
     return DesiredDataPlane(tuple(peers), tuple(blocks_by_node.get(self_name, ())),
-                            excluded, paths, fallbacks)
+                            excluded, paths, fallbacks, tuple(wg_peers))
 
 
 def with_retained(desired: DesiredDataPlane, retained: Sequence[Peer],
@@ -147,7 +190,7 @@ def with_retained(desired: DesiredDataPlane, retained: Sequence[Peer],
         return desired
     return DesiredDataPlane((*desired.peers, *extra), desired.local_blocks, desired.excluded,
                             {**desired.paths, **{p.name: "vxlan (retained)" for p in extra}},
-                            desired.fallbacks)
+                            desired.fallbacks, desired.wg_peers)
 
 
 def _peer_to_json(peer: Peer) -> dict[str, Any]:
@@ -184,13 +227,18 @@ class PassRecord:
     report: ReconcileReport
     bridge_error: str | None = None
     retained: int = 0
+    wireguard_errors: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok and self.bridge_error is None and not self.wireguard_errors
 
     def to_json(self) -> dict[str, Any]:
         r = self.report
         return {
             "at": self.started,
             "reason": self.reason,
-            "ok": r.ok and self.bridge_error is None,
+            "ok": self.ok,
             "duration_ms": round(r.duration_s * 1000, 2),
             "programmed_peers": r.programmed_peers,
             "changes": [str(c) for c in r.changes],
@@ -199,6 +247,7 @@ class PassRecord:
             "device_error": r.device_error,
             "bridge_error": self.bridge_error,
             "retained_peers": self.retained,
+            "wireguard_errors": list(self.wireguard_errors),
         }
 
 
@@ -223,6 +272,7 @@ class Reconciler:
         ensure_bridge: BridgeApplier,
         interval: float = 30.0,
         on_pass: Callable[[float, bool], None] | None = None,
+        encrypted: EncryptedPath | None = None,
     ) -> None:
         self.backend = backend
         self.source = source
@@ -232,12 +282,14 @@ class Reconciler:
         self.ensure_bridge = ensure_bridge
         self.interval = interval
         self.on_pass = on_pass  # (seconds, ok) after every pass, e.g. for metrics
+        self.encrypted = encrypted  # the WireGuard path (routes of encrypted peers)
         self.retained: list[Peer] = load_programmed(run_dir)
         self.settled = not self.retained
         self.last: PassRecord | None = None
         self.passes = 0
         self.errors = 0
         self.programmed: dict[str, Peer] = {}
+        self.encrypted_programmed: set[str] = set()
         self.local_blocks: tuple[IPv4Network, ...] = ()
         self._wakeup = trio.Event()
         self._reasons: list[str] = []
@@ -297,22 +349,38 @@ class Reconciler:
             before = len(desired.peers)
             desired = with_retained(desired, self.retained, known)
             retained = len(desired.peers) - before
+        encrypted = self.encrypted
+        source = (str(desired.local_blocks[0].network_address + 1) if desired.local_blocks
+                  else None)
+        wg_errors: list[str] = []
+        if encrypted is not None:
+            if desired.wg_peers:
+                encrypted.want()
+            # routes leave the TUN device before VXLAN may take their prefixes, and VXLAN
+            # lets go of prefixes before the TUN device takes them (a route we did not make
+            # is never replaced)
+            wg_errors += await encrypted.apply(desired.wg_peers, source, delete_only=True)
         report = await self.backend.areconcile(desired.peers, desired.local_blocks)
+        if encrypted is not None:
+            wg_errors += await encrypted.apply(desired.wg_peers, source)
         bridge_error = await self._apply_bridge(desired.local_blocks)
-        record = PassRecord(started, reason, report, bridge_error, retained)
+        record = PassRecord(started, reason, report, bridge_error, retained, tuple(wg_errors))
         self.last = record
         self.passes += 1
         self.local_blocks = desired.local_blocks
-        if not report.ok or bridge_error:
+        if not record.ok:
             self.errors += 1
         failed = {p.peer for p in report.errors} | {p.peer for p in report.rejected}
         self.programmed = {p.name: p for p in desired.peers
                            if p.name not in failed and p.blocks and report.device_error is None}
+        self.encrypted_programmed = ({p.name for p in desired.wg_peers
+                                      if p.name in encrypted.routed and p.allowed_ips}
+                                     if encrypted is not None else set())
         if report.changed:
             log.info("%s (%s)", report.summary(), reason)
         self._save(list(self.programmed.values()))
         if self.on_pass is not None:
-            self.on_pass(time.monotonic() - clock, report.ok and bridge_error is None)
+            self.on_pass(time.monotonic() - clock, record.ok)
         done, self._pass_done = self._pass_done, trio.Event()
         done.set()
         return record

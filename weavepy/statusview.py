@@ -103,12 +103,16 @@ def ipam_advice(ipam: Doc, node: str) -> str | None:
     return None
 
 
-def connection_entries(peers: Sequence[Doc], fallbacks: Mapping[str, str], mtu: int
-                       ) -> list[dict[str, Any]]:
+def connection_entries(peers: Sequence[Doc], fallbacks: Mapping[str, str], mtu: int,
+                       encrypted: Mapping[str, tuple[str, str | None]] | None = None,
+                       encrypted_mtu: int | None = None) -> list[dict[str, Any]]:
     """One connection per live peer: {peer, path, encrypted, mtu, state, reason}.
 
-    `state` is established (routes programmed), failed (the data plane left it out; the
-    reason says why) or pending (not programmed yet, e.g. no block yet)."""
+    `state` is established (routes programmed; on the WireGuard path also a fresh
+    handshake), failed (the data plane left it out, or the handshake went unanswered; the
+    reason says why) or pending (not programmed yet, e.g. no block yet, or handshaking).
+    `encrypted` gives (state, reason) of each WireGuard connection; `encrypted_mtu` its MTU."""
+    encrypted = encrypted or {}
     out: list[dict[str, Any]] = []
     for peer in peers:
         if peer.get("state") not in ("alive", "suspect"):
@@ -118,15 +122,23 @@ def connection_entries(peers: Sequence[Doc], fallbacks: Mapping[str, str], mtu: 
         reason: str | None
         if peer.get("excluded") or (path is None and peer.get("problem")):
             state, reason = "failed", str(peer.get("excluded") or peer.get("problem"))
+        elif path == "wireguard":
+            state, reason = encrypted.get(name, ("pending", "waiting for the WireGuard path"))
+            if state == "established" and not peer.get("programmed"):
+                state, reason = "pending", "waiting for the next reconcile pass"
         elif peer.get("programmed"):
             state, reason = "established", fallbacks.get(name)
         else:
             state = "pending"
             reason = ("no block yet" if not peer.get("blocks") else "waiting for the next "
                       "reconcile pass") if path else "waiting for its data-plane tags"
-        out.append({"peer": name, "path": str(path) if path else "none",
-                    "encrypted": path == "wireguard", "mtu": mtu, "state": state,
-                    "reason": reason})
+        entry = {"peer": name, "path": str(path) if path else "none",
+                 "encrypted": path == "wireguard",
+                 "mtu": encrypted_mtu if path == "wireguard" and encrypted_mtu else mtu,
+                 "state": state, "reason": reason}
+        if peer.get("external"):
+            entry["external"] = True
+        out.append(entry)
     return out
 
 
