@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
+from ipaddress import IPv4Network
 from typing import Any
 
 import pytest
@@ -146,3 +147,49 @@ def test_encrypted_cluster_pods_talk_and_the_underlay_never_sees_plaintext(
     # the connection stays encrypted and established on both sides
     assert rig.status(second) is not None
     assert _connections_established(rig, second)
+
+
+def _paths(rig: AgentBox, node: Any) -> dict[str, tuple[str, str]] | None:
+    doc = rig.status(node)
+    if not doc or len(doc["connections"]) < 2:
+        return None
+    conns = {c["peer"]: (c["path"], c["state"]) for c in doc["connections"]}
+    return conns if all(state == "established" for _, state in conns.values()) else None
+
+
+def _gateway_ping(gateway: str, target: str) -> bool:
+    return subprocess.run(["ping", "-c", "2", "-i", "0.2", "-W", "2", "-I", gateway, target],
+                          capture_output=True, timeout=15, check=False).returncode == 0
+
+
+@pytest.mark.timeout(150)
+def test_per_peer_selection_is_symmetric_and_vxlan_stays_the_default(
+        agent_box: Callable[..., AgentBox]) -> None:
+    require_binary("ping", "iputils-ping")
+    rig = agent_box(nodes=3)
+    n1, n2, n3 = rig.box.nodes
+    rig.launch(n1, extra=["--encrypt-peers", "n2"])
+    rig.wait_api(n1)
+    rig.launch(n2, [n1])
+    rig.launch(n3, [n1])
+    expected = {
+        "n1": {"n2": ("wireguard", "established"), "n3": ("vxlan", "established")},
+        "n2": {"n1": ("wireguard", "established"), "n3": ("vxlan", "established")},
+        "n3": {"n1": ("vxlan", "established"), "n2": ("vxlan", "established")},
+    }
+    for node in rig.box.nodes:
+        got = rig.wait(f"established connections on {node.name}",
+                       partial(lambda n: _paths(rig, n) == expected[n.name] or None, node),
+                       timeout=60)
+        assert got
+    blocks = rig.blocks_of(rig.box.nodes)
+    gateways = {name: str(IPv4Network(owned[0]).network_address + 1)
+                for name, owned in blocks.items()}
+    for src in rig.box.nodes:
+        for dst, gateway in gateways.items():
+            if dst != src.name:
+                assert src.call(_gateway_ping, gateways[src.name], gateway, timeout=20), (
+                    f"{src.name} -> {dst}\n{rig.logs_tail()}")
+    doc = rig.status(n3)
+    assert doc is not None and doc["dataplane"]["wireguard"]["running"] is False
+    assert doc["dataplane"]["mtu"] == 1500 - 50  # no encryption asked: the VXLAN MTU
