@@ -192,19 +192,27 @@ class AgentBox:
         run inside `node` against its agent's CNI socket; the pod's address (no prefix).
 
         The container id is the pod's netns name, so repeating the ADD (after an agent
-        restart) asks for the same pod again. A failed ADD raises `SandboxError` with the
-        plugin's own error output."""
+        restart) asks for the same pod again. A failed, hung or unreadable ADD raises
+        `SandboxError` with the plugin's own output."""
         conf = {"cniVersion": "1.0.0", "name": "weavepy", "type": "weavepy-cni",
                 "socketPath": str(self.run_dir(node) / "cni.sock")}
         plugin = Path(plugin)
         env = ["CNI_COMMAND=ADD", f"CNI_CONTAINERID={pod_netns}",
                f"CNI_NETNS=/run/netns/{pod_netns}", f"CNI_IFNAME={ifname}",
                f"CNI_PATH={plugin.parent}"]
-        result = node.run(["env", *env, str(plugin)], input=json.dumps(conf), check=False,
-                          timeout=timeout)
+        try:
+            result = node.run(["env", *env, str(plugin)], input=json.dumps(conf), check=False,
+                              timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SandboxError(f"CNI ADD in {node.name} took longer than {timeout:g} s"
+                               ) from None
         if result.returncode != 0:
             raise SandboxError(f"CNI ADD in {node.name} failed: {result.stdout.strip()}")
-        address: str = json.loads(result.stdout)["ips"][0]["address"]
+        try:
+            address: str = json.loads(result.stdout)["ips"][0]["address"]
+        except (ValueError, LookupError, TypeError):
+            raise SandboxError(f"CNI ADD in {node.name} printed no address: "
+                               f"{result.stdout.strip()[:500]}") from None
         return address.split("/")[0]
 
     # -- observing -------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 def test_default_profile_passes() -> None:
     require_root()
     result = CliRunner().invoke(chaos_command, ["--nodes", "4", "--seed", "1", "--json"])
+    # exit 2 (setup failed) or a crash prints no report: show why, not a JSON decode error
+    assert result.stdout.strip(), (f"exit {result.exit_code}, no report; stderr:\n"
+                                   f"{result.stderr[-4000:]}\nexception: {result.exc_info}")
     doc = json.loads(result.stdout)
     assert result.exit_code == 0, json.dumps(doc["violations"], indent=1) + result.stderr
     assert doc["ok"] and doc["seed"] == 1

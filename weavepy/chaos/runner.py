@@ -38,6 +38,7 @@ POLL_INTERVAL = 0.5
 PROBE_INTERVAL = 0.5
 PROBE_TIMEOUT = 1.0
 STATUS_TIMEOUT = 1.5
+STARTUP_TIMEOUT = 90.0  # agents up and meshed; generous, a loaded 2-core machine is slow
 
 
 class ChaosSetupError(RuntimeError):
@@ -95,8 +96,15 @@ class _Run:
     def start_cluster(self) -> None:
         echo = self.options.echo
         try:
-            self.rig.launch_all()
-            self.rig.wait_mesh(timeout=90)
+            # The founder first, then the others join it (AgentBox.launch_all), with a start-up
+            # allowance for a loaded machine: an agent's imports alone can take tens of seconds
+            # when dozens of other Python processes start at the same time.
+            first, *rest = self.box.nodes
+            self.rig.launch(first)
+            self.rig.wait_api(first, timeout=STARTUP_TIMEOUT)
+            for node in rest:
+                self.rig.launch(node, [first])
+            self.rig.wait_mesh(timeout=STARTUP_TIMEOUT)
         except (WaitTimeout, SandboxError) as exc:
             raise ChaosSetupError(f"the agents did not form a mesh: {exc}") from None
         echo(f"{len(self.nodes)} agents up, full mesh")
