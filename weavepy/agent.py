@@ -316,7 +316,12 @@ class Agent:
     async def run(self) -> None:
         config = self.config
         tags = self.tags()
-        encode_tags(tags)  # fails now, not in the middle of the cluster, if too large
+        try:
+            encode_tags(tags)  # fails now, not in the middle of the cluster, if too large
+        except ValueError as exc:
+            raise AgentError(f"this node's gossip tags do not fit in memberlist's meta ({exc})"
+                             + ("; name fewer --encrypt-peers, or use --encrypt"
+                                if config.encrypt_peers else "")) from None
         try:
             service = GossipService(
                 self.prepared.gossip, config.name, ("0.0.0.0", config.gossip_port),
