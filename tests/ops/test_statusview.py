@@ -105,6 +105,33 @@ def test_connection_states() -> None:
     assert got[2]["path"] == "none"
 
 
+def test_wireguard_connection_states_come_from_the_encrypted_path() -> None:
+    peers: list[dict[str, Any]] = [
+        {"name": "a", "state": "alive", "path": "wireguard", "programmed": True,
+         "blocks": ["b"]},
+        {"name": "b", "state": "alive", "path": "wireguard", "programmed": False,
+         "blocks": ["c"]},
+        {"name": "c", "state": "alive", "path": "wireguard", "programmed": True,
+         "blocks": ["d"]},
+        {"name": "laptop", "state": "alive", "path": "wireguard", "programmed": True,
+         "external": True},
+        {"name": "d", "state": "alive", "path": "vxlan", "programmed": True, "blocks": ["e"]},
+    ]
+    states = {"a": ("established", None), "b": ("established", None),
+              "c": ("failed", "no handshake answer from 198.18.0.13:51820; retrying every 10 s"),
+              "laptop": ("pending", "waiting for the peer's first handshake")}
+    got = connection_entries(peers, {}, 1450, states, 1420)
+    assert [(c["peer"], c["path"], c["encrypted"], c["mtu"], c["state"]) for c in got] == [
+        ("a", "wireguard", True, 1420, "established"),
+        ("b", "wireguard", True, 1420, "pending"),  # routes not in yet
+        ("c", "wireguard", True, 1420, "failed"),
+        ("laptop", "wireguard", True, 1420, "pending"),
+        ("d", "vxlan", False, 1450, "established"),
+    ]
+    assert got[3]["external"] is True and "external" not in got[0]
+    assert "retrying every 10 s" in plain(render_connections({"connections": got}))
+
+
 def test_malformed_documents_render_without_tracebacks() -> None:
     for doc in ({}, {"ipam": [], "peers": "x", "connections": [1, None]},
                 {"gossip": {"members": {"alive": 2}}, "dataplane": None}):
