@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import socket
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
@@ -102,10 +103,26 @@ async def _peer_list(request: Request) -> tuple[list[str], bool]:
         peers.extend(raw)
         replace = replace or bool(doc.get("replace", False))
     elif body:
-        form = await request.form()
-        peers.extend(str(v) for v in form.getlist("peer"))
-        replace = replace or _truthy(str(form.get("replace", "")))
+        form = _urlencoded_form(body, content_type)
+        peers.extend(form.get("peer", []))
+        replace = replace or _truthy(form.get("replace", [""])[-1])
     return peers, replace
+
+
+def _urlencoded_form(body: bytes, content_type: str) -> dict[str, list[str]]:
+    """Weave's form style (`peer=a&peer=b`), parsed with the standard library.
+
+    Only urlencoded bodies (or bodies without a content type, as curl -d sends) are forms here;
+    anything else gets a 415 that names the two accepted formats."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type not in ("", "application/x-www-form-urlencoded"):
+        raise ApiError(415, f"unsupported body type {media_type!r}: send JSON "
+                            '({"peers": ["host:port"]}) or a form (peer=host:port)')
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "the form body is not UTF-8") from None
+    return urllib.parse.parse_qs(text, keep_blank_values=False, max_num_fields=1000)
 
 
 Handler = Callable[[Request], Awaitable[Response]]

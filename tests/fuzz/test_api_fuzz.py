@@ -17,7 +17,6 @@ any kernel. Requests that would stop the agent only set its stop event.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import string
 from ipaddress import IPv4Address
@@ -26,7 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
@@ -47,13 +46,9 @@ CONTENT_TYPES = ["application/json", "application/json; charset=utf-8", "text/pl
                  "text/json; charset=latin-1"]
 FORM_TYPES = ["application/x-www-form-urlencoded", "multipart/form-data",
               "multipart/form-data; boundary=xyz"]
-# Non-JSON bodies to /connect and /forget go to Starlette's form parser (Weave's `peer=...`),
-# which needs python-multipart, not a dependency yet: without it every such body gets a
-# text/plain 500 (reported to the API's owner; test_form_bodies_are_parsed below pins it).
-# Until it is installed the fuzzing leaves those requests out (and form content types).
-FORMS_PARSE = importlib.util.find_spec("multipart") is not None
-if FORMS_PARSE:
-    CONTENT_TYPES += FORM_TYPES
+# Non-JSON bodies to /connect and /forget are urlencoded forms (Weave's `peer=...`); any other
+# body type gets a JSON 415.
+CONTENT_TYPES += FORM_TYPES
 ENDPOINTS = [("GET", "/status"), ("GET", "/report"), ("GET", "/healthz"), ("GET", "/readyz"),
              ("POST", "/connect"), ("POST", "/forget"), ("DELETE", "/peer/other"),
              ("POST", "/stop"), ("GET", "/status/peers")]
@@ -147,12 +142,6 @@ def make_agent(tmp_path: Path) -> Agent:
     return Agent(prepared)
 
 
-def reaches_form_parser(request: dict[str, Any]) -> bool:
-    """The request would be parsed as a form by /connect or /forget (see FORMS_PARSE)."""
-    return (request["method"] == "POST" and request["path"] in ("/connect", "/forget")
-            and bool(request["body"]) and "json" not in request["headers"].get("content-type", ""))
-
-
 def check_response(request: dict[str, Any], response: Any) -> None:
     what = f"{request['method']} {request['path']} -> {response.status_code}"
     assert 200 <= response.status_code < 600, what
@@ -184,7 +173,6 @@ def test_any_request_gets_a_json_answer_and_never_a_500(tmp_path: Path) -> None:
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(request=requests())
         def one(request: dict[str, Any]) -> None:
-            assume(FORMS_PARSE or not reaches_form_parser(request))
             response = client.request(request["method"], request["path"],
                                       params=request["query"], headers=request["headers"],
                                       content=request["body"])
@@ -228,9 +216,6 @@ def test_known_requests_answer_as_documented(tmp_path: Path) -> None:
             check_response({"method": method, "path": path}, response)
 
 
-@pytest.mark.xfail(not FORMS_PARSE, strict=True,
-                   reason="python-multipart is not installed: form bodies get a 500 "
-                          "(reported to the owner of weavepy/api.py)")
 @pytest.mark.timeout(60)
 def test_form_bodies_are_parsed(tmp_path: Path) -> None:
     """Weave's form style (`peer=...`) and broken multipart bodies: 200 or a JSON 4xx."""
