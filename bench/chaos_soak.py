@@ -9,6 +9,7 @@ be replayed with `weavepy chaos --profile soak --seed N`.
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 from collections import Counter
 from collections.abc import Sequence
@@ -58,8 +59,15 @@ def run(args: Sequence[str]) -> str:
     ]
     out = table(["", "value"], rows)
     if report.violations:
-        out += "\n\nViolations:\n\n" + "\n".join(
-            f"- [{v.invariant}] {v.message}" for v in report.violations[:20])
+        shown = report.violations[:20]
+        out += "\n\nViolations (time since start, invariant, message, evidence):\n\n" + "\n".join(
+            f"- t={v.at - report.origin:.1f}s [{v.invariant}] {v.message}\n  evidence: "
+            f"`{json.dumps(v.evidence, default=str)[:1500]}`" for v in shown)
+        if len(report.violations) > len(shown):
+            out += f"\n- ... and {len(report.violations) - len(shown)} more"
+        out += "\n\nFaults (replay with the seed above):\n\n" + "\n".join(
+            f"- t={t - report.origin:.1f}s {event}" for t, event in report.timeline
+            if event.startswith(("start:", "end:")))
     out += ("\n\nConvergence: a ground-truth change (fault applied or undone) until every live "
             "node's routes, neighbours and FDB match the live membership (polled every 0.5 s, "
             "so times are +-0.5 s). Changes superseded by the next fault before converging "

@@ -162,6 +162,9 @@ class _Run:
                 observe_node, STATUS_TIMEOUT, timeout=STATUS_TIMEOUT + 10)
         except (TimeoutError, SandboxError, OSError):
             return None, None
+        except Exception as exc:  # a broken observation is no observation, not a crashed run
+            log.warning("observing %s failed: %r", node.name, exc)
+            return None, None
         return result
 
     def repeat_pod_add(self, name: str) -> None:
