@@ -68,6 +68,7 @@ DEFAULT_WG_PORT = 51820
 WG_OVERHEAD = 80  # IPv6-safe WireGuard overhead, as flannel and wg-quick subtract
 UDP_IPV4_OVERHEAD = 28  # the largest datagram is underlay MTU - IPv4 - UDP headers
 RETRY_INTERVAL = 10.0  # seconds between handshake retries of peers without a session
+FAILED_AFTER = 15.0  # seconds without a session (after setup or expiry) before "failed"
 HANDSHAKE_FRESH = 180.0  # REJECT_AFTER_TIME: a session older than this no longer carries data
 EXTERNAL_KEEPALIVE = 25  # PersistentKeepalive in the external host's config (NAT friendly)
 
@@ -303,6 +304,7 @@ def apply_routes(device: str, desired: RouteTable, *, delete_only: bool = False
 
 @dataclass
 class _PeerHealth:
+    configured_at: float  # wall clock: when the peer was (re)configured
     gave_up_at: float | None = None
     retries: int = 0
 
@@ -375,7 +377,7 @@ class EncryptedPath:
             wanted = []
             for peer in interface.core.peers:
                 if peer.keypairs.current is None and peer.endpoint is not None:
-                    self.health.setdefault(peer.public_key.raw, _PeerHealth()).retries += 1
+                    self._health(peer.public_key.raw).retries += 1
                     wanted.append(HandshakeNeeded(peer.public_key.raw))
             if wanted:
                 interface.handle_reports(list(wanted))
@@ -385,9 +387,12 @@ class EncryptedPath:
         events, interface.events[:] = list(interface.events), []
         for event in events:
             if isinstance(event, HandshakeGaveUp):
-                self.health.setdefault(event.peer.raw, _PeerHealth()).gave_up_at = time.time()
+                self._health(event.peer.raw).gave_up_at = time.time()
             elif isinstance(event, HandshakeCompleted):
-                self.health[event.peer.raw] = _PeerHealth()
+                self.health[event.peer.raw] = _PeerHealth(time.time())
+
+    def _health(self, key: bytes) -> _PeerHealth:
+        return self.health.setdefault(key, _PeerHealth(time.time()))
 
     def sync_peers(self, wanted: Sequence[WgPeer]) -> None:
         """Configure exactly `wanted` in the interface (no-op until it runs)."""
@@ -408,6 +413,8 @@ class EncryptedPath:
                 except ValueError as exc:  # our own key, or a weak one: never configured
                     log.warning("WireGuard peer %s not configured: %s", name, exc)
                     continue
+                if name not in self.peers or self.peers[name].endpoint != peer.endpoint:
+                    self.health[peer.public_key] = _PeerHealth(time.time())
                 self.peers[name] = peer
                 if peer.endpoint is not None:
                     interface.handle_reports([HandshakeNeeded(peer.public_key)])
@@ -444,18 +451,20 @@ class EncryptedPath:
                           if p.public_key.raw == peer.public_key), None)
         if core_peer is None:
             return "pending", "not configured yet"
+        now = time.time()
         last = core_peer.last_handshake_wall
-        if core_peer.keypairs.current is not None and last and time.time() - last < \
-                HANDSHAKE_FRESH:
+        if core_peer.keypairs.current is not None and last and now - last < HANDSHAKE_FRESH:
             if name not in self.routed:
                 return "pending", "routes not programmed yet"
             return "established", None
-        health = self.health.get(peer.public_key, _PeerHealth())
-        if health.gave_up_at is not None:
-            return "failed", (f"no handshake answer from {_endpoint_text(peer.endpoint)}; "
-                              f"retrying every {self.retry_interval:g} s")
+        health = self._health(peer.public_key)
+        since = max(health.configured_at, last + HANDSHAKE_FRESH if last else 0.0)
+        waited = now - since
         if peer.endpoint is None:
             return "pending", "waiting for the peer's first handshake (no endpoint declared)"
+        if health.gave_up_at is not None or waited > FAILED_AFTER:
+            return "failed", (f"no handshake answer from {_endpoint_text(peer.endpoint)} for "
+                              f"{waited:.0f} s; retrying every {self.retry_interval:g} s")
         return "pending", f"handshake with {_endpoint_text(peer.endpoint)} in progress"
 
     def status(self) -> dict[str, Any]:

@@ -193,3 +193,33 @@ def test_per_peer_selection_is_symmetric_and_vxlan_stays_the_default(
     doc = rig.status(n3)
     assert doc is not None and doc["dataplane"]["wireguard"]["running"] is False
     assert doc["dataplane"]["mtu"] == 1500 - 50  # no encryption asked: the VXLAN MTU
+
+
+def _connection_to(rig: AgentBox, node: Any, peer: str, state: str) -> dict[str, Any] | None:
+    doc = rig.status(node)
+    for conn in (doc or {}).get("connections", []):
+        if conn["peer"] == peer and conn["state"] == state:
+            return dict(conn)
+    return None
+
+
+@pytest.mark.timeout(150)
+def test_an_unanswered_handshake_shows_failed_and_the_retry_recovers(
+        agent_box: Callable[..., AgentBox]) -> None:
+    require_binary("nft", "nftables")
+    rig = agent_box(nodes=2, extra_args=["--encrypt"])
+    n1, n2 = rig.box.nodes
+    # n2 drops all WireGuard packets from the start (gossip still flows)
+    n2.run(["nft", "-f", "-"], check=True, input=(
+        "table inet wgblock {\n chain input {\n  type filter hook input priority 0;\n"
+        f"  udp dport {WG_PORT} drop\n }}\n}}\n"))
+    rig.launch_all()
+    failed = rig.wait("n1 to report the connection to n2 as failed",
+                      partial(_connection_to, rig, n1, "n2", "failed"), timeout=60)
+    assert failed["path"] == "wireguard" and failed["encrypted"]
+    assert f"no handshake answer from {n2.underlay_ip}:{WG_PORT}" in failed["reason"]
+    assert "retrying every 10 s" in failed["reason"]
+    n2.run(["nft", "delete", "table", "inet", "wgblock"], check=True)
+    established = rig.wait("the retried handshake to succeed",
+                           partial(_connection_to, rig, n1, "n2", "established"), timeout=40)
+    assert established["reason"] is None
