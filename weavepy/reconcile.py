@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 PROGRAMMED_FILE = "vxlan-peers.json"
 DEBOUNCE = 0.005  # seconds: pokes within this window share one pass
+WG_ERROR_RETRY = 2.0  # seconds: the next pass after one with WireGuard route errors
 
 
 def choose_path(local: DataPlaneIdentity, peer: DataPlaneIdentity, *, local_name: str = "",
@@ -326,7 +327,12 @@ class Reconciler:
             self.poke("start")
             task_status.started()
             while True:
-                with trio.move_on_after(self.interval):
+                # route errors on the TUN device (e.g. a source address not there yet) are
+                # retried soon, not after a whole interval
+                wait = (min(self.interval, WG_ERROR_RETRY)
+                        if self.last is not None and self.last.wireguard_errors
+                        else self.interval)
+                with trio.move_on_after(wait):
                     await self._wakeup.wait()
                 await trio.sleep(DEBOUNCE)
                 self._wakeup = trio.Event()
@@ -361,9 +367,9 @@ class Reconciler:
             # is never replaced)
             wg_errors += await encrypted.apply(desired.wg_peers, source, delete_only=True)
         report = await self.backend.areconcile(desired.peers, desired.local_blocks)
-        if encrypted is not None:
-            wg_errors += await encrypted.apply(desired.wg_peers, source)
         bridge_error = await self._apply_bridge(desired.local_blocks)
+        if encrypted is not None:  # after the bridge: the route source is its gateway
+            wg_errors += await encrypted.apply(desired.wg_peers, source)
         record = PassRecord(started, reason, report, bridge_error, retained, tuple(wg_errors))
         self.last = record
         self.passes += 1
