@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from typing import Any
 
 import pytest
@@ -70,8 +71,11 @@ def test_operator_commands(agent_box: Any) -> None:
     assert removed.returncode == 0, removed.stderr
     assert "n3" in removed.stdout
     for node in (n1, n2):
-        rig.wait(f"{node.name} to forget n3's block", lambda n=node: blocks["n3"][0] not in [
-            b["block"] for b in (rig.status(n) or {}).get("blocks", [])], timeout=20)
+        def forgot(n: Any) -> bool:
+            return blocks["n3"][0] not in [
+                b["block"] for b in (rig.status(n) or {}).get("blocks", [])]
+
+        rig.wait(f"{node.name} to forget n3's block", partial(forgot, node), timeout=20)
     again = rig.cli(n1, "rmpeer", "n3")
     assert again.returncode != 0 and "already removed" in again.stderr
 

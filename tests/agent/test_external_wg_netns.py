@@ -15,6 +15,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -132,5 +133,5 @@ def test_a_stock_wireguard_host_reaches_pods_from_wg_config_alone(
 
     for node in (n1, n2):
         conn = rig.wait(f"the external connection on {node.name}",
-                        lambda node=node: external_connection(node), timeout=20)  # type: ignore[misc]
+                        partial(external_connection, node), timeout=20)
         assert conn["path"] == "wireguard" and conn["encrypted"] and conn["external"]

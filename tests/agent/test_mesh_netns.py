@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -45,6 +46,14 @@ def _probe_all(src: str, targets: list[str], port: int) -> dict[str, tuple[bytes
                   udp_echo(src, dst, port, f"hello {dst}".encode())) for dst in targets}
 
 
+def _listening(server: Any) -> bool:
+    return "listening" in server.log_text()
+
+
+def _no_entries_for(rig: AgentBox, node: SandboxNode, block: str, mac: str) -> bool:
+    return not _entries_for(rig, node, block, mac)
+
+
 def _entries_for(rig: AgentBox, node: SandboxNode, block: str, mac: str) -> list[str]:
     """Which of the route / neighbour / FDB entries for (block, mac) `node` still holds."""
     view = rig.dataplane(node)
@@ -66,7 +75,7 @@ def test_gateways_reach_each_other_over_tcp_and_udp_through_vxlan(rig: AgentBox)
     gateways = {n.name: gateway_of(blocks[n.name][0]) for n in nodes}
     for node in nodes:
         server = node.start("echo", echo_server_argv(gateways[node.name], ECHO_PORT))
-        rig.wait(f"echo server in {node.name}", lambda s=server: "listening" in s.log_text(), 10)
+        rig.wait(f"echo server in {node.name}", partial(_listening, server), 10)
 
     captured: list[Any] = []
     capture = threading.Thread(target=lambda: captured.extend(call_in_netns(
@@ -136,7 +145,7 @@ def test_sigkill_removes_the_dead_nodes_entries_everywhere(rig: AgentBox) -> Non
     rig.kill(victim)
     for node in survivors:
         rig.wait(f"{node.name} to drop every entry of the dead {victim.name}",
-                 lambda n=node: not _entries_for(rig, n, block, vtep), timeout=45, interval=0.2)
+                 partial(_no_entries_for, rig, node, block, vtep), timeout=45, interval=0.2)
     print(f"entries gone on all survivors {time.monotonic() - killed_at:.1f} s after SIGKILL")
     doc = rig.status(survivors[0])
     assert doc is not None
