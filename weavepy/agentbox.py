@@ -35,6 +35,7 @@ __all__ = ["AgentBox", "DataPlaneView", "WaitTimeout", "read_dataplane"]
 REPO = Path(__file__).resolve().parents[1]
 API_PORT = 6784
 DEVICE = "weavepy.1"
+WG_DEVICE = "weavepy.wg"  # the agent's default --wg-device
 BRIDGE = "weavepy0"
 T = TypeVar("T")
 
@@ -45,19 +46,33 @@ class WaitTimeout(AssertionError):
 
 @dataclass(frozen=True)
 class DataPlaneView:
-    """One node's VXLAN kernel state: routes (block -> gateway), neighbours, FDB, bridge."""
+    """One node's data-plane kernel state: VXLAN routes (block -> gateway), neighbours, FDB,
+    bridge, and the routes of the encrypted path (block -> source address on the TUN)."""
 
     routes: dict[str, str]
     neighbours: dict[str, str]
     fdb: dict[str, str]
     device_up: bool
     bridge_addresses: tuple[str, ...]
+    encrypted_routes: dict[str, str] = field(default_factory=dict)
+
+    def all_routes(self) -> set[str]:
+        """Every peer block this node routes, over either path."""
+        return set(self.routes) | set(self.encrypted_routes)
 
 
-def read_dataplane(device: str = DEVICE, bridge: str = BRIDGE) -> DataPlaneView:
-    """Read the VXLAN device's routes, permanent neighbours and FDB in this namespace
-    (run it inside a node with `node.call`)."""
+def read_dataplane(device: str = DEVICE, bridge: str = BRIDGE,
+                   wg_device: str = WG_DEVICE) -> DataPlaneView:
+    """Read the VXLAN device's routes, permanent neighbours and FDB, and the WireGuard
+    device's routes, in this namespace (run it inside a node with `node.call`)."""
     with IPRoute() as ipr:
+        encrypted: dict[str, str] = {}
+        tun = ipr.link_lookup(ifname=wg_device)
+        if tun:
+            for r in ipr.get_routes(family=socket.AF_INET, table=254):
+                if r.get_attr("RTA_OIF") == tun[0] and r.get_attr("RTA_DST"):
+                    encrypted[f"{r.get_attr('RTA_DST')}/{r['dst_len']}"] = str(
+                        r.get_attr("RTA_PREFSRC"))
         found = ipr.link_lookup(ifname=device)
         routes: dict[str, str] = {}
         neighbours: dict[str, str] = {}
@@ -81,7 +96,8 @@ def read_dataplane(device: str = DEVICE, bridge: str = BRIDGE) -> DataPlaneView:
         if bridges:
             for a in ipr.get_addr(family=socket.AF_INET, index=bridges[0]):
                 bridge_addresses.append(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
-    return DataPlaneView(routes, neighbours, fdb, up, tuple(sorted(bridge_addresses)))
+    return DataPlaneView(routes, neighbours, fdb, up, tuple(sorted(bridge_addresses)),
+                         encrypted)
 
 
 def http_json(method: str, path: str, port: int = API_PORT, body: Any = None,
@@ -269,9 +285,9 @@ class AgentBox:
         if len(blocks) != len(nodes):
             return None
         for node in nodes:
-            routes = self.dataplane(node).routes
+            routes = self.dataplane(node).all_routes()
             wanted = {b for other, owned in blocks.items() if other != node.name for b in owned}
-            if set(routes) != wanted:
+            if routes != wanted:
                 return None
         return blocks
 

@@ -48,11 +48,12 @@ def main(log_level: str, log_format: str) -> None:
 @click.option("--nodes", "-n", default=3, show_default=True, type=click.IntRange(2, 20))
 @click.option("--keep", is_flag=True, help="leave the sandbox running (remove it with "
               "`weavepy sandbox down PREFIX`)")
-def demo(nodes: int, keep: bool) -> None:
+@click.option("--encrypt", is_flag=True, help="pod traffic over the WireGuard path")
+def demo(nodes: int, keep: bool, encrypt: bool) -> None:
     """Build a local cluster in network namespaces, show it working, tear it down."""
     from weavepy.demo import run_demo
 
-    raise SystemExit(run_demo(nodes=nodes, keep=keep, echo=click.echo))
+    raise SystemExit(run_demo(nodes=nodes, keep=keep, echo=click.echo, encrypt=encrypt))
 
 
 main.add_command(sandbox_group)

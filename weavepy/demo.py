@@ -17,8 +17,9 @@ import re
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
-from weavepy.agentbox import AgentBox, WaitTimeout, gateway_of
+from weavepy.agentbox import DEVICE, WG_DEVICE, AgentBox, WaitTimeout, gateway_of
 from weavepy.sandbox import Sandbox, SandboxError
 
 PING_RTT = re.compile(r"= [\d.]+/([\d.]+)/")
@@ -51,7 +52,12 @@ def _matrix(echo: Callable[[str], None], names: list[str],
     return failures
 
 
-def run_demo(nodes: int, keep: bool, echo: Callable[[str], None]) -> int:
+def _all_established(doc: dict[str, Any] | None) -> bool:
+    conns = (doc or {}).get("connections", [])
+    return bool(conns) and all(c.get("state") == "established" for c in conns)
+
+
+def run_demo(nodes: int, keep: bool, echo: Callable[[str], None], encrypt: bool = False) -> int:
     """Run the demo; returns the process exit code (0 when every check passed)."""
     if os.geteuid() != 0:
         echo("Error: the demo needs root (it creates network namespaces)")
@@ -65,7 +71,8 @@ def run_demo(nodes: int, keep: bool, echo: Callable[[str], None]) -> int:
         return 1
     failures = 0
     try:
-        rig = AgentBox(box, pod_range=str(box.pod_range))
+        rig = AgentBox(box, pod_range=str(box.pod_range),
+                       extra_args=["--encrypt"] if encrypt else ())
         echo(f"sandbox {box.prefix}: underlay {box.underlay}, pod range {box.pod_range}")
         echo(f"launching one weavepy agent per node (gossip key {rig.key_file}) ...")
         rig.launch_all()
@@ -83,14 +90,30 @@ def run_demo(nodes: int, keep: bool, echo: Callable[[str], None]) -> int:
                  f"{doc.get('ipam', {}).get('state', '?'):<8}{alive} alive")
         first = box.nodes[0]
         echo("")
-        echo(f"kernel state on {first.name} (routes via the VXLAN device {rig_device()}):")
+        if encrypt:  # routes exist before the first handshake; wait for every session
+            rig.wait("WireGuard sessions between all nodes",
+                     lambda: all(_all_established(rig.status(n)) for n in box.nodes) or None,
+                     timeout=30)
         view = rig.dataplane(first)
-        for block, gateway in sorted(view.routes.items()):
-            echo(f"  {block} via {gateway} onlink, neighbour {gateway} -> "
-                 f"{view.neighbours.get(gateway, '?')}, FDB -> "
-                 f"{view.fdb.get(view.neighbours.get(gateway, ''), '?')}")
+        if encrypt:
+            echo(f"kernel state on {first.name} (routes via the WireGuard device {WG_DEVICE}):")
+            for block, source in sorted(view.encrypted_routes.items()):
+                echo(f"  {block} dev {WG_DEVICE} src {source}")
+            echo(f"connections of {first.name}:")
+            for conn in (rig.status(first) or {}).get("connections", []):
+                echo(f"  {conn.get('peer')}: {conn.get('path')}, "
+                     f"{'encrypted' if conn.get('encrypted') else 'plain'}, "
+                     f"MTU {conn.get('mtu')}, {conn.get('state')}")
+        else:
+            echo(f"kernel state on {first.name} (routes via the VXLAN device {DEVICE}):")
+            for block, gateway in sorted(view.routes.items()):
+                echo(f"  {block} via {gateway} onlink, neighbour {gateway} -> "
+                     f"{view.neighbours.get(gateway, '?')}, FDB -> "
+                     f"{view.fdb.get(view.neighbours.get(gateway, ''), '?')}")
+        path_name = "WireGuard (encrypted)" if encrypt else "VXLAN"
         echo("")
-        echo("pod bridge gateways reaching each other through VXLAN (ping, average RTT):")
+        echo(f"pod bridge gateways reaching each other through {path_name} "
+             "(ping, average RTT):")
         names = [n.name for n in box.nodes]
         gateways = [gateway_of(blocks[n][0]) for n in names]
         failures += _matrix(echo, names, lambda i, j: _ping(
@@ -126,8 +149,3 @@ def run_demo(nodes: int, keep: bool, echo: Callable[[str], None]) -> int:
             echo(f"sandbox {box.prefix} removed")
     return 1 if failures else 0
 
-
-def rig_device() -> str:
-    from weavepy.agentbox import DEVICE
-
-    return DEVICE
