@@ -324,4 +324,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run the module's importable twin, so the replies it pickles name
+    # `tunnel.wireguard.workers` (which any parent can unpickle), not `__main__`.
+    from tunnel.wireguard.workers import main as importable_main
+
+    sys.exit(importable_main(sys.argv[1:]))
