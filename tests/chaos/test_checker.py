@@ -159,3 +159,37 @@ def test_probes_are_judged_only_between_healthy_pods() -> None:
     assert report.probes_unjudged == 7
     checker.probe(ProbeResult("n1", "n2", 8.1, 9.1, False))
     assert not checker.finish(10.0).ok  # 1 of 11 failed: far below 99.9 %
+
+
+def test_an_isolated_minority_may_keep_extra_routes_until_the_isolated_bound() -> None:
+    """Lifeguard slows a cut-off node's own probing: its stale routes to the majority get the
+    isolated bound; the majority's stale route to it, and anything missing, get the bound."""
+    cut = frozenset({("n3", "n1"), ("n3", "n2"), ("n1", "n3"), ("n2", "n3")})
+    partitioned = Truth(blocked=cut, minority=frozenset({"n3"}))
+    lagging = mesh(["n1", "n2", "n3"], n1=(status("n1"), kernel_to(["n2"])),
+                   n2=(status("n2"), kernel_to(["n1"])), n3=(status("n3"), kernel_to(["n1"])))
+
+    checker = LiveChecker(UNDERLAY, 5, 0.0, isolated_bound=20)
+    checker.set_truth(0.0, Truth(), "up", UNDERLAY)
+    checker.observe(0.1, mesh(["n1", "n2", "n3"]))
+    checker.set_truth(1.0, partitioned, "partition n3", ["n3"])
+    for t in (2.0, 7.0, 15.0):  # past the bound, within the isolated bound: still measuring
+        checker.observe(t, lagging)
+    assert not checker.violations and checker.settling
+    checker.observe(22.0, lagging)  # past the isolated bound: a violation after all
+    violation = checker.finish(23.0).violations[0]
+    assert violation.invariant == "2:kernel_matches_membership"
+    assert violation.evidence["n3"][0] == "extra route 198.19.0.0/24 via 198.19.0.0"
+
+    checker = LiveChecker(UNDERLAY, 5, 0.0, isolated_bound=20)
+    checker.set_truth(0.0, Truth(), "up", UNDERLAY)
+    checker.observe(0.1, mesh(["n1", "n2", "n3"]))
+    checker.set_truth(1.0, partitioned, "partition n3", ["n3"])
+    majority_stale = mesh(["n1", "n2", "n3"], n2=(status("n2"), kernel_to(["n1"])),
+                          n3=(status("n3"), kernel_to([])))  # n1 still routes to n3
+    for t in (2.0, 7.0):
+        checker.observe(t, majority_stale)
+    assert [v.evidence for v in checker.violations] == [
+        {"n1": ["extra route 198.19.2.0/24 via 198.19.2.0",
+                "extra neighbour 198.19.2.0 -> 02:00:00:00:00:03",
+                "extra FDB entry 02:00:00:00:00:03 -> 198.18.0.13"]}]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from weavepy.chaos.probe import DEFAULT_PORT
 from weavepy.chaos.schedule import Fault, Schedule
 from weavepy.sandbox import ManagedProcess, Sandbox, SandboxError, SandboxNode
 
-__all__ = ["ChaosSetupError", "RunOptions", "observe_node", "run_chaos"]
+__all__ = ["ChaosSetupError", "RunOptions", "isolated_bound", "observe_node", "run_chaos"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,20 @@ def observe_node(api_timeout: float) -> tuple[dict[str, Any] | None, DataPlaneVi
     return status, kernel
 
 
+def isolated_bound(nodes: int, profile: str, slack: float = 10.0) -> float:
+    """How long a node cut off on a partition's minority side may keep routes to the peers it
+    lost (see the checker): n-1 probe rounds at the interval stretched to its maximum by
+    Lifeguard, then the longest suspicion timeout (nobody confirms), plus reconcile slack."""
+    from gossip.config import GossipConfig
+
+    config = {"lan": GossipConfig.lan, "wan": GossipConfig.wan,
+              "local": GossipConfig.local}[profile]()
+    stretched_round = config.probe_interval * config.awareness_max_multiplier
+    longest_suspicion = (config.suspicion_max_timeout_mult * config.suspicion_mult
+                         * max(1.0, math.log10(nodes)) * config.probe_interval)
+    return (nodes - 1) * stretched_round + longest_suspicion + slack
+
+
 class _Run:
     """One chaos run's moving parts; `run_chaos` drives it."""
 
@@ -81,7 +96,9 @@ class _Run:
         self.nodes = {node.name: node for node in box.nodes}
         self.checker = LiveChecker({n.name: n.underlay_ip for n in box.nodes},
                                    schedule.convergence_bound_s, time.monotonic(),
-                                   seed=schedule.seed)
+                                   seed=schedule.seed,
+                                   isolated_bound=isolated_bound(len(box.nodes),
+                                                                 self.rig.profile))
         self.truth = Truth(defined=False)
         self.pool = ThreadPoolExecutor(max_workers=len(box.nodes))
         self.pod_netns: dict[str, str] = {}
