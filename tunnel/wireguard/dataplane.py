@@ -30,6 +30,7 @@ Every drop is counted in `counters` under a reason, as in core.py.
 from __future__ import annotations
 
 import collections
+import itertools
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -226,6 +227,9 @@ class TxEngine:
         self._plain_view = memoryview(self._plain)
         self._cipher = bytearray(MAX_READ + 64)
         self._cipher_view = memoryview(self._cipher)
+        self._seal_view_cache: dict[
+            int, tuple[list[memoryview], list[memoryview], list[memoryview]]
+        ] = {}
         self._handshake_reports: list[Report] = []
         self._now = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
@@ -391,22 +395,25 @@ class TxEngine:
             .reshape(count, 8)
         )
         out = self._out_view
-        rows = self._segmenter.flat
-        width = self._segmenter.width
         encrypt_into = keypair.sender.encrypt_into
-        row = at = 0
-        for _ in range(count - 1):
-            body = at + TRANSPORT_HEADER_SIZE
-            encrypt_into(
-                out[at + 4 : body],
-                rows[row : row + full_plain],
-                None,
-                out[body : body + full_plain + TAG_SIZE],
+        if count > 1:
+            nonces, plains, seals = self._seal_views(full_plain)
+            # one C-level loop over cached views of the fixed buffers: no per-segment slicing
+            collections.deque(
+                map(
+                    encrypt_into,
+                    nonces[: count - 1],
+                    plains[: count - 1],
+                    itertools.repeat(None, count - 1),
+                    seals[: count - 1],
+                ),
+                maxlen=0,
             )
-            row += width
-            at += datagram
+        at = (count - 1) * datagram
+        row = (count - 1) * self._segmenter.width
         body = at + TRANSPORT_HEADER_SIZE
         end = body + last_plain + TAG_SIZE
+        rows = self._segmenter.flat
         encrypt_into(out[at + 4 : body], rows[row : row + last_plain], None, out[body:end])
         heads[:, 4:8] = np.frombuffer(struct.pack("<I", keypair.remote_index), dtype=np.uint8)
         keypair.send_counter = counter + count
@@ -414,6 +421,25 @@ class TxEngine:
         self.stats["messages_sent"] += count
         self.stats["super_packets_segmented"] += 1
         return [Send(out[:end], datagram if count > 1 else 0, peer.endpoint)]
+
+    def _seal_views(
+        self, full_plain: int
+    ) -> tuple[list[memoryview], list[memoryview], list[memoryview]]:
+        """Nonce, plaintext-row and ciphertext views for segments of `full_plain` bytes, made
+        once per segment size (the buffers never move)."""
+        views = self._seal_view_cache.get(full_plain)
+        if views is None:
+            out, rows, width = self._out_view, self._segmenter.flat, self._segmenter.width
+            datagram = TRANSPORT_HEADER_SIZE + full_plain + TAG_SIZE
+            limit = min(len(out) // datagram, len(rows) // width)
+            starts = [(i * datagram, i * width) for i in range(limit)]
+            views = (
+                [out[at + 4 : at + TRANSPORT_HEADER_SIZE] for at, _ in starts],
+                [rows[row : row + full_plain] for _, row in starts],
+                [out[at + TRANSPORT_HEADER_SIZE : at + datagram] for at, _ in starts],
+            )
+            self._seal_view_cache[full_plain] = views
+        return views
 
     def _send_extension(self, peer: _TxPeer, keypair: Keypair, read: memoryview) -> list[Send]:
         assert peer.endpoint is not None
@@ -518,6 +544,7 @@ class RxEngine:
         self._cipher = bytearray(MAX_READ + 256)
         self._cipher_view = memoryview(self._cipher)
         self._reassembly = Reassembly()
+        self._open_view_cache: dict[int, tuple[list[slice], list[slice], list[memoryview]]] = {}
         # one reusable output for the result of a fast-path batch (written before the next)
         self._out = bytearray(VNET_HDR_SIZE + 65536 + 64)
         self._held: collections.deque[_Held] = collections.deque()
@@ -736,17 +763,32 @@ class RxEngine:
         rows = self._rows_flat
         failed: list[int] = []
         last_body = last_start + TRANSPORT_HEADER_SIZE
-        for start in range(0, last_start, segment_size):
-            body = start + TRANSPORT_HEADER_SIZE
-            try:
-                decrypt_into(
-                    batch[start + 4 : body],
-                    batch[body : start + segment_size],
-                    None,
-                    rows[start : start + plain],
+        if count > 1:
+            nonce_slices, body_slices, row_views = self._open_views(segment_size)
+            pick = batch.__getitem__
+            try:  # one C-level loop; a forged message sends us to the per-message loop
+                collections.deque(
+                    map(
+                        decrypt_into,
+                        map(pick, nonce_slices[: count - 1]),
+                        map(pick, body_slices[: count - 1]),
+                        itertools.repeat(None, count - 1),
+                        row_views[: count - 1],
+                    ),
+                    maxlen=0,
                 )
             except InvalidTag:
-                failed.append(start)
+                for start in range(0, last_start, segment_size):
+                    body = start + TRANSPORT_HEADER_SIZE
+                    try:
+                        decrypt_into(
+                            batch[start + 4 : body],
+                            batch[body : start + segment_size],
+                            None,
+                            rows[start : start + plain],
+                        )
+                    except InvalidTag:
+                        failed.append(start)
         try:
             decrypt_into(
                 batch[last_start + 4 : last_body],
@@ -779,6 +821,22 @@ class RxEngine:
             if start not in failed
         ]
         return self._deliver(opened, segment_size, whole=False)
+
+    def _open_views(self, segment_size: int) -> tuple[list[slice], list[slice], list[memoryview]]:
+        """Per datagram size: slices of a GRO read for each message's nonce and ciphertext,
+        and views of the rows their plaintexts go to (made once; the rows never move)."""
+        views = self._open_view_cache.get(segment_size)
+        if views is None:
+            plain = segment_size - TRANSPORT_HEADER_SIZE - TAG_SIZE
+            starts = range(0, _MAX_ROWS * segment_size, segment_size)
+            rows = self._rows_flat
+            views = (
+                [slice(at + 4, at + TRANSPORT_HEADER_SIZE) for at in starts],
+                [slice(at + TRANSPORT_HEADER_SIZE, at + segment_size) for at in starts],
+                [rows[at : at + plain] for at in starts],
+            )
+            self._open_view_cache[segment_size] = views
+        return views
 
     def _merge(
         self, opened: list[tuple[int, _RxPeer, int]], segment_size: int

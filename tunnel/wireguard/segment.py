@@ -482,7 +482,10 @@ def coalesce_rows(
     address_sum = _sum16(first[12:20].tobytes())
     pseudo = address_sum + IPPROTO_TCP
     if verify:
-        native = int(rows[:, 20:].view("<u2").sum(dtype=np.uint64))
+        # 32-bit words when rows allow (they do: padded plaintexts are multiples of 16); a
+        # little-endian u4 sum is congruent to the u2 sum modulo 0xFFFF, at half the cost
+        words = rows[:, 20:].view("<u4") if (stride - 20) % 4 == 0 else rows[:, 20:].view("<u2")
+        native = int(words.sum(dtype=np.uint64))
         total = 256 * native + count * pseudo + (count - 1) * (full - 20) + final - 20
         if total % 0xFFFF:
             return None
