@@ -208,3 +208,36 @@ def test_coalesce_rows_merges_a_gro_batch_and_refuses_a_broken_one() -> None:
     gap = rows.copy()
     gap[5, 24:28] = np.frombuffer((99).to_bytes(4, "big"), dtype=np.uint8)
     assert coalesce_rows(gap, last_plain, verify=False) is None
+
+
+def test_coalesce_rows_refuses_header_differences_a_merge_would_hide() -> None:
+    mss = 1000
+    payload = os.urandom(mss * 6 + 10)
+    segments = [
+        tcp_packet(payload[i : i + mss], seq=7 + i, flags=0x18 if i + mss >= len(payload) else 0x10)
+        for i in range(0, len(payload), mss)
+    ]
+    stride = 1040
+    rows = np.zeros((len(segments), stride), dtype=np.uint8)
+    for i, segment in enumerate(segments):
+        rows[i, : len(segment)] = np.frombuffer(segment, dtype=np.uint8)
+    last_plain = (len(segments[-1]) + 15) & ~15
+    assert coalesce_rows(rows, last_plain, verify=False) is not None
+    # (row, column, value): PSH or FIN in a middle row, a short middle row, another TTL,
+    # another port, another ACK number, a first row that is not a bare ACK
+    for row, column, value in [
+        (2, 33, 0x18),
+        (3, 33, 0x11),
+        (2, 3, 0x00),
+        (4, 8, 1),
+        (1, 21, 9),
+        (5, 29, 1),
+        (0, 33, 0x18),
+    ]:
+        changed = rows.copy()
+        changed[row, column] = value
+        assert coalesce_rows(changed, last_plain, verify=False) is None, (row, column)
+    # the last row may differ in length and carry PSH (it does here), not FIN
+    fin = rows.copy()
+    fin[-1, 33] = 0x11
+    assert coalesce_rows(fin, last_plain, verify=False) is None

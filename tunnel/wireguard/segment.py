@@ -26,6 +26,7 @@ The rule it keeps: input it does not understand is passed through unchanged or r
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -441,6 +442,20 @@ _RUN_COLUMNS_V4 = np.array([0, 1, 6, 7, 8, 9, *range(12, 24), *range(28, 33)], d
 _RUN_COLUMNS_V4.setflags(write=False)
 
 
+@functools.lru_cache(maxsize=16)
+def _run_masks(header: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Header columns (IPv4 + TCP of `header` bytes) free to differ from the first row's in
+    a mergeable run: for the rows before the last, and for the last."""
+    free_last = np.ones(header, dtype=np.bool_)
+    free_last[_RUN_COLUMNS_V4] = False
+    free_last[40:header] = False  # TCP options
+    free_body = free_last.copy()
+    free_body[[2, 3, 33]] = False  # full length; flags (a bare ACK, checked on the first row)
+    free_body.setflags(write=False)
+    free_last.setflags(write=False)
+    return free_body, free_last
+
+
 def coalesce_rows(
     rows: Matrix, last_plain: int, verify: bool, out: bytearray | None = None
 ) -> bytearray | memoryview | None:
@@ -468,16 +483,19 @@ def coalesce_rows(
     gso_size, last_payload = full - header, final - header
     if full > stride or final > last_plain or not 0 < last_payload <= gso_size:
         return None
-    columns = np.concatenate((_RUN_COLUMNS_V4, np.arange(40, header, dtype=np.intp)))
-    if not (rows[:, columns] == first[columns]).all():
+    # header bytes every row shares with the first (rows but the last also share the total
+    # length and the flags, which must be a bare ACK there); the last may add PSH
+    free_body, free_last = _run_masks(header)
+    heads = rows[:, :header]
+    if not (
+        ((heads[:-1] == first[:header]) | free_body).all()
+        and ((heads[count - 1] == first[:header]) | free_last).all()
+    ):
         return None
-    # every row but the last is full length, ACK only; the last may add PSH
-    if count > 2 and not (rows[1:-1, 2:4] == first[2:4]).all():
+    if int(first[33]) != TCP_ACK or int(last[33]) | TCP_PSH != TCP_ACK | TCP_PSH:
         return None
-    if not (rows[:-1, 33] == TCP_ACK).all() or int(last[33]) | TCP_PSH != TCP_ACK | TCP_PSH:
-        return None
-    seqs = np.ascontiguousarray(rows[:, 24:28]).view(">u4").ravel()
-    if not (np.diff(seqs) == gso_size).all():  # uint32 differences wrap like TCP sequences
+    seqs = np.ascontiguousarray(rows[:, 24:28]).view(">u4").ravel().astype(np.uint32)
+    if not (seqs[1:] - seqs[:-1] == gso_size).all():  # uint32 differences wrap like TCP's
         return None
     address_sum = _sum16(first[12:20].tobytes())
     pseudo = address_sum + IPPROTO_TCP
