@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.deploy.kube_replay import (
-    ReplayApi,
-    Watch,
-    make_ca_and_server_cert,
-    recorded,
-    serve_replay,
-)
+from tests.deploy.kube_fixtures import TOKEN, Cluster
+from tests.deploy.kube_replay import Watch, recorded
 from weavepy.kube import (
     CONDITION_REASON,
     Backoff,
@@ -37,38 +30,6 @@ from weavepy.kube import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-TOKEN = "eyJhbGciOiJSUzI1NiJ9.test-token-1"
-
-
-@dataclass
-class Cluster:
-    api: ReplayApi
-    account: Path
-    port: int
-
-
-@pytest.fixture
-def account(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
-    directory = tmp_path / "serviceaccount"
-    directory.mkdir()
-    ca, cert, key = make_ca_and_server_cert(tmp_path)
-    (directory / "ca.crt").write_bytes(ca.read_bytes())
-    (directory / "token").write_text(TOKEN)
-    (directory / "namespace").write_text("kube-system")
-    yield directory, cert, key
-
-
-@pytest.fixture
-async def cluster(account: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch,
-                  nursery: trio.Nursery) -> AsyncIterator[Cluster]:
-    directory, cert, key = account
-    api = ReplayApi(TOKEN)
-    port: int = await nursery.start(serve_replay, api, cert, key)
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(port))
-    yield Cluster(api, directory, port)
-
 
 def source_for(cluster: Cluster, **kwargs: object) -> KubePeerSource:
     kwargs.setdefault("backoff", Backoff(0.05, 0.2, random.Random(1)))

@@ -10,8 +10,8 @@ import random
 
 import trio
 
+from tests.deploy.kube_fixtures import TOKEN, Cluster
 from tests.deploy.kube_replay import Watch, recorded
-from tests.deploy.test_kube import TOKEN, Cluster, account, cluster  # noqa: F401 (fixtures)
 from weavepy.agent import follow_kube_peers, mark_network_available
 from weavepy.kube import Backoff, KubePeerSource
 from weavepy.targets import TargetSchedule
@@ -22,7 +22,7 @@ def source_for(replay: Cluster) -> KubePeerSource:
                                      backoff=Backoff(0.05, 0.2, random.Random(1)))
 
 
-async def test_node_set_replaces_the_join_targets(cluster: Cluster) -> None:  # noqa: F811
+async def test_node_set_replaces_the_join_targets(cluster: Cluster) -> None:
     cluster.api.lists.append(recorded("nodes-list-1.json"))
     cluster.api.watches.append(Watch(recorded("watch-1.jsonl"), hang=True))
     targets = TargetSchedule(random.Random(1))
@@ -46,7 +46,7 @@ async def test_node_set_replaces_the_join_targets(cluster: Cluster) -> None:  # 
     assert sorted(seen[0]) == ["198.18.0.2:6783", "198.18.0.3:6783", "198.18.0.99:6783"]
 
 
-async def test_condition_waits_for_ready_and_retries(cluster: Cluster) -> None:  # noqa: F811
+async def test_condition_waits_for_ready_and_retries(cluster: Cluster) -> None:
     api = cluster.api
     api.token = "not-yet"  # the first patches are refused (401)
     ready = False
