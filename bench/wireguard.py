@@ -9,6 +9,8 @@ between repetitions:
 
 - wireguard-go: Debian's wireguard-go + wg, MTU 1420 (the anchor);
 - weavepy standard: our device with stock WireGuard transport messages, MTU 1420;
+- weavepy to wireguard-go: our device (standard transport) on node 1, Debian's wireguard-go on
+  node 2, so pod 1 -> pod 2 is weavepy sending to a stock receiver (port 51823);
 - weavepy extension: our device with the super-packet extension (peers flagged extension_ok);
 - vxlan: kernel VXLAN, flannel-style by hand (VNI 1, port 8472), unencrypted, MTU 1450;
 - plain: routing over the underlay, MTU 1500 (the physical limit).
@@ -39,11 +41,19 @@ from weavepy.sandbox import ManagedProcess, Sandbox, SandboxNode
 
 REPO = Path(__file__).resolve().parents[1]
 TUN_GSO_MAX_SIZE = 62000
-WG_PORT, STD_PORT, EXT_PORT = 51820, 51821, 51822
-PATHS = ("wireguard-go", "weavepy-standard", "weavepy-extension", "vxlan", "plain")
+WG_PORT, STD_PORT, EXT_PORT, MIXED_PORT = 51820, 51821, 51822, 51823
+PATHS = (
+    "wireguard-go",
+    "weavepy-standard",
+    "weavepy-to-wireguard-go",
+    "weavepy-extension",
+    "vxlan",
+    "plain",
+)
 PATH_MTU = {
     "wireguard-go": 1420,
     "weavepy-standard": 1420,
+    "weavepy-to-wireguard-go": 1420,
     "weavepy-extension": 1420,
     "vxlan": 1450,
     "plain": 1500,
@@ -159,45 +169,143 @@ class PodNetwork:
             )
         self.tunnels["vxlan"] = Tunnel("vxlan", [name, name])
 
+    def _start_wireguard_go(self, node: SandboxNode, name: str) -> ManagedProcess:
+        process = node.start(
+            f"wggo-{name}", ["wireguard-go", "-f", name], env={"WG_PROCESS_FOREGROUND": "1"}
+        )
+        deadline = time.monotonic() + 10
+        while node.run(["ip", "link", "show", name], check=False).returncode != 0:
+            if time.monotonic() > deadline or not process.alive():
+                raise RuntimeError(f"wireguard-go did not start: {process.log_text()}")
+            time.sleep(0.05)
+        return process
+
+    def _configure_wireguard_go(
+        self,
+        node: SandboxNode,
+        name: str,
+        key: PrivateKey,
+        port: int,
+        peer: PrivateKey,
+        peer_node: SandboxNode,
+        peer_subnet: str,
+    ) -> None:
+        key_file = self.workdir / f"{node.name}-{name}.key"
+        key_file.write_text(key.to_base64())
+        node.run(
+            [
+                "wg",
+                "set",
+                name,
+                "private-key",
+                str(key_file),
+                "listen-port",
+                str(port),
+                "peer",
+                peer.public_key.to_base64(),
+                "endpoint",
+                f"{peer_node.underlay_ip}:{port}",
+                "allowed-ips",
+                peer_subnet,
+            ]
+        )
+        node.run(["ip", "link", "set", name, "mtu", "1420", "up"])
+
     def add_wireguard_go(self) -> None:
         names = [f"{self.box.prefix}g{i}" for i in (1, 2)]
         keys = [PrivateKey.generate(), PrivateKey.generate()]
         tunnel = Tunnel("wireguard-go", names)
         for index, node in enumerate(self.nodes, start=1):
-            name = names[index - 1]
-            key_file = self.workdir / f"{node.name}-wggo.key"
-            key_file.write_text(keys[index - 1].to_base64())
-            process = node.start(
-                "wggo", ["wireguard-go", "-f", name], env={"WG_PROCESS_FOREGROUND": "1"}
-            )
-            tunnel.processes.append(process)
-            deadline = time.monotonic() + 10
-            while node.run(["ip", "link", "show", name], check=False).returncode != 0:
-                if time.monotonic() > deadline or not process.alive():
-                    raise RuntimeError(f"wireguard-go did not start: {process.log_text()}")
-                time.sleep(0.05)
+            tunnel.processes.append(self._start_wireguard_go(node, names[index - 1]))
         for index, node in enumerate(self.nodes, start=1):
             other = 3 - index
-            name = names[index - 1]
-            node.run(
-                [
-                    "wg",
-                    "set",
-                    name,
-                    "private-key",
-                    str(self.workdir / f"{node.name}-wggo.key"),
-                    "listen-port",
-                    str(WG_PORT),
-                    "peer",
-                    keys[other - 1].public_key.to_base64(),
-                    "endpoint",
-                    f"{self.nodes[other - 1].underlay_ip}:{WG_PORT}",
-                    "allowed-ips",
-                    pod_subnet(other),
-                ]
+            self._configure_wireguard_go(
+                node,
+                names[index - 1],
+                keys[index - 1],
+                WG_PORT,
+                keys[other - 1],
+                self.nodes[other - 1],
+                pod_subnet(other),
             )
-            node.run(["ip", "link", "set", name, "mtu", "1420", "up"])
         self.tunnels["wireguard-go"] = tunnel
+
+    def add_weavepy_to_wireguard_go(self, workers: bool = True) -> None:
+        """Our device (standard transport) on node 1, wireguard-go on node 2."""
+        ours, theirs = PrivateKey.generate(), PrivateKey.generate()
+        name_ours, name_theirs = f"{self.box.prefix}m1", f"{self.box.prefix}m2"
+        kind = "weavepy-to-wireguard-go"
+        tunnel = Tunnel(kind, [name_ours, name_theirs])
+        wg_process = self._start_wireguard_go(self.nodes[1], name_theirs)
+        self._configure_wireguard_go(
+            self.nodes[1], name_theirs, theirs, MIXED_PORT, ours, self.nodes[0], pod_subnet(1)
+        )
+        process, status = self._start_weavepy_device(
+            self.nodes[0],
+            name_ours,
+            ours,
+            MIXED_PORT,
+            theirs,
+            self.nodes[1],
+            pod_subnet(2),
+            extension=False,
+            workers=workers,
+            extra=None,
+        )
+        tunnel.processes += [process, wg_process]
+        tunnel.status_files.append(status)
+        self._wait_ready(tunnel)
+        self.tunnels[kind] = tunnel
+
+    def _start_weavepy_device(
+        self,
+        node: SandboxNode,
+        name: str,
+        key: PrivateKey,
+        port: int,
+        peer: PrivateKey,
+        peer_node: SandboxNode,
+        peer_subnet: str,
+        *,
+        extension: bool,
+        workers: bool,
+        extra: dict[str, Any] | None,
+    ) -> tuple[ManagedProcess, Path]:
+        status = self.workdir / f"{node.name}-{name}-status.json"
+        config = {
+            "name": name,
+            "private_key": key.to_base64(),
+            "listen_port": port,
+            "mtu": 1420,
+            "gso_max_size": TUN_GSO_MAX_SIZE,
+            "workers": workers,
+            "status_file": str(status),
+            "peers": [
+                {
+                    "public_key": peer.public_key.to_base64(),
+                    "allowed_ips": [peer_subnet],
+                    "endpoint": f"{peer_node.underlay_ip}:{port}",
+                    "extension_ok": extension,
+                }
+            ],
+            **(extra or {}),
+        }
+        path = self.workdir / f"{node.name}-{name}.json"
+        path.write_text(json.dumps(config))
+        process = node.start(
+            name, [sys.executable, "-m", "tunnel.wireguard.device", str(path)], cwd=str(REPO)
+        )
+        return process, status
+
+    def _wait_ready(self, tunnel: Tunnel) -> None:
+        deadline = time.monotonic() + 60
+        while not all(_read_json(f).get("ready") for f in tunnel.status_files):
+            for process in tunnel.processes:
+                if not process.alive():
+                    raise RuntimeError(f"{tunnel.kind} died: {process.log_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{tunnel.kind} never became ready")
+            time.sleep(0.1)
 
     def add_weavepy(
         self,
@@ -213,43 +321,21 @@ class PodNetwork:
         tunnel = Tunnel(kind, [name, name])
         for index, node in enumerate(self.nodes, start=1):
             other = 3 - index
-            status = self.workdir / f"{node.name}-{name}-status.json"
-            config = {
-                "name": name,
-                "private_key": keys[index - 1].to_base64(),
-                "listen_port": port,
-                "mtu": 1420,
-                "gso_max_size": TUN_GSO_MAX_SIZE,
-                "workers": workers,
-                "status_file": str(status),
-                "peers": [
-                    {
-                        "public_key": keys[other - 1].public_key.to_base64(),
-                        "allowed_ips": [pod_subnet(other)],
-                        "endpoint": f"{self.nodes[other - 1].underlay_ip}:{port}",
-                        "extension_ok": extension,
-                    }
-                ],
-                **(extra or {}),
-            }
-            path = self.workdir / f"{node.name}-{name}.json"
-            path.write_text(json.dumps(config))
-            tunnel.processes.append(
-                node.start(
-                    name,
-                    [sys.executable, "-m", "tunnel.wireguard.device", str(path)],
-                    cwd=str(REPO),
-                )
+            process, status = self._start_weavepy_device(
+                node,
+                name,
+                keys[index - 1],
+                port,
+                keys[other - 1],
+                self.nodes[other - 1],
+                pod_subnet(other),
+                extension=extension,
+                workers=workers,
+                extra=extra,
             )
+            tunnel.processes.append(process)
             tunnel.status_files.append(status)
-        deadline = time.monotonic() + 60
-        while not all(_read_json(f).get("ready") for f in tunnel.status_files):
-            for process in tunnel.processes:
-                if not process.alive():
-                    raise RuntimeError(f"{name} died: {process.log_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} never became ready")
-            time.sleep(0.1)
+        self._wait_ready(tunnel)
         self.tunnels[kind] = tunnel
         return tunnel
 
@@ -413,6 +499,12 @@ def run(args: list[str]) -> str:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run our devices' engines inside the control process (the agent's default) "
+        "instead of one worker process per direction",
+    )
     options = parser.parse_args(args)
     paths = [p for p in options.paths.split(",") if p]
     workdir = Path("/tmp/weavepy-bench-wireguard")
@@ -428,9 +520,15 @@ def run(args: list[str]) -> str:
         if "wireguard-go" in paths:
             network.add_wireguard_go()
         if "weavepy-standard" in paths:
-            network.add_weavepy("weavepy-standard", extension=False, port=STD_PORT)
+            network.add_weavepy(
+                "weavepy-standard", extension=False, port=STD_PORT, workers=not options.in_process
+            )
+        if "weavepy-to-wireguard-go" in paths:
+            network.add_weavepy_to_wireguard_go(workers=not options.in_process)
         if "weavepy-extension" in paths:
-            network.add_weavepy("weavepy-extension", extension=True, port=EXT_PORT)
+            network.add_weavepy(
+                "weavepy-extension", extension=True, port=EXT_PORT, workers=not options.in_process
+            )
         for rep in range(options.reps):
             order = paths[rep % len(paths) :] + paths[: rep % len(paths)]
             for path in order:
@@ -502,7 +600,12 @@ def _report(
     lines = [
         f"Pod to pod through bridges, iperf3 -t {options.seconds:g}, {options.reps} interleaved "
         "repetitions (medians). Both nodes, both tunnel ends and iperf3 share the machine's "
-        "cores, so each number is sender + receiver together.",
+        "cores, so each number is sender + receiver together. Our devices ran "
+        + (
+            "their engines inside the control process (--in-process)."
+            if options.in_process
+            else "one worker process per direction."
+        ),
         "",
         table(header, rows),
         "",
@@ -516,6 +619,13 @@ def _report(
                 f"standard transport >= 3x wireguard-go: "
                 f"{med(std, 1) / med(anchor, 1):.1f}x (1 stream), "
                 f"{med(std, 4) / med(anchor, 4):.1f}x (4 streams)"
+            )
+        mixed = "weavepy-to-wireguard-go"
+        if mixed in paths:
+            goals.append(
+                f"weavepy sending to a stock wireguard-go: "
+                f"{med(mixed, 1) / med(anchor, 1):.1f}x / {med(mixed, 4) / med(anchor, 4):.1f}x "
+                "(its receiving end is wireguard-go itself)"
             )
         if ext in paths:
             goals.append(
@@ -534,5 +644,5 @@ def _report(
         for node in status:
             for key, value in node.get("drops", {}).items():
                 drops[key] = drops.get(key, 0) + value
-        lines.append(f"{path} drops over the whole run (both nodes): {drops or 'none'}.")
+        lines.append(f"{path} drops over the whole run (our ends): {drops or 'none'}.")
     return "\n".join(lines)
