@@ -28,10 +28,13 @@ A restart re-derives everything from the state directory (identity, IPAM), the r
 directory (peers programmed last time) and the kernel; the reconciler keeps working routes
 until the view has settled, so nothing flaps.
 
-Stopping (SIGTERM, SIGINT, `POST /stop`): leave the gossip cluster (peers see `left` and
-remove their routes to us), persist, close the CNI socket, and exit 0. Kernel state stays:
-pods keep their addresses and local traffic keeps flowing. `reset` (see `reset_node`) is the
-only thing that removes kernel objects and state.
+Stopping: persist, close the CNI socket, and exit 0. `POST /stop` (`weavepy stop`) first leaves
+the gossip cluster, so peers see `left` and remove their routes to us at once. SIGTERM and
+SIGINT (kubelet during a DaemonSet rollout, `systemctl restart`) stop without leaving: a restart
+that comes back within the failure-detection time (about 5 s on lan) changes nothing at the
+peers, and a node that stays down is declared failed and its routes removed as after a crash.
+Kernel state stays either way: pods keep their addresses and local traffic keeps flowing.
+`reset` (see `reset_node`) is the only thing that removes kernel objects and state.
 """
 
 from __future__ import annotations
@@ -260,6 +263,7 @@ class Agent:
         self.cni_listening = False
         self.cni_requests: dict[str, int] = {}
         self._stop = trio.Event()
+        self._leave_on_stop = True
         self._targets_changed = trio.Event()
         self._first_join: float | None = None
         self._known_saved: list[str] | None = None
@@ -353,9 +357,13 @@ class Agent:
                     nursery.start_soon(self._kube_peers, self.kube)
                     nursery.start_soon(self._mark_network_available, self.kube)
                 await self._stop.wait()
-                log.info("stopping: leaving the cluster (kernel state stays)")
-                with trio.move_on_after(LEAVE_TIMEOUT + 2):
-                    await svc.leave(LEAVE_TIMEOUT)
+                if self._leave_on_stop:
+                    log.info("stopping: leaving the cluster (kernel state stays)")
+                    with trio.move_on_after(LEAVE_TIMEOUT + 2):
+                        await svc.leave(LEAVE_TIMEOUT)
+                else:
+                    log.info("stopping without leaving the cluster (a restart keeps the "
+                             "peers' routes; `weavepy stop` leaves); kernel state stays")
                 await self.ipam.flush()
                 nursery.cancel_scope.cancel()
         except OSError as exc:
@@ -365,7 +373,10 @@ class Agent:
             raise
         log.info("stopped")
 
-    def request_stop(self) -> None:
+    def request_stop(self, leave: bool = True) -> None:
+        """Stop; with `leave`, tell the cluster first (the first request decides)."""
+        if not self._stop.is_set():
+            self._leave_on_stop = leave
         self._stop.set()
 
     def render_metrics(self) -> bytes:
@@ -400,7 +411,7 @@ class Agent:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("got %s", signal.Signals(signum).name)
-                self.request_stop()
+                self.request_stop(leave=False)
 
     def _resync(self, svc: GossipService) -> bool:
         """Re-read the whole member list into the view and IPAM's liveness."""

@@ -62,7 +62,7 @@ class AgentControl(Protocol):
 
     async def rmpeer(self, name: str, force: bool) -> dict[str, Any]: ...
 
-    def request_stop(self) -> None: ...
+    def request_stop(self, leave: bool = True) -> None: ...
 
     def wg_config(self, name: str) -> str:
         """The wg-quick configuration of external peer `name`."""
@@ -197,8 +197,10 @@ def build_app(control: AgentControl) -> Starlette:
         return JSONResponse(control.remove_external(request.path_params["name"]))
 
     async def stop(request: Request) -> Response:
-        control.request_stop()
-        return JSONResponse({"stopping": True}, status_code=202)
+        leave = request.query_params.get("leave")
+        control.request_stop(leave=leave is None or _truthy(leave))
+        return JSONResponse({"stopping": True, "leaving": leave is None or _truthy(leave)},
+                            status_code=202)
 
     routes = [
         Route("/status", guarded(status), methods=["GET"]),

@@ -327,11 +327,15 @@ def rmpeer(name: str, force: bool, api_addr: str | None) -> None:
 
 
 @main.command("stop")
+@click.option("--no-leave", is_flag=True,
+              help="Do not leave the cluster (as on SIGTERM): for a restart, peers keep their "
+                   "routes to this node's pods.")
 @api_option
-def stop(api_addr: str | None) -> None:
-    """Stop the agent gracefully (it leaves the cluster; pods and routes stay)."""
+def stop(no_leave: bool, api_addr: str | None) -> None:
+    """Stop the agent gracefully: it leaves the cluster, so peers drop their routes to it at
+    once; pods and this node's kernel state stay. SIGTERM stops without leaving."""
     client = _client(api_addr)
-    _call(lambda: client.post("/stop"))
+    _call(lambda: client.post("/stop?leave=false" if no_leave else "/stop"))
     if not _wait_down(client, 15):
         raise click.ClickException("the agent accepted the stop but still answers after 15 s")
     click.echo("weavepy agent stopped")

@@ -3,7 +3,8 @@
 One module-wide sandbox of 6 nodes: n1..n5 form the cluster, n6 joins later. The tests run in
 order and each leaves the cluster converged: reachability over TCP and UDP with a capture that
 proves VXLAN, SIGKILL (entries disappear everywhere), restart (same blocks, same pod address,
-no route flaps on the restarted node), and a new node joining.
+no route flaps on the restarted node), a SIGTERM restart (no route flaps at the peers), and a
+new node joining.
 """
 
 from __future__ import annotations
@@ -201,6 +202,29 @@ def test_a_founder_without_peers_rejoins_its_last_members_after_a_crash(rig: Age
     deleted = [line for line in monitor.log_text().splitlines()
                if "Deleted" in line and any(b in line for b in before)]
     assert not deleted, f"routes flapped on the restarted founder: {deleted}"
+
+
+@pytest.mark.timeout(90)
+def test_a_sigterm_restart_leaves_the_peers_routes_alone(rig: AgentBox) -> None:
+    """SIGTERM (a DaemonSet rollout) stops without leaving: a peer keeps its route to the
+    restarting node's block throughout, where `weavepy stop` would have it dropped at once."""
+    nodes = rig.box.nodes[:5]
+    victim, watcher = nodes[2], nodes[0]
+    blocks = rig.wait_mesh(nodes, timeout=60)
+    monitor = watcher.start("monitor-sigterm", ["ip", "-ts", "monitor", "route"])
+    time.sleep(0.3)
+    stopped_at = time.monotonic()
+    old = rig.agents[victim.name]
+    assert rig.stop(victim) == 0
+    assert "stopping without leaving the cluster" in old.log_text()
+    rig.launch(victim)
+    rig.wait_api(victim)
+    print(f"agent answering again {time.monotonic() - stopped_at:.1f} s after SIGTERM")
+    assert rig.wait_mesh(nodes, timeout=60)[victim.name] == blocks[victim.name]
+    monitor.stop()
+    deleted = [line for line in monitor.log_text().splitlines()
+               if "Deleted" in line and any(b in line for b in blocks[victim.name])]
+    assert not deleted, f"{watcher.name} dropped its route across the restart: {deleted}"
 
 
 @pytest.mark.timeout(90)
