@@ -288,7 +288,7 @@ def fuzz_target(name: str, seconds: float | None, runs: int | None, workdir: Pat
         timeout=(seconds or 60) + 120,
     )
     elapsed = time.monotonic() - started
-    log = proc.stderr
+    log = proc.stderr + proc.stdout
     done = _DONE.findall(log) or _STATUS.findall(log)
     executions, coverage, _, corpus_size = (int(x) for x in done[-1]) if done else (0,) * 4
     crashed = proc.returncode != 0

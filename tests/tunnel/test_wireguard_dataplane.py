@@ -300,3 +300,22 @@ def test_a_forged_gro_batch_is_refused_whole_and_reports_nothing() -> None:
     assert rx.counters["decrypt_failed"] == 11
     delivered = sum(len(w) for w in writes)
     assert 0 < delivered < len(read)
+
+
+def test_short_and_ragged_extension_reads_are_counted_not_raised() -> None:
+    """Found by the atheris harness (bench/fuzz_atheris.py): a 1-byte 0x77 datagram raised
+    IndexError in RxEngine.process; a GRO batch whose last datagram is shorter than a fragment
+    header could too. Every such read must be dropped and counted."""
+    net = Net(extension=True)
+    net.send(net.a, super_read(os.urandom(100)))  # a real keypair exists on B
+    rx = net.b.rx
+    header = b"\x77\x00\x01\x00" + bytes(12)
+    for length in range(1, 80):
+        for body in (b"\x77" * length, (header + os.urandom(80))[:length]):
+            for segment in (0, 1, 2, 15, 16, 17, 40):
+                writes = rx.process(memoryview(bytearray(body)), segment, A_ADDR, net.now)
+                assert writes == []
+    # a batch of two full-header datagrams, the second cut to one byte
+    ragged = bytearray(b"\x77\x00\x02\x00" + bytes(12) + os.urandom(40) + b"\x77")
+    assert rx.process(memoryview(ragged), 56, A_ADDR, net.now) == []
+    assert sum(rx.counters.values()) > 0

@@ -654,7 +654,7 @@ class RxEngine:
             return []
         if segment_size <= 0 or segment_size > total:
             segment_size = total
-        if batch[0] == MESSAGE_SUPER_FRAGMENT:
+        if batch[0] == MESSAGE_SUPER_FRAGMENT and total > SUPER_HEADER_SIZE:
             if total == segment_size and batch[1] == 0 and batch[2] == 1:
                 # one datagram, one fragment: open the ciphertext where it lies
                 return self._open_extension(
@@ -973,6 +973,9 @@ class RxEngine:
         length = len(ciphertext) - TAG_SIZE
         if length < VNET_HDR_SIZE + 20:
             self.counters["truncated"] += 1
+            return []
+        if length > len(self._out):
+            self.counters["oversized_message"] += 1
             return []
         out = memoryview(self._out)[:length] if reuse else memoryview(bytearray(length))
         try:

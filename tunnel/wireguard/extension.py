@@ -101,6 +101,8 @@ def gather_batch(batch: memoryview, segment: int, out: bytearray) -> int | None:
     if count == 0 or -(-total // segment) != count:
         return None
     last = (count - 1) * segment
+    if total - last <= SUPER_HEADER_SIZE:  # the last datagram is no fragment
+        return None
     if batch[last + 1] != count - 1 or batch[last + 4 : last + 16] != batch[4:16]:
         return None
     chunk = segment - SUPER_HEADER_SIZE
