@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from tests.tunnel.test_wireguard_segment import tcp_packet, valid
 from tunnel.tun import VNET_HDR, VNET_HDR_SIZE
@@ -319,3 +320,52 @@ def test_short_and_ragged_extension_reads_are_counted_not_raised() -> None:
     ragged = bytearray(b"\x77\x00\x02\x00" + bytes(12) + os.urandom(40) + b"\x77")
     assert rx.process(memoryview(ragged), 56, A_ADDR, net.now) == []
     assert sum(rx.counters.values()) > 0
+
+
+async def test_an_engine_that_raises_loses_one_read_not_the_data_path(
+    caplog: Any, monkeypatch: Any
+) -> None:
+    """Defence in depth for bugs like the one above: the in-process plane's loops count an
+    engine exception as a drop and go on. Real UDP sockets on loopback and a pipe for the
+    TUN (nothing here needs a device); the engine's process() is made to raise on purpose."""
+    import socket as socket_module
+
+    import trio
+
+    from tunnel.wireguard.device import _InlinePlane
+
+    receiver = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    sender = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_DGRAM)
+    read_end, write_end = os.pipe()
+    plane = _InlinePlane(read_end, receiver, PlaneConfig())
+    calls = []
+
+    def explode(*args: object) -> list[bytes]:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("engine bug")
+        return []
+
+    monkeypatch.setattr(plane.rx, "process", explode)
+
+    class Owner:
+        def handle_datagram(self, data: bytes, origin: object) -> None: ...
+        def handle_reports(self, reports: object) -> None: ...
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(plane.serve, Owner())
+            for _ in range(2):
+                sender.sendto(b"\x04" + bytes(40), receiver.getsockname())
+            with trio.fail_after(5):
+                while len(calls) < 2:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        for fd in (read_end, write_end):
+            os.close(fd)
+        receiver.close()
+        sender.close()
+    assert plane.rx.counters["engine_error_rx"] == 1
+    assert "the rx engine failed on one read" in caplog.text
