@@ -635,8 +635,8 @@ def _report(
             if "vxlan" in paths:
                 goals.append(
                     f"extension >= 30 % of VXLAN: "
-                    f"{100 * med(ext, 1) / med('vxlan', 1):.0f} % / "
-                    f"{100 * med(ext, 4) / med('vxlan', 4):.0f} %"
+                    f"{100 * med(ext, 1) / med('vxlan', 1):.1f} % / "
+                    f"{100 * med(ext, 4) / med('vxlan', 4):.1f} %"
                 )
         lines += ["Goals: " + "; ".join(goals) + ".", ""]
     for path, status in statuses.items():
