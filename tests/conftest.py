@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest_plugins = ["pytester", "tests.deploy.kube_fixtures"]
+pytest_plugins = ["pytester"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

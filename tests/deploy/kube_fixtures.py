@@ -1,6 +1,6 @@
 """Fixtures for tests that talk to the replaying Kubernetes API (kube_replay.py): a
-service-account directory and a running replay server, loaded as a plugin by tests/conftest.py
-so any test directory can use them."""
+service-account directory and a running replay server, imported by the conftest.py of each
+test directory that uses them."""
 
 from __future__ import annotations
 
