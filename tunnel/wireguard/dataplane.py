@@ -88,6 +88,7 @@ MAX_STAGED = 128
 _MAX_ROWS = 64  # a UDP GRO read holds at most 64 datagrams
 _MAX_HELD = 32  # messages for not-yet-known indices kept at most ...
 _HOLD_TIME = 0.2  # ... for this long
+_MAX_VIEW_SIZES = 8  # datagram sizes whose buffer views are kept (one or two in practice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +439,8 @@ class TxEngine:
                 [rows[row : row + full_plain] for _, row in starts],
                 [out[at + TRANSPORT_HEADER_SIZE : at + datagram] for at, _ in starts],
             )
+            if len(self._seal_view_cache) >= _MAX_VIEW_SIZES:
+                self._seal_view_cache.clear()
             self._seal_view_cache[full_plain] = views
         return views
 
@@ -835,6 +838,8 @@ class RxEngine:
                 [slice(at + TRANSPORT_HEADER_SIZE, at + segment_size) for at in starts],
                 [rows[at : at + plain] for at in starts],
             )
+            if len(self._open_view_cache) >= _MAX_VIEW_SIZES:
+                self._open_view_cache.clear()  # sizes come from the wire: keep the cache small
             self._open_view_cache[segment_size] = views
         return views
 
