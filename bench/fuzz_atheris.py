@@ -55,7 +55,9 @@ FUZZ_KEY = bytes(range(32))
 # returns the function libFuzzer calls, plus seed inputs for the corpus.
 
 
-def _captures(transport: str) -> list[bytes]:
+def golden_captures(transport: str) -> list[bytes]:
+    """The serf captures of one transport (tests/gossip/golden), decrypted where they were
+    encrypted, so that mutations reach the layers below encryption."""
     from gossip.keyring import Keyring
 
     out = []
@@ -85,7 +87,7 @@ def _gossip_packet() -> tuple[Callable[[bytes], None], list[bytes]]:
         result = codec.decode_parts(data)
         assert all(isinstance(e, DecodeError) for e in result.errors), result.errors
 
-    return one, _captures("udp")
+    return one, golden_captures("udp")
 
 
 def _stream_feeder() -> Callable[[object, bytes, int], None]:
@@ -111,7 +113,7 @@ def _gossip_stream() -> tuple[Callable[[bytes], None], list[bytes]]:
         if data:  # the first byte chooses how the stream is cut into reads
             feed(None, data[1:], data[0] % 64 + 1)
 
-    return one, [bytes([7]) + c for c in _captures("tcp")]
+    return one, [bytes([7]) + c for c in golden_captures("tcp")]
 
 
 def _gossip_stream_encrypted() -> tuple[Callable[[bytes], None], list[bytes]]:
@@ -123,7 +125,7 @@ def _gossip_stream_encrypted() -> tuple[Callable[[bytes], None], list[bytes]]:
     def one(data: bytes) -> None:  # mutations land below a valid encryption
         feed(ring, ring.encrypt_stream(data), 1000)
 
-    return one, _captures("tcp")
+    return one, golden_captures("tcp")
 
 
 def _ipam_message() -> tuple[Callable[[bytes], None], list[bytes]]:

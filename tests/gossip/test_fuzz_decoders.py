@@ -3,14 +3,11 @@ DecodeError, and hostile size claims are refused before memory is spent on them.
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import struct
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -18,35 +15,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.fuzz_atheris import golden_captures
 from gossip.keyring import Keyring
 from gossip.limits import DEFAULT_LIMITS, Limits
 from gossip.messages import DecodeError
 from gossip.wire import PacketCodec, StreamDecoder, decode_message, encode_compressed
 
-GOLDEN = json.loads((Path(__file__).parent / "golden" / "serf_captures.json").read_text())
 KEY = os.urandom(32)
 
 
-def plain_captures(transport: str) -> list[bytes]:
-    """Golden captures of one transport, decrypted where needed, so mutations reach the layers
-    below encryption (a mutated ciphertext only ever fails authentication)."""
-    out = []
-    for capture in GOLDEN["captures"]:
-        if capture["transport"] != transport:
-            continue
-        data = bytes.fromhex(capture["hex"])
-        if capture["key_b64"]:
-            ring = Keyring([base64.b64decode(capture["key_b64"])])
-            if transport == "udp":
-                data = ring.decrypt_packet(data)
-            else:
-                data = ring.decrypt_stream_payload(data[:5], data[5:])
-        out.append(data)
-    return out
-
-
-UDP = plain_captures("udp")
-TCP = plain_captures("tcp")
+# decrypted where needed, so mutations reach the layers below encryption
+UDP = golden_captures("udp")
+TCP = golden_captures("tcp")
 
 
 @st.composite

@@ -187,10 +187,21 @@ def gro_segment_size(ancillary: list[tuple[int, int, bytes]], default: int) -> i
     return default
 
 
-def _drain_control(conn: Connection) -> list[Any]:
+def _control_messages(conn: Connection, ready: list[tuple[int, int]]) -> list[Any] | None:
+    """The control plane's commands waiting on `conn` if the poll said it is readable; None
+    when the worker must stop (a `Stop` command, or the control process is gone)."""
+    control_fd = conn.fileno()
+    if not any(fd == control_fd for fd, _ in ready):
+        return []
     messages = []
-    while conn.poll():
-        messages.append(conn.recv())
+    try:
+        while conn.poll():
+            message = conn.recv()
+            if isinstance(message, Stop):
+                return None
+            messages.append(message)
+    except EOFError:
+        return None
     return messages
 
 
@@ -209,20 +220,16 @@ def run_tx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
     send = transmitter.send
     last_report = last_stats = 0.0
     reads = 0
-    control_fd = conn.fileno()
     timeout = POLL_TIMEOUT_MS
     while True:
         ready = poller.poll(timeout)
         now = time.monotonic()
-        if any(fd == control_fd for fd, _ in ready):
-            try:
-                messages = _drain_control(conn)
-            except EOFError:
-                return
-            for message in messages:
-                if isinstance(message, Stop):
-                    return
-                send(engine.apply(message, now))
+        commands = _control_messages(conn, ready)
+        if commands is None:
+            return
+        if commands:
+            for command in commands:
+                send(engine.apply(command, now))
             transmitter.flush()
         for _ in range(BATCH):
             try:
@@ -274,20 +281,16 @@ def run_rx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
             except OSError as exc:
                 engine.counters[f"tun_write_error_{exc.errno}"] += 1
 
-    control_fd = conn.fileno()
     timeout = POLL_TIMEOUT_MS
     while True:
         ready = poller.poll(timeout)
         now = time.monotonic()
-        if any(fd == control_fd for fd, _ in ready):
-            try:
-                messages = _drain_control(conn)
-            except EOFError:
-                return
-            for message in messages:
-                if isinstance(message, Stop):
-                    return
-                engine.apply(message, now)
+        commands = _control_messages(conn, ready)
+        if commands is None:
+            return
+        if commands:
+            for command in commands:
+                engine.apply(command, now)
             write_all(engine.retry_held(now))
         engine.expire_held(now)
         for _ in range(BATCH):
