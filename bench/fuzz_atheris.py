@@ -175,6 +175,8 @@ def _wireguard_datagram() -> tuple[Callable[[bytes], None], list[bytes]]:
         if data:  # the first byte is the GRO segment size's low bits
             engine.process(memoryview(bytearray(data[1:])), data[0] * 8, source, 0.0)
             engine.handshake_messages.clear()
+            # process() counts its own exceptions as drops (and logs the traceback): a crash
+            assert not engine.counters["engine_error_rx"], "RxEngine raised (traceback above)"
 
     return one, seeds
 

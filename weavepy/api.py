@@ -197,10 +197,10 @@ def build_app(control: AgentControl) -> Starlette:
         return JSONResponse(control.remove_external(request.path_params["name"]))
 
     async def stop(request: Request) -> Response:
-        leave = request.query_params.get("leave")
-        control.request_stop(leave=leave is None or _truthy(leave))
-        return JSONResponse({"stopping": True, "leaving": leave is None or _truthy(leave)},
-                            status_code=202)
+        wanted = request.query_params.get("leave")
+        leave = wanted is None or _truthy(wanted)
+        control.request_stop(leave=leave)
+        return JSONResponse({"stopping": True, "leaving": leave}, status_code=202)
 
     routes = [
         Route("/status", guarded(status), methods=["GET"]),

@@ -320,14 +320,15 @@ def test_short_and_ragged_extension_reads_are_counted_not_raised() -> None:
     ragged = bytearray(b"\x77\x00\x02\x00" + bytes(12) + os.urandom(40) + b"\x77")
     assert rx.process(memoryview(ragged), 56, A_ADDR, net.now) == []
     assert sum(rx.counters.values()) > 0
+    assert not rx.counters["engine_error_rx"], "dropped by a check, not by the engine's guard"
 
 
 async def test_an_engine_that_raises_loses_one_read_not_the_data_path(
     caplog: Any, monkeypatch: Any
 ) -> None:
-    """Defence in depth for bugs like the one above: the in-process plane's loops count an
-    engine exception as a drop and go on. Real UDP sockets on loopback and a pipe for the
-    TUN (nothing here needs a device); the engine's process() is made to raise on purpose."""
+    """Defence in depth for bugs like the one above: an engine counts an exception of its own
+    as a drop, and the in-process plane's loop goes on. Real UDP sockets on loopback and a pipe
+    for the TUN (nothing here needs a device); the engine's work is made to raise on purpose."""
     import socket as socket_module
 
     import trio
@@ -347,7 +348,7 @@ async def test_an_engine_that_raises_loses_one_read_not_the_data_path(
             raise RuntimeError("engine bug")
         return []
 
-    monkeypatch.setattr(plane.rx, "process", explode)
+    monkeypatch.setattr(plane.rx, "_process", explode)
 
     class Owner:
         def handle_datagram(self, data: bytes, origin: object) -> None: ...

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ MAX_STAGED = 128
 _MAX_ROWS = 64  # a UDP GRO read holds at most 64 datagrams
 _MAX_HELD = 32  # messages for not-yet-known indices kept at most ...
 _HOLD_TIME = 0.2  # ... for this long
+log = logging.getLogger(__name__)
 _MAX_VIEW_SIZES = 8  # datagram sizes whose buffer views are kept (one or two in practice)
 
 
@@ -97,6 +99,17 @@ class PlaneConfig:
     max_datagram: int = 1472  # UDP payload that fits the underlay MTU (1500 - 28 for IPv4)
     timers: TimerConfig = field(default_factory=TimerConfig)
     verify_checksums: bool = True  # check checksums before writing coalesced runs
+
+
+def _engine_fault(counters: collections.Counter[str], direction: str) -> None:
+    """An engine raised on some input: a bug, but one read must never take the data path
+    down. Count it (`engine_error_tx|rx` in the drops) and log the first and every 1000th."""
+    key = f"engine_error_{direction}"
+    counters[key] += 1
+    if counters[key] % 1000 == 1:
+        log.exception(
+            "the %s engine failed on one read (dropped; %d so far)", direction, counters[key]
+        )
 
 
 # ---------------------------------------------------------------------------- commands
@@ -293,7 +306,15 @@ class TxEngine:
     # ------------------------------------------------------------------ data
 
     def process(self, read: memoryview, now: float) -> list[Send]:
-        """One TUN read (virtio-net header + IP packet) -> zero or more Sends."""
+        """One TUN read (virtio-net header + IP packet) -> zero or more Sends. Never raises:
+        an exception (a bug) costs this read only, counted as `engine_error_tx`."""
+        try:
+            return self._process(read, now)
+        except Exception:
+            _engine_fault(self.counters, "tx")
+            return []
+
+    def _process(self, read: memoryview, now: float) -> list[Send]:
         self._now = now
         if len(read) < VNET_HDR_SIZE + 20:
             self.counters["tun_truncated"] += 1
@@ -650,8 +671,18 @@ class RxEngine:
 
         Transport messages are decrypted into rows of one matrix; a batch that is one in-order
         TCP run is merged with column operations (segment.coalesce_rows), anything else goes
-        through the per-packet Coalescer.
+        through the per-packet Coalescer. Never raises: an exception (a bug) costs this read
+        only, counted as `engine_error_rx`.
         """
+        try:
+            return self._process(batch, segment_size, source, now)
+        except Exception:
+            _engine_fault(self.counters, "rx")
+            return []
+
+    def _process(
+        self, batch: memoryview, segment_size: int, source: Address, now: float
+    ) -> list[bytes | bytearray | memoryview]:
         total = len(batch)
         if total == 0:
             return []

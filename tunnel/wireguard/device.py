@@ -65,7 +65,6 @@ from tunnel.wireguard.workers import (
     Transmitter,
     WorkerReports,
     WorkerStats,
-    engine_fault,
     gro_segment_size,
     plane_config_to_json,
 )
@@ -442,12 +441,7 @@ class _InlinePlane(_Plane):
                     size = os.readv(self.tun_fd, [buffer])
                 except BlockingIOError:
                     break
-                try:
-                    sends = self.tx.process(view[:size], now)
-                except Exception:
-                    engine_fault(self.tx.counters, "tx")
-                    continue
-                self.transmitter.send(sends)
+                self.transmitter.send(self.tx.process(view[:size], now))
             self.transmitter.flush()
             self._report()
             await trio.lowlevel.checkpoint()
@@ -468,13 +462,7 @@ class _InlinePlane(_Plane):
                     self.rx.counters[f"recv_error_{exc.errno}"] += 1
                     break
                 segment = gro_segment_size(ancillary, size)
-                try:
-                    packets = self.rx.process(view[:size], segment, (source[0], source[1]), now)
-                except Exception:
-                    engine_fault(self.rx.counters, "rx")
-                    self.rx.handshake_messages = []
-                    continue
-                self._write(packets)
+                self._write(self.rx.process(view[:size], segment, (source[0], source[1]), now))
                 messages, self.rx.handshake_messages = self.rx.handshake_messages, []
                 for data, origin in messages:
                     owner.handle_datagram(data, origin)

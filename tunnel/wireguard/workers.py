@@ -170,16 +170,6 @@ class Transmitter:
         self.counters["send_stalled"] += 1
 
 
-def engine_fault(counters: Counter[str], direction: str) -> None:
-    """An engine raised on some input: a bug, but one read must never take the data path
-    down. Count it (`engine_error_tx|rx` in the drops) and log the first and every 1000th."""
-    key = f"engine_error_{direction}"
-    counters[key] += 1
-    if counters[key] % 1000 == 1:
-        log.exception("the %s engine failed on one read (dropped; %d so far)", direction,
-                      counters[key])
-
-
 def gro_segment_size(ancillary: list[tuple[int, int, bytes]], default: int) -> int:
     for level, kind, data in ancillary:
         if level == socket.SOL_UDP and kind == UDP_GRO and len(data) >= 2:
@@ -237,12 +227,7 @@ def run_tx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
             except BlockingIOError:
                 break
             reads += 1
-            try:
-                sends = process(view[:size], now)
-            except Exception:
-                engine_fault(engine.counters, "tx")
-                continue
-            send(sends)
+            send(process(view[:size], now))
         transmitter.flush()
         if engine.has_urgent_reports or now - last_report >= REPORT_INTERVAL:
             last_report = now
@@ -306,13 +291,7 @@ def run_rx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
                 engine.counters["truncated_read"] += 1
                 continue
             segment = gro_segment_size(ancillary, size)
-            try:
-                packets = process(view[:size], segment, (source[0], source[1]), now)
-            except Exception:
-                engine_fault(engine.counters, "rx")
-                engine.handshake_messages = []
-                continue
-            write_all(packets)
+            write_all(process(view[:size], segment, (source[0], source[1]), now))
             if engine.handshake_messages:
                 conn.send(HandshakeMessages(engine.handshake_messages))
                 engine.handshake_messages = []
