@@ -15,8 +15,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 from bench.common import summary, table
-from weavepy.chaos.runner import RunOptions, run_chaos
-from weavepy.chaos.schedule import SOAK_DURATION, generate
+from weavepy.devtools.chaos.runner import RunOptions, run_chaos
+from weavepy.devtools.chaos.schedule import SOAK_DURATION, generate
 
 
 def run(args: Sequence[str]) -> str:
@@ -72,5 +72,5 @@ def run(args: Sequence[str]) -> str:
             "node's routes, neighbours and FDB match the live membership (polled every 0.5 s, "
             "so times are +-0.5 s). Changes superseded by the next fault before converging "
             "(e.g. a partition shorter than the minority's suspicion timeout) are counted "
-            "separately. Healthy probes: see weavepy/chaos/checker.py.\n")
+            "separately. Healthy probes: see weavepy/devtools/chaos/checker.py.\n")
     return out

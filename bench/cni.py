@@ -33,7 +33,7 @@ from typing import Any
 
 from bench.common import summary, table
 from weavepy.cni.install import install_cni, resolve_interpreter
-from weavepy.sandbox import Sandbox
+from weavepy.devtools.sandbox import Sandbox
 
 REFERENCE_DIR = "/usr/lib/cni"
 WEAVEPY_BLOCK = "198.19.1.0/24"

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.common import summary, table
-from weavepy.agentbox import AgentBox
-from weavepy.sandbox import ManagedProcess, Sandbox, SandboxNode
+from weavepy.devtools.agentbox import AgentBox
+from weavepy.devtools.sandbox import ManagedProcess, Sandbox, SandboxNode
 
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 MONITOR_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)\]\s*(Deleted )?(\S+)")

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import summary, table
-from weavepy.agentbox import AgentBox
-from weavepy.sandbox import Sandbox
+from weavepy.devtools.agentbox import AgentBox
+from weavepy.devtools.sandbox import Sandbox
 
 GOSSIP_PORT = 6783
 MIB = 1024 * 1024

@@ -32,7 +32,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from bench.common import table
 from tunnel.vxlan import Peer, ReconcileReport, VxlanBackend, VxlanConfig
-from weavepy.sandbox import Sandbox, SandboxNode
+from weavepy.devtools.sandbox import Sandbox, SandboxNode
 
 IPERF_PORT = 5201
 

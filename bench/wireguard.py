@@ -37,7 +37,7 @@ from typing import Any
 
 from bench.common import table
 from tunnel.wireguard.keys import PrivateKey
-from weavepy.sandbox import ManagedProcess, Sandbox, SandboxNode
+from weavepy.devtools.sandbox import ManagedProcess, Sandbox, SandboxNode
 
 REPO = Path(__file__).resolve().parents[1]
 TUN_GSO_MAX_SIZE = 62000

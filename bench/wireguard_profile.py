@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.wireguard import EXT_PORT, STD_PORT, PodNetwork
-from weavepy.sandbox import Sandbox
+from weavepy.devtools.sandbox import Sandbox
 
 WORKDIR = Path("/tmp/weavepy-bench-wireguard-profile")
 KINDS = (("weavepy-standard", STD_PORT), ("weavepy-extension", EXT_PORT))

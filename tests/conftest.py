@@ -44,7 +44,7 @@ def require_binary(name: str, package: str | None = None) -> str:
 def sandbox_factory() -> Iterator[object]:
     """Build sandboxes with a per-test prefix; everything is torn down even if the test fails."""
     require_root()
-    from weavepy.sandbox import Sandbox
+    from weavepy.devtools.sandbox import Sandbox
 
     made: list[Sandbox] = []
 

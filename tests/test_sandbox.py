@@ -34,7 +34,7 @@ def _ping(node, ip: str, count: int = 20, interval: float = 0.01) -> tuple[int, 
 
 
 def test_create_and_destroy_are_idempotent(sandbox_factory) -> None:
-    from weavepy.sandbox import Sandbox
+    from weavepy.devtools.sandbox import Sandbox
 
     box = sandbox_factory(nodes=2)
     assert sorted(_namespaces(box.prefix)) == [f"{box.prefix}-hub", f"{box.prefix}-n1",
@@ -51,7 +51,7 @@ def test_create_and_destroy_are_idempotent(sandbox_factory) -> None:
 
 
 def test_create_refuses_existing_prefix(sandbox_factory) -> None:
-    from weavepy.sandbox import Sandbox, SandboxError
+    from weavepy.devtools.sandbox import Sandbox, SandboxError
 
     box = sandbox_factory(nodes=1)
     with pytest.raises(SandboxError, match="already exist"):
@@ -93,7 +93,7 @@ def test_down_cleans_up_after_a_crash() -> None:
     require_root()
     script = textwrap.dedent("""
         import json, os, sys
-        from weavepy.sandbox import Sandbox
+        from weavepy.devtools.sandbox import Sandbox
         box = Sandbox.create(nodes=2)
         proc = box.nodes[1].start("sleeper", ["sleep", "300"])
         print(json.dumps({"prefix": box.prefix, "pid": proc.pid}), flush=True)
@@ -111,7 +111,7 @@ def test_down_cleans_up_after_a_crash() -> None:
                              timeout=60)
         assert cli.returncode == 0, cli.stderr
     finally:
-        from weavepy.sandbox import Sandbox
+        from weavepy.devtools.sandbox import Sandbox
 
         Sandbox.down(info["prefix"])
     assert _namespaces(info["prefix"]) == []

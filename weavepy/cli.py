@@ -9,6 +9,7 @@ fast); only `launch` imports the agent.
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import logging
 import os
@@ -22,16 +23,39 @@ from typing import Any, TypeVar
 import click
 
 from weavepy import __version__
-from weavepy.chaos.cli import chaos_command
 from weavepy.config import SETTINGS, ConfigError, load_config, parse_peer
 from weavepy.logfmt import LOG_FORMATS, configure_logging
-from weavepy.manifest import manifest_command
-from weavepy.sandbox_cli import sandbox_group
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A click group whose heavier commands are imported only when they run (or `--help`).
+
+    `weavepy launch` and the CNI path therefore never import the development tooling or the
+    manifest renderer.
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module, attr = self.lazy[cmd_name].split(":")
+            command = getattr(importlib.import_module(module), attr)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             lazy={"sandbox": "weavepy.devtools.sandbox_cli:sandbox_group",
+                   "chaos": "weavepy.devtools.chaos.cli:chaos_command",
+                   "manifest": "weavepy.manifest:manifest_command"})
 @click.version_option(__version__, prog_name="weavepy")
 @click.option("--log-level", default="warning", show_default=True, envvar="WEAVEPY_LOG_LEVEL",
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
@@ -51,14 +75,9 @@ def main(log_level: str, log_format: str) -> None:
 @click.option("--encrypt", is_flag=True, help="pod traffic over the WireGuard path")
 def demo(nodes: int, keep: bool, encrypt: bool) -> None:
     """Build a local cluster in network namespaces, show it working, tear it down."""
-    from weavepy.demo import run_demo
+    from weavepy.devtools.demo import run_demo
 
     raise SystemExit(run_demo(nodes=nodes, keep=keep, echo=click.echo, encrypt=encrypt))
-
-
-main.add_command(sandbox_group)
-main.add_command(manifest_command)
-main.add_command(chaos_command)
 
 
 @main.command("install-cni")

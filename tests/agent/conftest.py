@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from weavepy.agentbox import AgentBox
+from weavepy.devtools.agentbox import AgentBox
 
 
 @pytest.fixture

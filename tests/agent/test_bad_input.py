@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from weavepy.agentbox import AgentBox
+from weavepy.devtools.agentbox import AgentBox
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from weavepy.agentbox import AgentBox
+from weavepy.devtools.agentbox import AgentBox
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

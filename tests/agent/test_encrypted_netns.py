@@ -26,8 +26,8 @@ import pytest
 from tests.agent.traffic import echo_server_argv, tcp_echo, udp_echo
 from tests.conftest import require_binary
 from tunnel.tun import FAST_PATH_GSO_MAX_SIZE
-from weavepy.agentbox import AgentBox
-from weavepy.sandbox import call_in_netns
+from weavepy.devtools.agentbox import AgentBox
+from weavepy.devtools.sandbox import call_in_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -22,8 +22,8 @@ import pytest
 
 from tests.agent.traffic import echo_server_argv, tcp_echo
 from tests.conftest import require_binary
-from weavepy.agentbox import AgentBox
-from weavepy.sandbox import SandboxNode, call_in_netns
+from weavepy.devtools.agentbox import AgentBox
+from weavepy.devtools.sandbox import SandboxNode, call_in_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -21,8 +21,8 @@ import pytest
 
 from tests.agent.traffic import capture_vxlan, echo_server_argv, tcp_echo, udp_echo
 from tests.conftest import require_root
-from weavepy.agentbox import AgentBox, gateway_of
-from weavepy.sandbox import Sandbox, SandboxNode, call_in_netns
+from weavepy.devtools.agentbox import AgentBox, gateway_of
+from weavepy.devtools.sandbox import Sandbox, SandboxNode, call_in_netns
 
 ECHO_PORT = 7007
 pytestmark = [pytest.mark.netns, pytest.mark.slow]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from weavepy.agentbox import AgentBox
+from weavepy.devtools.agentbox import AgentBox
 from weavepy.ipam.invariants import Ownership, check_no_overlap
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import require_root
-from weavepy.chaos.cli import chaos_command
+from weavepy.devtools.chaos.cli import chaos_command
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

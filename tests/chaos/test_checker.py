@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from weavepy.chaos.checker import LiveChecker, NodeSnapshot, ProbeResult, Truth
+from weavepy.devtools.chaos.checker import LiveChecker, NodeSnapshot, ProbeResult, Truth
 
 UNDERLAY = {"n1": "198.18.0.11", "n2": "198.18.0.12", "n3": "198.18.0.13"}
 BLOCKS = {"n1": "198.19.0.0/24", "n2": "198.19.1.0/24", "n3": "198.19.2.0/24"}

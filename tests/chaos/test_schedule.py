@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from weavepy.chaos.schedule import FAULT_KINDS, ScheduleError, generate, load_schedule
+from weavepy.devtools.chaos.schedule import FAULT_KINDS, ScheduleError, generate, load_schedule
 
 
 @pytest.mark.parametrize("profile", ["short", "default", "soak"])

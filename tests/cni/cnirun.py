@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from weavepy.sandbox import SandboxNode
+from weavepy.devtools.sandbox import SandboxNode
 
 
 class PluginFailed(AssertionError):

@@ -51,7 +51,7 @@ def wait_for_socket(path: Path, proc: Any, timeout: float = 30.0) -> None:
 class CniNode:
     """A sandbox node with a running CNI server."""
 
-    node: Any  # weavepy.sandbox.SandboxNode
+    node: Any  # weavepy.devtools.sandbox.SandboxNode
     block: ipaddress.IPv4Network
     socket_path: Path
     state_dir: Path
@@ -113,7 +113,7 @@ class CniNode:
 
 @dataclass
 class CniCluster:
-    box: Any  # weavepy.sandbox.Sandbox
+    box: Any  # weavepy.devtools.sandbox.Sandbox
     nodes: list[CniNode]
     pod_processes: list[subprocess.Popen[str]] = field(default_factory=list)
 

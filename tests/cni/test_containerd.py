@@ -87,7 +87,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 class CriNode:
     """One sandbox node with its containerd, weavepy agent and CRI client."""
 
-    node: Any  # weavepy.sandbox.SandboxNode
+    node: Any  # weavepy.devtools.sandbox.SandboxNode
     dir: Path
     cni_socket: Path
     containerd: Any = None
@@ -208,7 +208,7 @@ def cri_nodes(sandbox_factory: Callable[..., Any], busybox_image: Path
     require(importlib.util.find_spec("cri_api") is not None and
             importlib.util.find_spec("grpc") is not None,
             "needs PyPI container-runtime-interface-api (with grpcio)")
-    from weavepy.agentbox import AgentBox
+    from weavepy.devtools.agentbox import AgentBox
 
     box = sandbox_factory(nodes=2)
     rig = AgentBox(box, pod_range=str(box.pod_range))

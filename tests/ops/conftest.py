@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.deploy.kube_fixtures import account, cluster  # noqa: F401 (shared fixtures)
-from weavepy.agentbox import AgentBox
+from weavepy.devtools.agentbox import AgentBox
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.ops.snapshot import assert_snapshot
-from weavepy.agentbox import AgentBox
+from weavepy.devtools.agentbox import AgentBox
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from pyroute2 import IPRoute  # imported here so forked readers do not pay for it each time
 
-from weavepy.sandbox import ManagedProcess, Sandbox, SandboxError, SandboxNode
+from weavepy.devtools.sandbox import ManagedProcess, Sandbox, SandboxError, SandboxNode
 
 __all__ = ["AgentBox", "DataPlaneView", "WaitTimeout", "read_dataplane"]
 

@@ -1,7 +1,7 @@
 """`weavepy sandbox ...`: build, inspect, use and remove sandboxes from the shell.
 
-It only translates command-line words into `weavepy.sandbox` calls; a user mistake becomes one
-readable line and a non-zero exit, never a traceback.
+It only translates command-line words into `weavepy.devtools.sandbox` calls; a user mistake
+becomes one readable line and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from weavepy.sandbox import PREFIX_FAMILY, Sandbox, SandboxError
+from weavepy.devtools.sandbox import PREFIX_FAMILY, Sandbox, SandboxError
 
 
 def _require_root() -> None:

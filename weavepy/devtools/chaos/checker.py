@@ -72,7 +72,7 @@ DEFAULT_GRACE = 2.0
 
 
 class KernelView(Protocol):
-    """A node's VXLAN kernel state (`weavepy.agentbox.DataPlaneView` has this shape)."""
+    """A node's VXLAN kernel state (`weavepy.devtools.agentbox.DataPlaneView` has this shape)."""
 
     @property
     def routes(self) -> Mapping[str, str]: ...  # block -> gateway

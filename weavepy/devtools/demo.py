@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from weavepy.agentbox import DEVICE, WG_DEVICE, AgentBox, WaitTimeout, gateway_of
-from weavepy.sandbox import Sandbox, SandboxError
+from weavepy.devtools.agentbox import DEVICE, WG_DEVICE, AgentBox, WaitTimeout, gateway_of
+from weavepy.devtools.sandbox import Sandbox, SandboxError
 
 PING_RTT = re.compile(r"= [\d.]+/([\d.]+)/")
 

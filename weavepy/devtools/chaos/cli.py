@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from weavepy.chaos.schedule import PROFILES, ScheduleError, generate, load_schedule
+from weavepy.devtools.chaos.schedule import PROFILES, ScheduleError, generate, load_schedule
 
 __all__ = ["chaos_command"]
 
@@ -59,7 +59,7 @@ def chaos_command(nodes: int, seed: int | None, duration: float | None, profile:
     if os.geteuid() != 0:
         click.echo("Error: weavepy chaos needs root (it builds network namespaces)", err=True)
         sys.exit(2)
-    from weavepy.chaos.runner import ChaosSetupError, RunOptions, run_chaos
+    from weavepy.devtools.chaos.runner import ChaosSetupError, RunOptions, run_chaos
 
     logging.getLogger("weavepy").setLevel(logging.WARNING)
     progress = (lambda line: click.echo(line, err=True)) if as_json else click.echo

@@ -17,7 +17,7 @@ recorded (PID and kernel start time) in ``/run/weavepy-sandbox/<prefix>/processe
 Impairments (this kernel has no netem, see docs/sandbox.md) are nftables rules inside the node's
 namespace: loss and partitions drop on the ingress hook of the node's underlay link and on its
 egress (postrouting), duplication uses ``dup to``; delay, jitter and reordering go through an
-NFQUEUE delayer process (`weavepy.sandbox_delay`) that the sandbox starts in the node.
+NFQUEUE delayer process (`weavepy.devtools.delayer`) that the sandbox starts in the node.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ class SandboxNode:
             self._delayer.stop()
         self._delayer = self.start(
             "delayer",
-            [sys.executable, "-m", "weavepy.sandbox_delay", "--queue", str(NFQUEUE_NUM),
+            [sys.executable, "-m", "weavepy.devtools.delayer", "--queue", str(NFQUEUE_NUM),
              "--delay-ms", str(imp.delay_ms), "--jitter-ms", str(imp.jitter_ms),
              "--reorder", str(imp.reorder)],
         )

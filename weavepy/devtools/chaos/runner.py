@@ -1,14 +1,14 @@
 """The chaos runner: a sandbox of N nodes with agents and pods, a fault schedule, the checker.
 
 It owns the orchestration of one run and nothing of its judgement: it builds the sandbox
-(`weavepy.sandbox`), launches the agents and creates one pod per node through the real
-`weavepy-cni` plugin (`weavepy.agentbox`, as the demo does), starts a bounded-rate UDP prober
-in every pod (`weavepy.chaos.probe`), applies each fault of the schedule, and tells the
-`LiveChecker` the ground truth it made, what every node shows (status and kernel state, polled
-twice a second in parallel), and every probe result. The rules it keeps: everything it creates
-carries the sandbox's prefix and is removed at the end, also on failure or Ctrl-C; every wait
-is bounded; a setup failure raises `ChaosSetupError` (the cluster never came up), while an
-invariant violation is a finding in the report.
+(`weavepy.devtools.sandbox`), launches the agents and creates one pod per node through the real
+`weavepy-cni` plugin (`weavepy.devtools.agentbox`, as the demo does), starts a bounded-rate UDP
+prober in every pod (`weavepy.devtools.chaos.probe`), applies each fault of the schedule, and
+tells the `LiveChecker` the ground truth it made, what every node shows (status and kernel
+state, polled twice a second in parallel), and every probe result. The rules it keeps:
+everything it creates carries the sandbox's prefix and is removed at the end, also on failure or
+Ctrl-C; every wait is bounded; a setup failure raises `ChaosSetupError` (the cluster never came
+up), while an invariant violation is a finding in the report.
 """
 
 from __future__ import annotations
@@ -25,11 +25,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from weavepy.agentbox import REPO, AgentBox, DataPlaneView, WaitTimeout, http_json, read_dataplane
-from weavepy.chaos.checker import ChaosReport, LiveChecker, NodeSnapshot, ProbeResult, Truth
-from weavepy.chaos.probe import DEFAULT_PORT
-from weavepy.chaos.schedule import Fault, Schedule
-from weavepy.sandbox import ManagedProcess, Sandbox, SandboxError, SandboxNode
+from weavepy.devtools.agentbox import (
+    REPO,
+    AgentBox,
+    DataPlaneView,
+    WaitTimeout,
+    http_json,
+    read_dataplane,
+)
+from weavepy.devtools.chaos.checker import (
+    ChaosReport,
+    LiveChecker,
+    NodeSnapshot,
+    ProbeResult,
+    Truth,
+)
+from weavepy.devtools.chaos.probe import DEFAULT_PORT
+from weavepy.devtools.chaos.schedule import Fault, Schedule
+from weavepy.devtools.sandbox import ManagedProcess, Sandbox, SandboxError, SandboxNode
 
 __all__ = ["ChaosSetupError", "RunOptions", "isolated_bound", "observe_node", "run_chaos"]
 
@@ -144,7 +157,7 @@ class _Run:
             targets = [f"--target={other}={ip}" for other, ip in addresses.items()
                        if other != node.name]
             argv = ["ip", "netns", "exec", self.pod_netns[node.name], sys.executable, "-m",
-                    "weavepy.chaos.probe", "--port", str(DEFAULT_PORT),
+                    "weavepy.devtools.chaos.probe", "--port", str(DEFAULT_PORT),
                     "--interval", str(self.options.probe_interval),
                     "--timeout", str(self.options.probe_timeout), *targets]
             self.probers[node.name] = node.start("probe", argv, cwd=str(REPO))
