@@ -4,7 +4,7 @@ One 2-node sandbox; on each node a "pod" namespace sits behind a bridge (198.19.
 198.19.<i>.1/24), so the measured traffic is forwarded, as pod traffic is. Every path exists at
 once; a path is chosen by replacing the nodes' route to the other pod subnet and setting the pod
 MTU (and, for our TUN paths, the pod veth's gso_max_size to the TUN's, the rule from
-research/dataplane-forwarded.md). The paths, interleaved within each repetition and rotated
+docs/dataplane-facts.md). The paths, interleaved within each repetition and rotated
 between repetitions:
 
 - wireguard-go: Debian's wireguard-go + wg, MTU 1420 (the anchor);

@@ -20,7 +20,7 @@ PROTOCOL_VERSION_MAX = 5
 PROTOCOL_VERSION_CURRENT = 2
 
 # The delegate (serf) protocol range we advertise: overlaps serf's [2, 5] and speaks 5,
-# exactly what a serf 0.9.x agent advertises (research/anchor-memberlist.md A.6).
+# exactly what a serf 0.9.x agent advertises (docs/dataplane-facts.md).
 DELEGATE_VERSION_MIN = 2
 DELEGATE_VERSION_MAX = 5
 DELEGATE_VERSION_CURRENT = 5

@@ -4,9 +4,9 @@ A TUN opened here is always IFF_TUN | IFF_NO_PI (raw IP packets, no packet-info 
 for the fast path, IFF_VNET_HDR: every read and write starts with a 10-byte
 `struct virtio_net_hdr`. With offloads enabled through TUNSETOFFLOAD (checksum, TSO4/6, TSO
 with ECN) the kernel hands us TCP super-packets of up to 64 KB with a partial checksum, and
-accepts them back the same way; see research/dataplane-baselines.md for what that is worth.
+accepts them back the same way; docs/dataplane-facts.md says what that is worth.
 
-The rule it keeps, from research/dataplane-forwarded.md: a super-packet reaches the TUN whole
+The rule it keeps (docs/dataplane-facts.md): a super-packet reaches the TUN whole
 only if it is smaller than the TUN's `gso_max_size`; for forwarded pod traffic the pod veth's
 `gso_max_size` must therefore not exceed the TUN's (`set_gso_max_size` does either side).
 
@@ -54,7 +54,7 @@ NO_VNET_HDR = bytes(VNET_HDR_SIZE)  # "a plain packet, checksums complete"
 # A super-packet plus its vnet header must fit one read; 64 KB IP packet + header + slack.
 MAX_READ = 65536 + VNET_HDR_SIZE + 64
 # The TUN gso_max_size the fast path uses: one super-packet (plus our framing) fits one 64 KB
-# UDP GSO send on a 1500-byte underlay (research/dataplane-forwarded.md, fix (a)).
+# UDP GSO send on a 1500-byte underlay (docs/dataplane-facts.md).
 FAST_PATH_GSO_MAX_SIZE = 62000
 
 

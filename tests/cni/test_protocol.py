@@ -69,7 +69,7 @@ def test_cni_args_without_pod_keys_name_no_pod() -> None:
 
 
 def test_runtime_config_keys_match_case_insensitively() -> None:
-    # containerd 1.6 sends Go field names (research/cni-clients.md)
+    # containerd 1.6 sends Go field names (seen with Debian's containerd in test_containerd)
     containerd = parse_runtime_config({
         "portMappings": [{"HostPort": 18095, "ContainerPort": 80, "Protocol": "TCP",
                           "HostIP": ""}],

@@ -1,7 +1,7 @@
 """The fast path with real pods behind bridges (bench.wireguard.PodNetwork), both ends ours.
 
 - Super-packets reach the TUN from a real pod veth when the pod's gso_max_size is no larger
-  than the TUN's, and do not when it is larger (research/dataplane-forwarded.md): the TUN
+  than the TUN's, and do not when it is larger (docs/dataplane-facts.md): the TUN
   reads counted by our sending worker tell which.
 - The super-packet extension carries pod traffic end to end, and a capture on the underlay
   sees only ciphertext.

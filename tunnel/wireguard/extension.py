@@ -2,7 +2,7 @@
 
 Why: per-segment AEAD and userspace segmentation cost Python about 2 us per 1.4 KB segment;
 sealing a whole 62 KB super-packet once costs 8 us (AES-GCM) and the segments never exist in
-userspace at all (research/dataplane-baselines.md: 4-6 Gbit/s against 1-2).
+userspace at all (docs/dataplane-facts.md: 4-6 Gbit/s against 1-2).
 
 Negotiation. A node announces the capability in its gossip tags; the agent passes
 `extension_ok=True` for peers that announced it. Only then does the sender use it; a stock
