@@ -180,6 +180,8 @@ def launch(peers: tuple[str, ...], config_file: str | None, detach: bool,
     from weavepy.agent import AgentError, run_agent
 
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    for warning in config.warnings:
+        logging.getLogger("weavepy.config").warning("%s", warning)
     try:
         run_agent(config)
     except AgentError as exc:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
 import json
 import re
+import shlex
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -251,6 +253,62 @@ def _encrypt_key(value: object) -> bytes | None:
     return key
 
 
+WEAVE_PASSWORD_SALT = b"weavepy gossip key from WEAVE_PASSWORD v1"
+WEAVE_PASSWORD_ROUNDS = 200_000
+
+
+def weave_password_key(value: object) -> bytes | None:
+    """Weave's `WEAVE_PASSWORD`: any string, stretched into a 32-byte gossip key.
+
+    PBKDF2-HMAC-SHA256 with a fixed salt, so every node given the same password derives the same
+    key (a password is low in entropy: the rounds make guessing it from captured traffic slow).
+    """
+    text = _text(value)
+    if not text:
+        return None
+    return hashlib.pbkdf2_hmac("sha256", text.encode(), WEAVE_PASSWORD_SALT,
+                               WEAVE_PASSWORD_ROUNDS)
+
+
+@dataclass(frozen=True)
+class IpallocInit:
+    """How a node without IPAM state meets its first cluster (Weave's `--ipalloc-init`).
+
+    `consensus`: found only once `count // 2 + 1` stateless nodes (this one included) hear each
+    other; `seed`: only the named nodes may found the cluster (the lowest live name does);
+    `observer`: never found and never own space (pods cannot be started on this node).
+    """
+
+    mode: str
+    count: int | None = None
+    seeds: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        if self.mode == "consensus":
+            return f"consensus={self.count}"
+        if self.mode == "seed":
+            return "seed=" + ",".join(self.seeds)
+        return self.mode
+
+
+def _ipalloc_init(value: object) -> IpallocInit | None:
+    text = _text(value)
+    if not text:
+        return None
+    mode, _, arg = text.partition("=")
+    mode = mode.strip().lower()
+    if mode == "observer" and not arg:
+        return IpallocInit("observer")
+    if mode == "consensus":
+        if not arg:  # Weave's default count is the number of peers; weavepy's rules then apply
+            return None
+        count = _int_between(1, 10_000)(arg)
+        return IpallocInit("consensus", count=count)
+    if mode == "seed" and arg:
+        return IpallocInit("seed", seeds=_names(arg))
+    raise ValueError(f"must be consensus=N, seed=NAME,... or observer, got {text!r}")
+
+
 def _names(value: object) -> tuple[str, ...]:
     """Node names: a list (file), or a string separated by spaces or commas (flags, env)."""
     items: list[str] = []
@@ -327,6 +385,8 @@ class Setting:
     flag: bool = True  # False: environment and file only (secrets never go on a command line)
     is_flag: bool = False  # a boolean switch on the command line
     option: str = ""  # the command-line flag when it is not --<name> (e.g. --encrypt)
+    # A variable whose value means something else than the flag's (WEAVE_PASSWORD: any string)
+    env_parse: Mapping[str, Callable[[object], Any]] = field(default_factory=dict)
 
     @property
     def flag_name(self) -> str:
@@ -341,11 +401,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("name", _name, socket.gethostname, "this node's name (unique in the cluster)",
             ("WEAVEPY_NAME",), "NAME"),
     Setting("peers", _peers, _const(()), "peers to join, as host or host:port (also the "
-            "launch arguments)", ("WEAVEPY_PEERS", "WEAVE_PEERS"), "PEERS", flag=False),
+            "launch arguments)", ("WEAVEPY_PEERS", "WEAVE_PEERS", "KUBE_PEERS"), "PEERS",
+            flag=False),
     Setting("ipalloc_range", _range, _const(ipaddress.IPv4Network("10.32.0.0/12")),
             "the cluster's pod address range", ("IPALLOC_RANGE", "WEAVEPY_IPALLOC_RANGE"), "CIDR"),
     Setting("block_prefix", _int_between(8, 30), _const(24),
             "prefix length of the blocks the range is cut into", ("WEAVEPY_BLOCK_PREFIX",), "N"),
+    Setting("ipalloc_init", _ipalloc_init, _const(None), "how a node without IPAM state meets "
+            "its cluster: consensus=N, seed=NAME,... or observer (default: weavepy's rules, "
+            "docs/ipam.md)", ("WEAVEPY_IPALLOC_INIT", "IPALLOC_INIT"), "MODE"),
     Setting("gossip_port", _int_between(1, 65535), _const(DEFAULT_GOSSIP_PORT),
             "gossip port (TCP and UDP)", ("WEAVEPY_GOSSIP_PORT", "WEAVE_PORT"), "PORT"),
     Setting("vxlan_vni", _int_between(0, (1 << 24) - 1), _const(1), "VXLAN network identifier",
@@ -366,13 +430,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("keyring_file", _optional_path, _const(None), "gossip keyring (serf's JSON list "
             "of base64 keys, or one key per line)", ("WEAVEPY_KEYRING_FILE",), "FILE"),
     Setting("encrypt", _encrypt_key, _const(None), "gossip key, base64 (environment or "
-            "file only)", ("WEAVEPY_ENCRYPT", "WEAVE_PASSWORD"), "KEY", flag=False),
+            "file only; $WEAVE_PASSWORD: any string, stretched into a key)",
+            ("WEAVEPY_ENCRYPT", "WEAVE_PASSWORD"), "KEY", flag=False,
+            env_parse={"WEAVE_PASSWORD": weave_password_key}),
     Setting("state_dir", _path, _const(Path("/var/lib/weavepy")), "persistent state directory",
             ("WEAVEPY_STATE_DIR",), "DIR"),
     Setting("run_dir", _path, _const(Path("/run/weavepy")), "runtime directory (CNI socket)",
             ("WEAVEPY_RUN_DIR",), "DIR"),
     Setting("api_addr", _api_addr, _const(("127.0.0.1", DEFAULT_API_PORT)),
-            "local HTTP API address (loopback only)", ("WEAVEPY_API_ADDR",), "IP:PORT"),
+            "local HTTP API address (loopback only)", ("WEAVEPY_API_ADDR", "WEAVE_HTTP_ADDR"),
+            "IP:PORT"),
     Setting("reclaim_after", parse_duration, _const(DEFAULT_RECLAIM_AFTER),
             "reclaim a gone node's blocks after this long (like 24h)",
             ("WEAVEPY_RECLAIM_AFTER",), "DURATION"),
@@ -385,7 +452,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("profile", _profile, _const("lan"), "gossip timing profile: lan, wan or local",
             ("WEAVEPY_PROFILE",), "PROFILE"),
     Setting("metrics_addr", _metrics_addr, _const(("127.0.0.1", DEFAULT_METRICS_PORT)),
-            "Prometheus /metrics address (IP:PORT, or off)", ("WEAVEPY_METRICS_ADDR",),
+            "Prometheus /metrics address (IP:PORT, or off)",
+            ("WEAVEPY_METRICS_ADDR", "WEAVE_STATUS_ADDR"),
             "IP:PORT"),
     Setting("kube_peers", _bool, _const(False), "take peers from the Kubernetes API (the "
             "nodes' InternalIPs) and set the node's NetworkUnavailable=False when ready",
@@ -413,6 +481,40 @@ SETTINGS: tuple[Setting, ...] = (
 )
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
 CONFIG_FILE_ENV = "WEAVEPY_CONFIG"
+EXTRA_ARGS_ENV = "EXTRA_ARGS"  # Weave's extra launch arguments: read as weavepy flags
+
+# Weave Net variables that weavepy does not take as a setting, and what it does instead. A set
+# one gives one warning line at launch (a DaemonSet copied from Weave's keeps working).
+WEAVE_ONLY_VARIABLES: Mapping[str, str] = {
+    "CONN_LIMIT": "gossip opens no connection per peer (SWIM probes one member at a time), so "
+                  "there is no connection limit to set",
+    "CHECKPOINT_DISABLE": "weavepy never contacts a version-check service; nothing to disable",
+    "HAIRPIN_MODE": "hairpin is always on for pod bridge ports (a pod reaches itself through a "
+                    "Service)",
+    "EXPECT_NPC": "the agent enforces NetworkPolicy itself (docs/policy.md); there is no "
+                  "separate weave-npc container to expect",
+    "IPTABLES_BACKEND": "host rules are written with nftables in weavepy's own table; the "
+                        "forward accepts go to whichever iptables backend holds a drop "
+                        "(docs/egress.md)",
+    "WEAVE_EXPOSE_IP": "the host reaches pods through each block's bridge gateway; there is "
+                       "nothing to expose",
+    "WEAVE_NO_FASTDP": "pod traffic takes kernel VXLAN, or the WireGuard path with --encrypt; "
+                       "there is no sleeve mode",
+    "WEAVE_NPC_EXTRA_ARGS": "policy settings are agent settings (--policy-*, docs/policy.md)",
+    "HOST_ROOT": "the init container installs the CNI files through the manifest's hostPath "
+                 "mounts",
+    "WEAVE_DEBUG": "use --log-level debug ($WEAVEPY_LOG_LEVEL)",
+}
+# Weave variables taken with Weave's meaning, beside the settings' own (`Setting.envs`).
+NO_MASQ_LOCAL_ENV = "NO_MASQ_LOCAL"
+# weaver flags that have no weavepy equivalent, for EXTRA_ARGS (value-taking ones consume one)
+WEAVE_ONLY_FLAGS: Mapping[str, bool] = {
+    "--conn-limit": True, "--nickname": True, "--no-dns": False, "--dns-domain": True,
+    "--host-root": True, "--db-prefix": True, "--docker-api": True, "--datapath": True,
+    "--expect-npc": False, "--no-fastdp": False, "--trusted-subnets": True,
+    "--no-discovery": False, "--no-restart": False, "--http-addr": True, "--status-addr": True,
+    "--plugin": False, "--proxy": False, "--no-masq-local": False, "--ipalloc-default-subnet": True,
+}
 
 
 @dataclass(frozen=True)
@@ -450,7 +552,9 @@ class AgentConfig:
     wg_port: int = DEFAULT_WG_PORT
     wg_device: str = "weavepy.wg"
     external_peers: tuple[Any, ...] = ()  # weavepy.wgpath.ExternalPeer
+    ipalloc_init: IpallocInit | None = None
     config_file: Path | None = None
+    warnings: tuple[str, ...] = ()  # Weave variables and flags set but not taken (logged once)
 
     @property
     def cni_socket(self) -> Path:
@@ -485,7 +589,7 @@ class AgentConfig:
                 value = "(set)" if value else None
             elif f.name == "external_peers":
                 value = [p.to_json() for p in value]
-            elif isinstance(value, Path | ipaddress.IPv4Network):
+            elif isinstance(value, Path | ipaddress.IPv4Network | IpallocInit):
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)
@@ -539,6 +643,9 @@ def load_config(
     unknown = sorted(set(flags) - set(SETTINGS_BY_NAME))
     if unknown:
         raise ConfigError([f"internal: unknown settings {unknown}"])
+    extra, warnings, extra_problems = _extra_args(env.get(EXTRA_ARGS_ENV, ""))
+    problems.extend(extra_problems)
+    warnings.extend(_weave_variable_warnings(env, problems))
     file_path = config_file or env.get(CONFIG_FILE_ENV) or None
     file_values: dict[str, object] = {}
     if file_path:
@@ -548,12 +655,16 @@ def load_config(
     for setting in SETTINGS:
         raw: object = None
         source = ""
+        parse = setting.parse
         if setting.name in flags and not (setting.is_flag and flags[setting.name] is False):
             raw, source = flags[setting.name], setting.flag_name
+        elif setting.name in extra:
+            raw, source = extra[setting.name], f"${EXTRA_ARGS_ENV}: {setting.flag_name}"
         else:
             for var in setting.envs:
                 if env.get(var, "") != "":
                     raw, source = env[var], f"${var}"
+                    parse = setting.env_parse.get(var, parse)
                     break
             else:
                 if setting.name in file_values:
@@ -562,7 +673,7 @@ def load_config(
             values[setting.name] = setting.default()
             continue
         try:
-            values[setting.name] = setting.parse(raw)
+            values[setting.name] = parse(raw)
         except ValueError as exc:
             problems.append(f"{source}: {exc}")
             values[setting.name] = setting.default()
@@ -570,7 +681,74 @@ def load_config(
         problems.extend(_cross_checks(values))
     if problems:
         raise ConfigError(problems)
-    return AgentConfig(**values, config_file=Path(file_path) if file_path else None)
+    return AgentConfig(**values, config_file=Path(file_path) if file_path else None,
+                       warnings=tuple(warnings))
+
+
+def _extra_args(text: str) -> tuple[dict[str, object], list[str], list[str]]:
+    """Weave's `EXTRA_ARGS` read as weavepy launch flags: (values, warnings, problems).
+
+    Words that are not flags are peers, as on Weave's command line. A Weave flag with no
+    weavepy equivalent is a warning; anything else unknown is a problem.
+    """
+    where = f"${EXTRA_ARGS_ENV}"
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        return {}, [], [f"{where}: {exc}"]
+    by_flag = {s.flag_name: s for s in SETTINGS if s.flag}
+    values: dict[str, object] = {}
+    warnings: list[str] = []
+    problems: list[str] = []
+    peers: list[str] = []
+    index = 0
+    while index < len(words):
+        word = words[index]
+        index += 1
+        if not word.startswith("--"):
+            peers.append(word)
+            continue
+        flag, has_value, value = word.partition("=")
+        setting = by_flag.get(flag)
+        if setting is None and flag in WEAVE_ONLY_FLAGS:
+            if WEAVE_ONLY_FLAGS[flag] and not has_value:
+                index += 1
+            warnings.append(f"{where}: {flag} is a Weave Net flag with no weavepy "
+                            "equivalent; ignored")
+            continue
+        if setting is None:
+            problems.append(f"{where}: unknown flag {flag} (see `weavepy launch --help`)")
+            continue
+        if setting.is_flag:
+            values[setting.name] = value if has_value else True
+            continue
+        if not has_value:
+            if index >= len(words):
+                problems.append(f"{where}: {flag} needs a value")
+                continue
+            value = words[index]
+            index += 1
+        values[setting.name] = value
+    if peers:
+        values["peers"] = peers
+    return values, warnings, problems
+
+
+def _weave_variable_warnings(env: Mapping[str, str], problems: list[str]) -> list[str]:
+    """One line for each Weave variable that is set but not taken as a setting."""
+    warnings = [f"${var} is Weave Net's and not used by weavepy: {instead}"
+                for var, instead in WEAVE_ONLY_VARIABLES.items() if env.get(var, "") != ""]
+    if env.get(NO_MASQ_LOCAL_ENV, "") != "":
+        try:
+            keep_local_sources = _bool(env[NO_MASQ_LOCAL_ENV])
+        except ValueError as exc:
+            problems.append(f"${NO_MASQ_LOCAL_ENV}: {exc}")
+        else:
+            if not keep_local_sources:
+                warnings.append(f"${NO_MASQ_LOCAL_ENV}=0 has no effect: weavepy never "
+                                "masquerades traffic delivered to this node's pods, so they "
+                                "always see the client's address")
+    return warnings
 
 
 def _cross_checks(values: Mapping[str, Any]) -> list[str]:
