@@ -288,6 +288,16 @@ def status_connections(as_json: bool, api_addr: str | None) -> None:
     _show(api_addr, "/status", as_json, render_connections, "connections")
 
 
+@status.command("targets")
+@json_option
+@api_option
+def status_targets(as_json: bool, api_addr: str | None) -> None:
+    """Join targets (launch peers and `connect`): state, attempts, last error."""
+    from weavepy.statusview import render_targets
+
+    _show(api_addr, "/status", as_json, render_targets, "targets")
+
+
 @status.command("ipam")
 @json_option
 @api_option

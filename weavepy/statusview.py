@@ -220,6 +220,15 @@ def render_connections(doc: Doc) -> Output:
                   rows)]
 
 
+def render_targets(doc: Doc) -> Output:
+    """`weavepy status targets`: the join targets (launch peers, `connect`) and their state."""
+    rows = tuple((_text(t.get("peer")), _text(t.get("state")), _text(t.get("attempts")),
+                  _text(t.get("last_error")))
+                 for t in _list(doc, "targets"))
+    return [f"discovery: {_discovery(doc)}",
+            Table("targets", ("PEER", "STATE", "ATTEMPTS", "LAST ERROR"), rows)]
+
+
 def render_ipam(doc: Doc) -> Output:
     ipam = _map(doc, "ipam")
     pods = _map(ipam, "pods")
@@ -253,4 +262,4 @@ def render_ipam(doc: Doc) -> Output:
 def render_report(doc: Doc) -> Output:
     """`weavepy report` without --json: every section."""
     return [*render_summary(doc), *render_peers(doc), *render_connections(doc),
-            *render_ipam(doc)]
+            *render_targets(doc), *render_ipam(doc)]

@@ -117,7 +117,7 @@ def test_readiness_metrics_report_cli_logs(agent_box: Any, monkeypatch: pytest.M
 
     # the human views, against their snapshots
     for args in (("status",), ("status", "peers"), ("status", "connections"),
-                 ("status", "ipam")):
+                 ("status", "targets"), ("status", "ipam")):
         shown = rig.cli(n1, *args)
         assert shown.returncode == 0, shown.stderr
         assert_snapshot("live-" + "-".join(args) + ".txt", shown.stdout)

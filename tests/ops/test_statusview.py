@@ -22,6 +22,7 @@ from weavepy.statusview import (
     render_peers,
     render_report,
     render_summary,
+    render_targets,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +56,8 @@ def test_schema_rejects_a_wrong_shape() -> None:
 
 @pytest.mark.parametrize("name, render", [
     ("summary", render_summary), ("peers", render_peers),
-    ("connections", render_connections), ("ipam", render_ipam), ("report", render_report)])
+    ("connections", render_connections), ("targets", render_targets), ("ipam", render_ipam),
+    ("report", render_report)])
 def test_views_of_a_healthy_node(name: str, render: Any) -> None:
     assert_snapshot(f"stored-{name}.txt", plain(render(stored_report())))
 
