@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import json
 import logging
 import os
 import random
@@ -66,9 +65,17 @@ from weavepy import __version__
 from weavepy.cluster import ClusterView, DataPlaneIdentity
 from weavepy.config import AgentConfig, parse_peer
 from weavepy.hostnet import HostNetError, Underlay, find_underlay, range_conflicts
-from weavepy.identity import Identity, IdentityError, load_or_create, write_private_file
+from weavepy.identity import Identity, IdentityError, load_or_create
 from weavepy.ipam_link import IpamLink, IpamLinkError
 from weavepy.metrics import AgentMetrics
+from weavepy.peerstore import (
+    EXTERNAL_PEERS_FILE,
+    KNOWN_PEERS_FILE,
+    load_external_peers,
+    load_known_peers,
+    save_external_peers,
+    save_known_peers,
+)
 from weavepy.reconcile import DesiredDataPlane, Reconciler, desired_data_plane
 from weavepy.statusview import REPORT_VERSION, connection_entries, ipam_advice
 from weavepy.targets import TargetSchedule
@@ -96,8 +103,6 @@ SETTLE_AFTER_JOIN = 2.0  # seconds after the first successful join before retain
 SETTLE_MAX = 15.0  # ... and at most this long after start, joined or not
 CONNECT_TIMEOUT = 10.0
 RMPEER_TIMEOUT = 15.0
-KNOWN_PEERS_FILE = "known-peers.json"
-EXTERNAL_PEERS_FILE = "external-peers.json"  # external peers declared through the API
 # The WireGuard data plane runs inside the agent's trio process (one core). Worker processes
 # (one per direction) work from the agent too, but measured slower on the shared 2-core sandbox
 # (1.54-1.60 against 1.80-1.99 Gbit/s pod to pod), where both nodes share the same cores; on a
@@ -452,12 +457,8 @@ class Agent:
         known = sorted(self._live_addresses(svc))
         if not known or known == self._known_saved:
             return
-        try:
-            write_private_file(self.config.state_dir / KNOWN_PEERS_FILE,
-                               json.dumps({"version": 1, "peers": known}).encode())
+        if save_known_peers(self.config.state_dir, known):
             self._known_saved = known
-        except OSError as exc:
-            log.warning("cannot save known peers in %s: %s", self.config.state_dir, exc)
 
     async def _settle(self) -> None:
         """End start-up retention once the view is complete (joined, or nobody to join)."""
@@ -766,12 +767,8 @@ class Agent:
 
     def _save_external(self) -> None:
         declared = {p.name for p in self.config.external_peers}
-        doc = [p.to_json() for name, p in sorted(self.external.items()) if name not in declared]
-        try:
-            write_private_file(self.config.state_dir / EXTERNAL_PEERS_FILE,
-                               json.dumps({"version": 1, "peers": doc}).encode())
-        except OSError as exc:
-            log.warning("cannot save external peers in %s: %s", self.config.state_dir, exc)
+        save_external_peers(self.config.state_dir,
+                            [p for name, p in self.external.items() if name not in declared])
 
     async def connect(self, peers: list[str], replace: bool) -> dict[str, Any]:
         from weavepy.api import ApiError
@@ -852,33 +849,6 @@ async def mark_network_available(source: Any, is_ready: Callable[[], bool], *,
             log.warning("%s; retrying in %.1f s", exc, delay)
         await trio.sleep(delay)
         delay = min(most, delay * 2)
-
-
-def load_external_peers(state_dir: Path) -> dict[str, ExternalPeer]:
-    """The external peers declared through the API by an earlier run ({} if none)."""
-    try:
-        doc = json.loads((state_dir / EXTERNAL_PEERS_FILE).read_bytes())
-        return {p.name: p for p in (parse_external_peer(raw) for raw in doc["peers"])}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring %s: %s", state_dir / EXTERNAL_PEERS_FILE, exc)
-        return {}
-
-
-def load_known_peers(state_dir: Path) -> list[str]:
-    """The members' addresses saved by the last run ([] if none or unreadable)."""
-    try:
-        doc = json.loads((state_dir / KNOWN_PEERS_FILE).read_bytes())
-        peers = [str(p) for p in doc["peers"]]
-        for peer in peers:
-            parse_peer(peer)
-        return peers
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring %s: %s", state_dir / KNOWN_PEERS_FILE, exc)
-        return []
 
 
 @dataclasses.dataclass
