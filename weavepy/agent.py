@@ -34,7 +34,7 @@ SIGINT (kubelet during a DaemonSet rollout, `systemctl restart`) stop without le
 that comes back within the failure-detection time (about 5 s on lan) changes nothing at the
 peers, and a node that stays down is declared failed and its routes removed as after a crash.
 Kernel state stays either way: pods keep their addresses and local traffic keeps flowing.
-`reset` (see `reset_node`) is the only thing that removes kernel objects and state.
+`weavepy reset` (weavepy.reset) is the only thing that removes kernel objects and state.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -69,8 +69,6 @@ from weavepy.identity import Identity, IdentityError, load_or_create
 from weavepy.ipam_link import IpamLink, IpamLinkError
 from weavepy.metrics import AgentMetrics
 from weavepy.peerstore import (
-    EXTERNAL_PEERS_FILE,
-    KNOWN_PEERS_FILE,
     load_external_peers,
     load_known_peers,
     save_external_peers,
@@ -93,7 +91,7 @@ from weavepy.wgpath import (
 )
 
 __all__ = ["Agent", "AgentError", "Prepared", "follow_kube_peers", "mark_network_available",
-           "prepare", "reset_node", "run_agent"]
+           "prepare", "run_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -917,64 +915,3 @@ def _first_leaf(group: BaseException) -> BaseException:
     while isinstance(group, BaseExceptionGroup):
         group = group.exceptions[0]
     return group
-
-
-# ---------------------------------------------------------------------------------------------
-# reset
-
-
-def _remove_link(ipr: Any, name: str) -> bool:
-    from tunnel.netlink import NetlinkError
-
-    try:
-        found = ipr.link_lookup(ifname=name)
-        if not found:
-            return False
-        ipr.link("del", index=found[0])
-        return True
-    except NetlinkError as exc:
-        if exc.code == errno.ENODEV:
-            return False
-        raise
-
-
-def reset_node(config: AgentConfig) -> list[str]:
-    """Remove this node's kernel objects and state (the agent must be stopped). Returns what
-    was removed, for the user."""
-    from tunnel.netlink import open_iproute
-    from weavepy.cni.podnet import PodNetwork
-
-    removed: list[str] = []
-    ipr = open_iproute()
-    try:
-        for name in (config.vxlan_device, config.bridge, config.wg_device):
-            if _remove_link(ipr, name):
-                removed.append(f"link {name}")
-    finally:
-        ipr.close()
-    podnet = PodNetwork()
-    try:
-        for veth in podnet.host_veths():
-            if podnet.delete_link(veth):
-                removed.append(f"pod veth {veth}")
-    finally:
-        podnet.close()
-    for path in _state_files(config):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(str(path))
-    return removed
-
-
-def _state_files(config: AgentConfig) -> Iterator[Path]:
-    """weavepy's own files in the state and run directories (nothing else is touched)."""
-    from weavepy.identity import IDENTITY_FILE
-    from weavepy.ipam_link import CORE_FILE, PODS_FILE
-    from weavepy.reconcile import PROGRAMMED_FILE
-
-    for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE, KNOWN_PEERS_FILE, EXTERNAL_PEERS_FILE):
-        yield config.state_dir / name
-        if config.state_dir.is_dir():
-            yield from sorted(config.state_dir.glob(f"{name}.corrupt-*"))
-            yield from sorted(config.state_dir.glob(f".{name}.*"))
-    yield config.run_dir / PROGRAMMED_FILE
