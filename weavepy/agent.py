@@ -47,11 +47,10 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -90,8 +89,10 @@ from weavepy.wgpath import (
     render_wg_quick,
 )
 
-__all__ = ["Agent", "AgentError", "Prepared", "follow_kube_peers", "mark_network_available",
-           "prepare", "run_agent"]
+if TYPE_CHECKING:
+    from weavepy.kube import KubeLink
+
+__all__ = ["Agent", "AgentError", "Prepared", "prepare", "run_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,6 @@ RMPEER_TIMEOUT = 15.0
 # real host with cores to spare they should win. Measure before turning this on.
 AGENT_WORKERS = False
 TRAFFIC_SAMPLE_INTERVAL = 2.0  # seconds between reads of the VXLAN device's counters
-NETWORK_AVAILABLE_BACKOFF = (1.0, 60.0)  # first and largest retry delay for the node condition
 
 
 class AgentError(Exception):
@@ -259,8 +259,7 @@ class Agent:
             encrypted=self.encrypted)
         self.metrics = AgentMetrics()
         self.traffic: dict[str, dict[str, int]] = {}
-        self.kube: Any = None  # weavepy.kube.KubePeerSource with --kube-peers
-        self.network_available_set = False
+        self.kube: KubeLink | None = None  # with --kube-peers
         if self.ipam.cluster_id is not None:
             self._cluster_id_learned(self.ipam.cluster_id)
         self.cni_listening = False
@@ -357,8 +356,9 @@ class Agent:
                                         *config.metrics_addr)
                 nursery.start_soon(self._sample_traffic)
                 if self.kube is not None:
-                    nursery.start_soon(self._kube_peers, self.kube)
-                    nursery.start_soon(self._mark_network_available, self.kube)
+                    nursery.start_soon(self.kube.run, self.targets, config.gossip_port,
+                                       self._normalise(list(config.peers)),
+                                       self._targets_changed.set, lambda: self.readiness()[0])
                 await self._stop.wait()
                 if self._leave_on_stop:
                     log.info("stopping: leaving the cluster (kernel state stays)")
@@ -400,15 +400,6 @@ class Agent:
             if sample is not None:
                 self.traffic = {"vxlan": sample}
             await trio.sleep(TRAFFIC_SAMPLE_INTERVAL)
-
-    async def _kube_peers(self, source: Any) -> None:
-        await follow_kube_peers(source, self.targets, self.config.gossip_port,
-                                self._normalise(list(self.config.peers)),
-                                self._targets_changed.set)
-
-    async def _mark_network_available(self, source: Any) -> None:
-        await mark_network_available(source, lambda: self.readiness()[0])
-        self.network_available_set = True
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -617,7 +608,7 @@ class Agent:
     def discovery(self) -> dict[str, Any]:
         """How this node finds peers: the configured list, or the Kubernetes API."""
         if self.kube is not None:
-            return {**self.kube.status(), "network_available_set": self.network_available_set}
+            return self.kube.status()
         return {"source": "peers", "peers": len(self.targets.addresses())}
 
     def status(self) -> dict[str, Any]:
@@ -815,40 +806,6 @@ class Agent:
                            f"reachable, or use --force") from None
 
 
-async def follow_kube_peers(source: Any, targets: TargetSchedule, gossip_port: int,
-                            static_peers: list[str], changed: Callable[[], None]) -> None:
-    """Peers from the Kubernetes API (`source`: a weavepy.kube.KubePeerSource, closed at the
-    end): each new node set replaces the join targets, plus `static_peers`; `changed()` then
-    wakes the join loop. The watch retries API failures itself and never ends."""
-    async with source, source.watch_peers() as sets:
-        async for peers in sets:
-            addresses = [f"{p.address}:{gossip_port}" for p in sorted(peers, key=lambda p: p.node)]
-            targets.replace(addresses + [p for p in static_peers if p not in addresses],
-                            trio.current_time())
-            changed()
-            log.info("Kubernetes API: %d peers", len(addresses))
-
-
-async def mark_network_available(source: Any, is_ready: Callable[[], bool], *,
-                                 backoff: tuple[float, float] = NETWORK_AVAILABLE_BACKOFF,
-                                 poll: float = 0.5) -> None:
-    """Wait until `is_ready()`, then set the node's NetworkUnavailable=False, retrying with
-    exponential backoff until the API accepts it."""
-    from weavepy.kube import KubeError
-
-    while not is_ready():
-        await trio.sleep(poll)
-    delay, most = backoff
-    while True:
-        try:
-            await source.set_network_available()
-            return
-        except KubeError as exc:
-            log.warning("%s; retrying in %.1f s", exc, delay)
-        await trio.sleep(delay)
-        delay = min(most, delay * 2)
-
-
 @dataclasses.dataclass
 class _Started:
     """Wraps a task_status so the agent learns when the CNI socket is listening."""
@@ -895,11 +852,11 @@ def run_agent(config: AgentConfig) -> None:
     except IpamLinkError as exc:
         raise AgentError(str(exc)) from None
     if config.kube_peers:
-        from weavepy.kube import KubeError, KubePeerSource
+        from weavepy.kube import KubeError, KubeLink, KubePeerSource
 
         try:
-            agent.kube = KubePeerSource.in_cluster(
-                config.name, exclude_addresses=[str(prepared.underlay.local_ip)])
+            agent.kube = KubeLink(KubePeerSource.in_cluster(
+                config.name, exclude_addresses=[str(prepared.underlay.local_ip)]))
         except KubeError as exc:
             raise AgentError(str(exc)) from None
     try:
