@@ -62,8 +62,15 @@ from gossip.transport import GossipService, JoinError
 from tunnel.vxlan import VxlanBackend, VxlanConfig
 from weavepy import __version__
 from weavepy.cluster import ClusterView, DataPlaneIdentity
+from weavepy.cni.podnet import ensure_bridge
 from weavepy.config import AgentConfig, parse_peer
-from weavepy.hostnet import HostNetError, Underlay, find_underlay, range_conflicts
+from weavepy.hostnet import (
+    HostNetError,
+    LinkCounterSampler,
+    Underlay,
+    find_underlay,
+    range_conflicts,
+)
 from weavepy.identity import Identity, IdentityError, load_or_create
 from weavepy.ipam_link import IpamLink, IpamLinkError
 from weavepy.metrics import AgentMetrics
@@ -107,7 +114,6 @@ RMPEER_TIMEOUT = 15.0
 # (1.54-1.60 against 1.80-1.99 Gbit/s pod to pod), where both nodes share the same cores; on a
 # real host with cores to spare they should win. Measure before turning this on.
 AGENT_WORKERS = False
-TRAFFIC_SAMPLE_INTERVAL = 2.0  # seconds between reads of the VXLAN device's counters
 
 
 class AgentError(Exception):
@@ -254,11 +260,11 @@ class Agent:
         self.external.update(load_external_peers(self.config.state_dir))
         self.reconciler = Reconciler(
             self.backend, self._desired, run_dir=self.config.run_dir, bridge=self.config.bridge,
-            mtu=prepared.mtu, ensure_bridge=_ensure_bridge,
+            mtu=prepared.mtu, ensure_bridge=ensure_bridge,
             interval=self.config.reconcile_interval, on_pass=self._reconcile_observed,
             encrypted=self.encrypted)
         self.metrics = AgentMetrics()
-        self.traffic: dict[str, dict[str, int]] = {}
+        self.vxlan_counters = LinkCounterSampler(self.config.vxlan_device)
         self.kube: KubeLink | None = None  # with --kube-peers
         if self.ipam.cluster_id is not None:
             self._cluster_id_learned(self.ipam.cluster_id)
@@ -354,7 +360,7 @@ class Agent:
 
                     await nursery.start(serve_api, build_metrics_app(self.render_metrics),
                                         *config.metrics_addr)
-                nursery.start_soon(self._sample_traffic)
+                nursery.start_soon(self.vxlan_counters.run)
                 if self.kube is not None:
                     nursery.start_soon(self.kube.run, self.targets, config.gossip_port,
                                        self._normalise(list(config.peers)),
@@ -386,20 +392,6 @@ class Agent:
         """The Prometheus exposition, gauges refreshed from the status now."""
         self.metrics.update_from_status(self.status())
         return self.metrics.render()
-
-    async def _sample_traffic(self) -> None:
-        """Keep `traffic` (the VXLAN device's IFLA_STATS64 counters) fresh for status and
-        metrics; a missing device (before the first pass) reads as no sample."""
-        while True:
-            try:
-                sample = await trio.to_thread.run_sync(
-                    read_link_counters, self.config.vxlan_device)
-            except OSError as exc:
-                log.debug("cannot read %s counters: %s", self.config.vxlan_device, exc)
-                sample = None
-            if sample is not None:
-                self.traffic = {"vxlan": sample}
-            await trio.sleep(TRAFFIC_SAMPLE_INTERVAL)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -680,7 +672,7 @@ class Agent:
                 "pass_errors": self.reconciler.errors,
                 "last_pass": last.to_json() if last else None,
                 "programmed_peers": sorted(programmed),
-                "traffic": {path: dict(counters) for path, counters in self.traffic.items()},
+                "traffic": self._traffic(),
                 "encrypt": encrypt_tag(self.config.encrypt_all, self.config.encrypt_peers),
                 "wireguard": self.encrypted.status(),
                 "external_peers": [p.to_json() for _, p in sorted(self.external.items())],
@@ -691,6 +683,11 @@ class Agent:
                     "conflist_installed": conflist.exists() if conflist is not None else None},
             "config": self.config.to_public_dict(),
         }
+
+    def _traffic(self) -> dict[str, dict[str, int]]:
+        """Counters per data path (the VXLAN device's, once read)."""
+        latest = self.vxlan_counters.latest
+        return {"vxlan": dict(latest)} if latest is not None else {}
 
     def _encrypted_states(self, desired: DesiredDataPlane) -> dict[str, tuple[str, str | None]]:
         return {peer.name: self.encrypted.connection(peer.name) for peer in desired.wg_peers}
@@ -818,30 +815,6 @@ class _Started:
         self.done = True
         self.agent.cni_listening = True
         self.inner.started()
-
-
-def read_link_counters(name: str) -> dict[str, int] | None:
-    """The link's IFLA_STATS64 rx/tx bytes and packets in this namespace (None: no link)."""
-    from tunnel.netlink import open_iproute
-
-    ipr = open_iproute()
-    try:
-        found = ipr.link_lookup(ifname=name)
-        if not found:
-            return None
-        stats = ipr.get_links(found[0])[0].get_attr("IFLA_STATS64")
-    finally:
-        ipr.close()
-    if stats is None:
-        return None
-    return {key: int(stats[key]) for key in ("rx_bytes", "tx_bytes", "rx_packets",
-                                             "tx_packets")}
-
-
-def _ensure_bridge(name: str, gateways: list[Any], mtu: int) -> object:
-    from weavepy.cni.podnet import ensure_bridge
-
-    return ensure_bridge(name, gateways, mtu)
 
 
 def run_agent(config: AgentConfig) -> None:
