@@ -49,7 +49,6 @@ import signal
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -64,6 +63,7 @@ from weavepy import __version__
 from weavepy.cluster import ClusterView, DataPlaneIdentity
 from weavepy.cni.podnet import ensure_bridge
 from weavepy.config import AgentConfig, parse_peer
+from weavepy.control import NodeControl
 from weavepy.hostnet import (
     HostNetError,
     LinkCounterSampler,
@@ -77,23 +77,18 @@ from weavepy.metrics import AgentMetrics
 from weavepy.peerstore import (
     load_external_peers,
     load_known_peers,
-    save_external_peers,
     save_known_peers,
 )
 from weavepy.reconcile import DesiredDataPlane, Reconciler, desired_data_plane
-from weavepy.statusview import REPORT_VERSION, connection_entries, ipam_advice
-from weavepy.targets import TargetSchedule
+from weavepy.targets import TargetSchedule, normalise_addresses
 from weavepy.wgpath import (
     CAP_EXTENSION,
     CAP_WIREGUARD,
     UDP_IPV4_OVERHEAD,
     WG_OVERHEAD,
-    ConfigNode,
     EncryptedPath,
     ExternalPeer,
     encrypt_tag,
-    parse_external_peer,
-    render_wg_quick,
 )
 
 if TYPE_CHECKING:
@@ -108,7 +103,6 @@ LEAVE_TIMEOUT = 3.0
 SETTLE_AFTER_JOIN = 2.0  # seconds after the first successful join before retained peers go
 SETTLE_MAX = 15.0  # ... and at most this long after start, joined or not
 CONNECT_TIMEOUT = 10.0
-RMPEER_TIMEOUT = 15.0
 # The WireGuard data plane runs inside the agent's trio process (one core). Worker processes
 # (one per direction) work from the agent too, but measured slower on the shared 2-core sandbox
 # (1.54-1.60 against 1.80-1.99 Gbit/s pod to pod), where both nodes share the same cores; on a
@@ -226,7 +220,8 @@ def _install_cni(config: AgentConfig) -> None:
 
 
 class Agent:
-    """One running node agent; implements `weavepy.api.AgentControl`."""
+    """One running node agent: its parts, and the tasks that run them (`run`). Its answers to
+    the API are `control` (weavepy.control)."""
 
     def __init__(self, prepared: Prepared) -> None:
         self.prepared = prepared
@@ -259,7 +254,7 @@ class Agent:
         self.external: dict[str, ExternalPeer] = {p.name: p for p in self.config.external_peers}
         self.external.update(load_external_peers(self.config.state_dir))
         self.reconciler = Reconciler(
-            self.backend, self._desired, run_dir=self.config.run_dir, bridge=self.config.bridge,
+            self.backend, self.desired, run_dir=self.config.run_dir, bridge=self.config.bridge,
             mtu=prepared.mtu, ensure_bridge=ensure_bridge,
             interval=self.config.reconcile_interval, on_pass=self._reconcile_observed,
             encrypted=self.encrypted)
@@ -276,6 +271,7 @@ class Agent:
         self._first_join: float | None = None
         self._known_saved: list[str] | None = None
         self.known_peers = load_known_peers(self.config.state_dir)
+        self.control = NodeControl(self)
 
     # -- derived values --------------------------------------------------------------------------
 
@@ -292,7 +288,8 @@ class Agent:
             encrypt=encrypt_tag(self.config.encrypt_all, self.config.encrypt_peers),
         )
 
-    def _desired(self) -> tuple[DesiredDataPlane, set[str]]:
+    def desired(self) -> tuple[DesiredDataPlane, set[str]]:
+        """What the data plane should be now, and the names of the peers in the view."""
         desired = desired_data_plane(self.view.peers(), self.ipam.blocks_by_node(),
                                      self.config.name, self.data_plane_identity(),
                                      sorted(self.external.values(), key=lambda p: p.name))
@@ -354,17 +351,18 @@ class Agent:
                 await nursery.start(self._serve_cni)
                 from weavepy.api import build_app, serve_api
 
-                await nursery.start(serve_api, build_app(self), *config.api_addr)
+                await nursery.start(serve_api, build_app(self.control), *config.api_addr)
                 if config.metrics_addr is not None:
                     from weavepy.api import build_metrics_app
 
-                    await nursery.start(serve_api, build_metrics_app(self.render_metrics),
+                    await nursery.start(serve_api, build_metrics_app(self.control.render_metrics),
                                         *config.metrics_addr)
                 nursery.start_soon(self.vxlan_counters.run)
                 if self.kube is not None:
                     nursery.start_soon(self.kube.run, self.targets, config.gossip_port,
-                                       self._normalise(list(config.peers)),
-                                       self._targets_changed.set, lambda: self.readiness()[0])
+                                       normalise_addresses(config.peers, config.gossip_port),
+                                       self._targets_changed.set,
+                                       lambda: self.control.readiness()[0])
                 await self._stop.wait()
                 if self._leave_on_stop:
                     log.info("stopping: leaving the cluster (kernel state stays)")
@@ -382,16 +380,15 @@ class Agent:
             raise
         log.info("stopped")
 
+    def wake_join_loop(self) -> None:
+        """The join targets changed: let the join loop look at them now."""
+        self._targets_changed.set()
+
     def request_stop(self, leave: bool = True) -> None:
         """Stop; with `leave`, tell the cluster first (the first request decides)."""
         if not self._stop.is_set():
             self._leave_on_stop = leave
         self._stop.set()
-
-    def render_metrics(self) -> bytes:
-        """The Prometheus exposition, gauges refreshed from the status now."""
-        self.metrics.update_from_status(self.status())
-        return self.metrics.render()
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -463,16 +460,10 @@ class Agent:
                     found.add(f"{IPv4Address(member.addr)}:{member.port}")
         return found
 
-    def _normalise(self, peers: list[str]) -> list[str]:
-        out = []
-        for peer in peers:
-            host, port = parse_peer(peer, self.config.gossip_port)
-            out.append(f"{host}:{port}")
-        return out
-
     async def _join_loop(self, svc: GossipService) -> None:
         """Join the targets (retrying with backoff) and reconnect to failed members."""
-        self.targets.add(self._normalise(list(self.config.peers)), trio.current_time())
+        self.targets.add(normalise_addresses(self.config.peers, self.config.gossip_port),
+                         trio.current_time())
         async with trio.open_nursery() as attempts:
             if self.known_peers:  # members of the last run: one attempt, all at once
                 attempts.start_soon(self._rejoin_known, svc)
@@ -568,239 +559,6 @@ class Agent:
         gso = FAST_PATH_GSO_MAX_SIZE if encryption_configured(self.config) else None
         return BridgeBackend(CniAllocator(self.ipam, token), bridge=self.config.bridge,
                              settings=PodLinkSettings(mtu=self.prepared.mtu, gso_max_size=gso))
-
-    # -- AgentControl ----------------------------------------------------------------------------
-
-    def readiness(self) -> tuple[bool, list[str]]:
-        reasons = []
-        ipam = self.ipam.status()
-        if ipam is None or not ipam.owned_blocks:
-            reasons.append(f"no usable block yet (IPAM {ipam.state.value if ipam else 'n/a'}: "
-                           f"{ipam.detail if ipam else 'starting'})")
-        last = self.reconciler.last
-        if last is None:
-            reasons.append("routes not programmed yet")
-        elif not last.ok:
-            reasons.append("the last reconcile pass had errors")
-        if not self.cni_listening:
-            reasons.append("the CNI socket is not listening")
-        conflist = self.conflist_path()
-        if conflist is not None and not conflist.exists():
-            reasons.append(f"the CNI config {conflist} is not installed (the init container "
-                           f"or `weavepy install-cni` writes it)")
-        return not reasons, reasons
-
-    def conflist_path(self) -> Path | None:
-        """The conflist /readyz waits for, or None when this node does not check it."""
-        from weavepy.cni.install import CONFLIST_NAME
-
-        conf_dir = self.config.cni_conf_check_dir
-        return conf_dir / CONFLIST_NAME if conf_dir is not None else None
-
-    def discovery(self) -> dict[str, Any]:
-        """How this node finds peers: the configured list, or the Kubernetes API."""
-        if self.kube is not None:
-            return self.kube.status()
-        return {"source": "peers", "peers": len(self.targets.addresses())}
-
-    def status(self) -> dict[str, Any]:
-        svc = self.svc
-        desired, _ = self._desired()
-        programmed = set(self.reconciler.programmed) | self.reconciler.encrypted_programmed
-        blocks = self.ipam.blocks_by_node()
-        peers = []
-        for peer in self.view.peers():
-            entry = peer.to_json()
-            entry["blocks"] = [str(b) for b in blocks.get(peer.name, ())]
-            entry["path"] = desired.paths.get(peer.name)
-            entry["programmed"] = peer.name in programmed
-            entry["excluded"] = desired.excluded.get(peer.name)
-            peers.append(entry)
-        ready, reasons = self.readiness()
-        last = self.reconciler.last
-        gossip: dict[str, Any] = {}
-        if svc is not None:
-            stats = svc.stats
-            gossip = {
-                "address": "{}:{}".format(*svc.advertise_address),
-                "members": dict(self.view.counts()),
-                "health_score": svc.node.health_score,
-                "drops": dict(stats.drops()),
-                "packets_in": stats.node.packets_in,
-                "packets_out": stats.node.packets_out,
-                "bytes_in": stats.node.bytes_in,
-                "bytes_out": stats.node.bytes_out,
-                "probe_failures": stats.node.probe_failures,
-                "suspicions": stats.node.suspicions,
-                "tag_problems": dict(self.view.tag_problems),
-            }
-        ipam = self.ipam.status_json()
-        ipam["fix"] = ipam_advice(ipam, self.config.name)
-        conflist = self.conflist_path()
-        return {
-            "report_version": REPORT_VERSION,
-            "version": __version__,
-            "name": self.config.name,
-            "cluster_id": self.ipam.cluster_id,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "encryption": self.prepared.keyring is not None,
-            "ready": ready,
-            "not_ready_reasons": reasons,
-            "discovery": self.discovery(),
-            "gossip": gossip,
-            "targets": self.targets.to_json(),
-            "peers": peers,
-            "blocks": [{"block": str(b), "owner": owner} for owner, owned in sorted(blocks.items())
-                       for b in owned],
-            "connections": connection_entries(
-                peers + self._external_entries(programmed), desired.fallbacks,
-                self.prepared.mtu, self._encrypted_states(desired), self.encrypted.mtu),
-            "ipam": ipam,
-            "dataplane": {
-                "path": "vxlan",
-                "device": self.config.vxlan_device,
-                "vni": self.config.vxlan_vni,
-                "port": self.config.vxlan_port,
-                "mtu": self.prepared.mtu,
-                "bridge": self.config.bridge,
-                "local_blocks": [str(b) for b in self.reconciler.local_blocks],
-                "underlay": {"iface": self.prepared.underlay.iface,
-                             "address": str(self.prepared.underlay.local_ip),
-                             "mtu": self.prepared.underlay.mtu},
-                "settled": self.reconciler.settled,
-                "passes": self.reconciler.passes,
-                "pass_errors": self.reconciler.errors,
-                "last_pass": last.to_json() if last else None,
-                "programmed_peers": sorted(programmed),
-                "traffic": self._traffic(),
-                "encrypt": encrypt_tag(self.config.encrypt_all, self.config.encrypt_peers),
-                "wireguard": self.encrypted.status(),
-                "external_peers": [p.to_json() for _, p in sorted(self.external.items())],
-            },
-            "cni": {"socket": str(self.config.cni_socket), "listening": self.cni_listening,
-                    "requests": dict(self.cni_requests),
-                    "conflist": str(conflist) if conflist is not None else None,
-                    "conflist_installed": conflist.exists() if conflist is not None else None},
-            "config": self.config.to_public_dict(),
-        }
-
-    def _traffic(self) -> dict[str, dict[str, int]]:
-        """Counters per data path (the VXLAN device's, once read)."""
-        latest = self.vxlan_counters.latest
-        return {"vxlan": dict(latest)} if latest is not None else {}
-
-    def _encrypted_states(self, desired: DesiredDataPlane) -> dict[str, tuple[str, str | None]]:
-        return {peer.name: self.encrypted.connection(peer.name) for peer in desired.wg_peers}
-
-    def _external_entries(self, programmed: set[str]) -> list[dict[str, Any]]:
-        """External hosts as peer-like entries for the connection list."""
-        return [{"name": name, "state": "alive", "path": "wireguard", "external": True,
-                 "programmed": name in programmed, "blocks": [str(n) for n in host.allowed_ips]}
-                for name, host in sorted(self.external.items())]
-
-    def wg_config(self, name: str) -> str:
-        """The wg-quick configuration for external peer `name` (see weavepy.wgpath)."""
-        from weavepy.api import ApiError
-
-        host = self.external.get(name)
-        if host is None:
-            known = ", ".join(sorted(self.external)) or "none are declared"
-            raise ApiError(404, f"no external peer named {name!r} ({known}); declare it with "
-                           f"`weavepy external add` or in the config file")
-        blocks = self.ipam.blocks_by_node()
-        nodes = [ConfigNode(self.config.name, self.identity.wg_public_key,
-                            (self.prepared.advertise[0], self.config.wg_port),
-                            tuple(blocks.get(self.config.name, ())))]
-        for peer in self.view.live_peers():
-            ident = peer.identity
-            if (ident is None or ident.wg_public_key is None or ident.wg_port is None
-                    or CAP_WIREGUARD not in ident.capabilities):
-                continue
-            nodes.append(ConfigNode(peer.name, ident.wg_public_key,
-                                    (str(ident.underlay_ip), ident.wg_port),
-                                    tuple(blocks.get(peer.name, ()))))
-        return render_wg_quick(host, nodes, self.encrypted.mtu, self.config.name)
-
-    def add_external(self, raw: object) -> dict[str, Any]:
-        """Declare (or replace) an external peer; kept in the state directory."""
-        from weavepy.api import ApiError
-
-        try:
-            host = parse_external_peer(raw)
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-        if host.name == self.config.name or self.view.get(host.name) is not None:
-            raise ApiError(409, f"{host.name} is a cluster member's name; pick another")
-        pod_range = self.config.ipalloc_range
-        inside = [str(n) for n in host.allowed_ips if n.overlaps(pod_range)]
-        if inside:
-            raise ApiError(400, f"{', '.join(inside)} overlaps the cluster range {pod_range} "
-                           f"(pods get those addresses); give the host an address outside it")
-        self.external[host.name] = host
-        self._save_external()
-        self.reconciler.poke(f"external peer {host.name} declared")
-        return {"external_peers": [p.to_json() for _, p in sorted(self.external.items())]}
-
-    def remove_external(self, name: str) -> dict[str, Any]:
-        from weavepy.api import ApiError
-
-        if name not in self.external:
-            raise ApiError(404, f"no external peer named {name!r}")
-        del self.external[name]
-        self._save_external()
-        self.reconciler.poke(f"external peer {name} removed")
-        return {"external_peers": [p.to_json() for _, p in sorted(self.external.items())]}
-
-    def _save_external(self) -> None:
-        declared = {p.name for p in self.config.external_peers}
-        save_external_peers(self.config.state_dir,
-                            [p for name, p in self.external.items() if name not in declared])
-
-    async def connect(self, peers: list[str], replace: bool) -> dict[str, Any]:
-        from weavepy.api import ApiError
-
-        try:
-            normalised = self._normalise(peers)
-        except ValueError as exc:
-            raise ApiError(400, f"bad peer address: {exc}") from None
-        now = trio.current_time()
-        if replace:
-            self.targets.replace(normalised, now)
-            added = normalised
-        else:
-            added = self.targets.add(normalised, now)
-        self._targets_changed.set()
-        return {"targets": self.targets.addresses(), "added": added}
-
-    def forget(self, peers: list[str]) -> dict[str, Any]:
-        from weavepy.api import ApiError
-
-        try:
-            normalised = self._normalise(peers)
-        except ValueError as exc:
-            raise ApiError(400, f"bad peer address: {exc}") from None
-        removed = self.targets.remove(normalised)
-        unknown = [p for p in normalised if p not in removed]
-        return {"targets": self.targets.addresses(), "forgotten": removed, "unknown": unknown}
-
-    async def rmpeer(self, name: str, force: bool) -> dict[str, Any]:
-        from weavepy.api import ApiError
-
-        if name == self.config.name:
-            raise ApiError(409, "a node cannot rmpeer itself; run `weavepy reset` on it instead")
-        member = self.view.get(name)
-        if member is not None and member.live and not force:
-            raise ApiError(409, f"{name} is {member.state.value}; rmpeer is for nodes that are "
-                           f"gone (stop it first, or add --force if you are sure)")
-        try:
-            with trio.fail_after(RMPEER_TIMEOUT):
-                return await self.ipam.rmpeer(name, force)
-        except IpamLinkError as exc:
-            raise ApiError(exc.status, str(exc)) from None
-        except trio.TooSlowError:
-            raise ApiError(503, f"no decision on removing {name} within {RMPEER_TIMEOUT:.0f} s "
-                           f"(IPAM {self.ipam.state_name()}); a majority of voters must be "
-                           f"reachable, or use --force") from None
 
 
 @dataclasses.dataclass
