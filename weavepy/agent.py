@@ -74,11 +74,7 @@ from weavepy.hostnet import (
 from weavepy.identity import Identity, IdentityError, load_or_create
 from weavepy.ipam_link import IpamLink, IpamLinkError
 from weavepy.metrics import AgentMetrics
-from weavepy.peerstore import (
-    load_external_peers,
-    load_known_peers,
-    save_known_peers,
-)
+from weavepy.peerstore import load_external_peers, load_known_peers, save_known_peers
 from weavepy.reconcile import DesiredDataPlane, Reconciler, desired_data_plane
 from weavepy.targets import TargetSchedule, normalise_addresses
 from weavepy.wgpath import (
@@ -361,7 +357,7 @@ class Agent:
                 if self.kube is not None:
                     nursery.start_soon(self.kube.run, self.targets, config.gossip_port,
                                        normalise_addresses(config.peers, config.gossip_port),
-                                       self._targets_changed.set,
+                                       self.wake_join_loop,
                                        lambda: self.control.readiness()[0])
                 await self._stop.wait()
                 if self._leave_on_stop:
