@@ -1,4 +1,6 @@
-"""The weavepy node agent: one trio process per node that ties every part together.
+"""The weavepy node agent: one trio process per node, and the composition root that builds its
+parts and ties them together. Each part's logic lives in its own module; this one decides
+only what is built from what, and which tasks run.
 
 Theory of operation
 ===================
@@ -19,14 +21,16 @@ directory, a corrupt identity or IPAM file, an unreadable keyring, no usable und
 cluster range that overlaps the host's routes, an API port already taken.
 
 `Agent.run()` then runs, as children of one nursery: the gossip service, the membership task
-(events -> view -> reconciler and IPAM), the IPAM link, the join-target task, the reconciler,
-the CNI server, the API, the metrics endpoint (`--metrics-addr`), the tunnel-counter sampler,
-the signal task and, with `--kube-peers`, the Kubernetes peer watch and the task that sets
-the node's NetworkUnavailable condition to False once the node is first ready.
+(events -> view -> reconciler and IPAM), the IPAM link, the join loop and the end of start-up
+retention (weavepy.joiner), the reconciler, the CNI server, the API over the node's answers
+(weavepy.api over weavepy.control), the metrics endpoint (`--metrics-addr`), the VXLAN
+counter sampler (weavepy.hostnet), the signal task and, with `--kube-peers`, the Kubernetes
+peer watch and the task that sets the node's NetworkUnavailable condition to False once the
+node is first ready (weavepy.kube's `KubeLink`).
 
-A restart re-derives everything from the state directory (identity, IPAM), the run
-directory (peers programmed last time) and the kernel; the reconciler keeps working routes
-until the view has settled, so nothing flaps.
+A restart re-derives everything from the state directory (identity, IPAM, the peers of
+weavepy.peerstore), the run directory (peers programmed last time) and the kernel; the
+reconciler keeps working routes until the view has settled, so nothing flaps.
 
 Stopping: persist, close the CNI socket, and exit 0. `POST /stop` (`weavepy stop`) first leaves
 the gossip cluster, so peers see `left` and remove their routes to us at once. SIGTERM and
@@ -39,7 +43,6 @@ Kernel state stays either way: pods keep their addresses and local traffic keeps
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import logging
@@ -57,7 +60,7 @@ from gossip.config import GossipConfig
 from gossip.events import MemberEventKind, MemberState
 from gossip.keyring import Keyring
 from gossip.tags import encode_tags
-from gossip.transport import GossipService, JoinError
+from gossip.transport import GossipService
 from tunnel.vxlan import VxlanBackend, VxlanConfig
 from weavepy import __version__
 from weavepy.cluster import ClusterView, DataPlaneIdentity
@@ -73,10 +76,11 @@ from weavepy.hostnet import (
 )
 from weavepy.identity import Identity, IdentityError, load_or_create
 from weavepy.ipam_link import IpamLink, IpamLinkError
+from weavepy.joiner import Joiner
 from weavepy.metrics import AgentMetrics
-from weavepy.peerstore import load_external_peers, load_known_peers, save_known_peers
+from weavepy.peerstore import load_external_peers
 from weavepy.reconcile import DesiredDataPlane, Reconciler, desired_data_plane
-from weavepy.targets import TargetSchedule, normalise_addresses
+from weavepy.targets import normalise_addresses
 from weavepy.wgpath import (
     CAP_EXTENSION,
     CAP_WIREGUARD,
@@ -96,9 +100,6 @@ log = logging.getLogger(__name__)
 
 ENCAP_OVERHEAD = 50
 LEAVE_TIMEOUT = 3.0
-SETTLE_AFTER_JOIN = 2.0  # seconds after the first successful join before retained peers go
-SETTLE_MAX = 15.0  # ... and at most this long after start, joined or not
-CONNECT_TIMEOUT = 10.0
 # The WireGuard data plane runs inside the agent's trio process (one core). Worker processes
 # (one per direction) work from the agent too, but measured slower on the shared 2-core sandbox
 # (1.54-1.60 against 1.80-1.99 Gbit/s pod to pod), where both nodes share the same cores; on a
@@ -227,7 +228,9 @@ class Agent:
         self.started_at = time.time()
         self.view = ClusterView(self.config.name)
         self.rng = random.Random()
-        self.targets = TargetSchedule(self.rng)
+        self.joiner = Joiner(self.config.name, self.config.gossip_port,
+                             normalise_addresses(self.config.peers, self.config.gossip_port),
+                             self.config.state_dir, self.rng)
         self.ipam = IpamLink(self.config, self.identity, on_table_change=self._table_changed,
                              on_cluster_id=self._cluster_id_learned,
                              on_tag_change=self._publish_tags)
@@ -263,10 +266,6 @@ class Agent:
         self.cni_requests: dict[str, int] = {}
         self._stop = trio.Event()
         self._leave_on_stop = True
-        self._targets_changed = trio.Event()
-        self._first_join: float | None = None
-        self._known_saved: list[str] | None = None
-        self.known_peers = load_known_peers(self.config.state_dir)
         self.control = NodeControl(self)
 
     # -- derived values --------------------------------------------------------------------------
@@ -341,8 +340,8 @@ class Agent:
                 nursery.start_soon(self._membership, svc)
                 nursery.start_soon(self.encrypted.run)
                 await nursery.start(self.reconciler.run)
-                nursery.start_soon(self._settle)
-                nursery.start_soon(self._join_loop, svc)
+                nursery.start_soon(self.joiner.settle, self.reconciler.settle)
+                nursery.start_soon(self.joiner.run, svc)
                 nursery.start_soon(self._signals)
                 await nursery.start(self._serve_cni)
                 from weavepy.api import build_app, serve_api
@@ -355,9 +354,8 @@ class Agent:
                                         *config.metrics_addr)
                 nursery.start_soon(self.vxlan_counters.run)
                 if self.kube is not None:
-                    nursery.start_soon(self.kube.run, self.targets, config.gossip_port,
-                                       normalise_addresses(config.peers, config.gossip_port),
-                                       self.wake_join_loop,
+                    nursery.start_soon(self.kube.run, self.joiner.targets, config.gossip_port,
+                                       self.joiner.peers, self.joiner.wake,
                                        lambda: self.control.readiness()[0])
                 await self._stop.wait()
                 if self._leave_on_stop:
@@ -375,10 +373,6 @@ class Agent:
                                  f"already in use (another agent or serf?)") from None
             raise
         log.info("stopped")
-
-    def wake_join_loop(self) -> None:
-        """The join targets changed: let the join loop look at them now."""
-        self._targets_changed.set()
 
     def request_stop(self, leave: bool = True) -> None:
         """Stop; with `leave`, tell the cluster first (the first request decides)."""
@@ -423,99 +417,7 @@ class Agent:
                 log.warning("member events were dropped; re-reading the member list")
                 if self._resync(svc):
                     self.reconciler.poke("member resync")
-            self._save_known(svc)
-
-    def _save_known(self, svc: GossipService) -> None:
-        """Remember the live members' addresses (rejoined at the next start, as serf's
-        snapshot does), so a node launched without peers finds its cluster again at once."""
-        known = sorted(self._live_addresses(svc))
-        if not known or known == self._known_saved:
-            return
-        if save_known_peers(self.config.state_dir, known):
-            self._known_saved = known
-
-    async def _settle(self) -> None:
-        """End start-up retention once the view is complete (joined, or nobody to join)."""
-        with trio.move_on_after(SETTLE_MAX):
-            while True:
-                if not (self.config.peers or self.targets.addresses() or self.known_peers):
-                    await trio.sleep(SETTLE_AFTER_JOIN)
-                    break
-                if self._first_join is not None:
-                    await trio.sleep_until(self._first_join + SETTLE_AFTER_JOIN)
-                    break
-                await trio.sleep(0.1)
-        self.reconciler.settle()
-
-    def _live_addresses(self, svc: GossipService) -> set[str]:
-        found: set[str] = set()
-        for member in svc.members():
-            if member.state in (MemberState.ALIVE, MemberState.SUSPECT) and \
-                    member.name != self.config.name:
-                with contextlib.suppress(ValueError):
-                    found.add(f"{IPv4Address(member.addr)}:{member.port}")
-        return found
-
-    async def _join_loop(self, svc: GossipService) -> None:
-        """Join the targets (retrying with backoff) and reconnect to failed members."""
-        self.targets.add(normalise_addresses(self.config.peers, self.config.gossip_port),
-                         trio.current_time())
-        async with trio.open_nursery() as attempts:
-            if self.known_peers:  # members of the last run: one attempt, all at once
-                attempts.start_soon(self._rejoin_known, svc)
-            while True:
-                now = trio.current_time()
-                self.targets.observe(self._live_addresses(svc), now)
-                for address in self.targets.due(now):
-                    attempts.start_soon(self._attempt, svc, address)
-                if self.targets.reconnect_due(now):
-                    failed = [m for m in svc.members() if m.state == MemberState.DEAD]
-                    if failed:
-                        member = self.rng.choice(failed)
-                        address = f"{IPv4Address(member.addr)}:{member.port}"
-                        attempts.start_soon(self._attempt, svc, address, True)
-                with trio.move_on_at(min(self.targets.next_deadline(), now + 1.0)):
-                    await self._targets_changed.wait()
-                self._targets_changed = trio.Event()
-
-    async def _rejoin_known(self, svc: GossipService) -> None:
-        seeds = [parse_peer(p, self.config.gossip_port) for p in self.known_peers]
-        with trio.move_on_after(CONNECT_TIMEOUT + 2):
-            try:
-                answered = await svc.join(seeds)
-            except (JoinError, OSError) as exc:
-                log.info("none of the last run's %d members answered (%s)", len(seeds), exc)
-                return
-            log.info("rejoined through %d of the last run's %d members", answered, len(seeds))
-            if self._first_join is None:
-                self._first_join = trio.current_time()
-
-    async def _attempt(self, svc: GossipService, address: str, reconnect: bool = False) -> None:
-        host, port = parse_peer(address, self.config.gossip_port)
-        ok, error = False, None
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT + 2):
-                await svc.join([(host, port)])
-            ok = True
-        except JoinError as exc:
-            error = "; ".join(r.error for r in exc.results) or str(exc)
-        except (OSError, trio.TooSlowError) as exc:
-            error = str(exc) or type(exc).__name__
-        now = trio.current_time()
-        if not reconnect:
-            self.targets.attempted(address, ok, error, now)
-        if ok:
-            if self._first_join is None:
-                self._first_join = now
-            log.info("joined the cluster through %s", address)
-        elif reconnect:
-            log.debug("reconnect to failed member at %s: %s", address, error)
-        else:
-            hint = ""
-            if error and ("decrypt" in error or "EOF" in error or "closed" in error):
-                hint = " (a different gossip key on either side?)"
-            log.warning("cannot join %s: %s%s; retrying", address, error, hint)
-        self._targets_changed.set()
+            self.joiner.save_known(svc)
 
     async def _serve_cni(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                          ) -> None:

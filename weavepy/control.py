@@ -122,7 +122,7 @@ class NodeControl:
         """How this node finds peers: the configured list, or the Kubernetes API."""
         if self.agent.kube is not None:
             return self.agent.kube.status()
-        return {"source": "peers", "peers": len(self.agent.targets.addresses())}
+        return {"source": "peers", "peers": len(self.agent.joiner.targets.addresses())}
 
     def status(self) -> dict[str, Any]:
         """The status document (`weavepy status`, `/report`; docs/report.schema.json)."""
@@ -172,7 +172,7 @@ class NodeControl:
             "not_ready_reasons": reasons,
             "discovery": self.discovery(),
             "gossip": gossip,
-            "targets": agent.targets.to_json(),
+            "targets": agent.joiner.targets.to_json(),
             "peers": peers,
             "blocks": [{"block": str(b), "owner": owner} for owner, owned in sorted(blocks.items())
                        for b in owned],
@@ -285,7 +285,7 @@ class NodeControl:
 
     async def connect(self, peers: list[str], replace: bool) -> dict[str, Any]:
         """Add join targets (or, with `replace`, make them the only ones)."""
-        targets = self.agent.targets
+        targets = self.agent.joiner.targets
         try:
             normalised = normalise_addresses(peers, self.agent.config.gossip_port)
         except ValueError as exc:
@@ -296,12 +296,12 @@ class NodeControl:
             added = normalised
         else:
             added = targets.add(normalised, now)
-        self.agent.wake_join_loop()
+        self.agent.joiner.wake()
         return {"targets": targets.addresses(), "added": added}
 
     def forget(self, peers: list[str]) -> dict[str, Any]:
         """Drop join targets (members already joined stay)."""
-        targets = self.agent.targets
+        targets = self.agent.joiner.targets
         try:
             normalised = normalise_addresses(peers, self.agent.config.gossip_port)
         except ValueError as exc:
