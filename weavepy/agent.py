@@ -1,4 +1,6 @@
-"""The weavepy node agent: one trio process per node that ties every part together.
+"""The weavepy node agent: one trio process per node, and the composition root that builds its
+parts and ties them together. Each part's logic lives in its own module; this one decides
+only what is built from what, and which tasks run.
 
 Theory of operation
 ===================
@@ -19,14 +21,16 @@ directory, a corrupt identity or IPAM file, an unreadable keyring, no usable und
 cluster range that overlaps the host's routes, an API port already taken.
 
 `Agent.run()` then runs, as children of one nursery: the gossip service, the membership task
-(events -> view -> reconciler and IPAM), the IPAM link, the join-target task, the reconciler,
-the CNI server, the API, the metrics endpoint (`--metrics-addr`), the tunnel-counter sampler,
-the signal task and, with `--kube-peers`, the Kubernetes peer watch and the task that sets
-the node's NetworkUnavailable condition to False once the node is first ready.
+(events -> view -> reconciler and IPAM), the IPAM link, the join loop and the end of start-up
+retention (weavepy.joiner), the reconciler, the CNI server, the API over the node's answers
+(weavepy.api over weavepy.control), the metrics endpoint (`--metrics-addr`), the VXLAN
+counter sampler (weavepy.hostnet), the signal task and, with `--kube-peers`, the Kubernetes
+peer watch and the task that sets the node's NetworkUnavailable condition to False once the
+node is first ready (weavepy.kube's `KubeLink`).
 
-A restart re-derives everything from the state directory (identity, IPAM), the run
-directory (peers programmed last time) and the kernel; the reconciler keeps working routes
-until the view has settled, so nothing flaps.
+A restart re-derives everything from the state directory (identity, IPAM, the peers of
+weavepy.peerstore), the run directory (peers programmed last time) and the kernel; the
+reconciler keeps working routes until the view has settled, so nothing flaps.
 
 Stopping: persist, close the CNI socket, and exit 0. `POST /stop` (`weavepy stop`) first leaves
 the gossip cluster, so peers see `left` and remove their routes to us at once. SIGTERM and
@@ -34,25 +38,21 @@ SIGINT (kubelet during a DaemonSet rollout, `systemctl restart`) stop without le
 that comes back within the failure-detection time (about 5 s on lan) changes nothing at the
 peers, and a node that stays down is declared failed and its routes removed as after a crash.
 Kernel state stays either way: pods keep their addresses and local traffic keeps flowing.
-`reset` (see `reset_node`) is the only thing that removes kernel objects and state.
+`weavepy reset` (weavepy.reset) is the only thing that removes kernel objects and state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
-import json
 import logging
 import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -60,51 +60,51 @@ from gossip.config import GossipConfig
 from gossip.events import MemberEventKind, MemberState
 from gossip.keyring import Keyring
 from gossip.tags import encode_tags
-from gossip.transport import GossipService, JoinError
+from gossip.transport import GossipService
 from tunnel.vxlan import VxlanBackend, VxlanConfig
 from weavepy import __version__
 from weavepy.cluster import ClusterView, DataPlaneIdentity
+from weavepy.cni.podnet import ensure_bridge
 from weavepy.config import AgentConfig, parse_peer
-from weavepy.hostnet import HostNetError, Underlay, find_underlay, range_conflicts
-from weavepy.identity import Identity, IdentityError, load_or_create, write_private_file
+from weavepy.control import NodeControl
+from weavepy.hostnet import (
+    HostNetError,
+    LinkCounterSampler,
+    Underlay,
+    find_underlay,
+    range_conflicts,
+)
+from weavepy.identity import Identity, IdentityError, load_or_create
 from weavepy.ipam_link import IpamLink, IpamLinkError
+from weavepy.joiner import Joiner
 from weavepy.metrics import AgentMetrics
+from weavepy.peerstore import load_external_peers
 from weavepy.reconcile import DesiredDataPlane, Reconciler, desired_data_plane
-from weavepy.statusview import REPORT_VERSION, connection_entries, ipam_advice
-from weavepy.targets import TargetSchedule
+from weavepy.targets import normalise_addresses
 from weavepy.wgpath import (
     CAP_EXTENSION,
     CAP_WIREGUARD,
     UDP_IPV4_OVERHEAD,
     WG_OVERHEAD,
-    ConfigNode,
     EncryptedPath,
     ExternalPeer,
     encrypt_tag,
-    parse_external_peer,
-    render_wg_quick,
 )
 
-__all__ = ["Agent", "AgentError", "Prepared", "follow_kube_peers", "mark_network_available",
-           "prepare", "reset_node", "run_agent"]
+if TYPE_CHECKING:
+    from weavepy.kube import KubeLink
+
+__all__ = ["Agent", "AgentError", "Prepared", "prepare", "run_agent"]
 
 log = logging.getLogger(__name__)
 
 ENCAP_OVERHEAD = 50
 LEAVE_TIMEOUT = 3.0
-SETTLE_AFTER_JOIN = 2.0  # seconds after the first successful join before retained peers go
-SETTLE_MAX = 15.0  # ... and at most this long after start, joined or not
-CONNECT_TIMEOUT = 10.0
-RMPEER_TIMEOUT = 15.0
-KNOWN_PEERS_FILE = "known-peers.json"
-EXTERNAL_PEERS_FILE = "external-peers.json"  # external peers declared through the API
 # The WireGuard data plane runs inside the agent's trio process (one core). Worker processes
 # (one per direction) work from the agent too, but measured slower on the shared 2-core sandbox
 # (1.54-1.60 against 1.80-1.99 Gbit/s pod to pod), where both nodes share the same cores; on a
 # real host with cores to spare they should win. Measure before turning this on.
 AGENT_WORKERS = False
-TRAFFIC_SAMPLE_INTERVAL = 2.0  # seconds between reads of the VXLAN device's counters
-NETWORK_AVAILABLE_BACKOFF = (1.0, 60.0)  # first and largest retry delay for the node condition
 
 
 class AgentError(Exception):
@@ -217,7 +217,8 @@ def _install_cni(config: AgentConfig) -> None:
 
 
 class Agent:
-    """One running node agent; implements `weavepy.api.AgentControl`."""
+    """One running node agent: its parts, and the tasks that run them (`run`). Its answers to
+    the API are `control` (weavepy.control)."""
 
     def __init__(self, prepared: Prepared) -> None:
         self.prepared = prepared
@@ -227,7 +228,9 @@ class Agent:
         self.started_at = time.time()
         self.view = ClusterView(self.config.name)
         self.rng = random.Random()
-        self.targets = TargetSchedule(self.rng)
+        self.joiner = Joiner(self.config.name, self.config.gossip_port,
+                             normalise_addresses(self.config.peers, self.config.gossip_port),
+                             self.config.state_dir, self.rng)
         self.ipam = IpamLink(self.config, self.identity, on_table_change=self._table_changed,
                              on_cluster_id=self._cluster_id_learned,
                              on_tag_change=self._publish_tags)
@@ -250,24 +253,20 @@ class Agent:
         self.external: dict[str, ExternalPeer] = {p.name: p for p in self.config.external_peers}
         self.external.update(load_external_peers(self.config.state_dir))
         self.reconciler = Reconciler(
-            self.backend, self._desired, run_dir=self.config.run_dir, bridge=self.config.bridge,
-            mtu=prepared.mtu, ensure_bridge=_ensure_bridge,
+            self.backend, self.desired, run_dir=self.config.run_dir, bridge=self.config.bridge,
+            mtu=prepared.mtu, ensure_bridge=ensure_bridge,
             interval=self.config.reconcile_interval, on_pass=self._reconcile_observed,
             encrypted=self.encrypted)
         self.metrics = AgentMetrics()
-        self.traffic: dict[str, dict[str, int]] = {}
-        self.kube: Any = None  # weavepy.kube.KubePeerSource with --kube-peers
-        self.network_available_set = False
+        self.vxlan_counters = LinkCounterSampler(self.config.vxlan_device)
+        self.kube: KubeLink | None = None  # with --kube-peers
         if self.ipam.cluster_id is not None:
             self._cluster_id_learned(self.ipam.cluster_id)
         self.cni_listening = False
         self.cni_requests: dict[str, int] = {}
         self._stop = trio.Event()
         self._leave_on_stop = True
-        self._targets_changed = trio.Event()
-        self._first_join: float | None = None
-        self._known_saved: list[str] | None = None
-        self.known_peers = load_known_peers(self.config.state_dir)
+        self.control = NodeControl(self)
 
     # -- derived values --------------------------------------------------------------------------
 
@@ -284,7 +283,8 @@ class Agent:
             encrypt=encrypt_tag(self.config.encrypt_all, self.config.encrypt_peers),
         )
 
-    def _desired(self) -> tuple[DesiredDataPlane, set[str]]:
+    def desired(self) -> tuple[DesiredDataPlane, set[str]]:
+        """What the data plane should be now, and the names of the peers in the view."""
         desired = desired_data_plane(self.view.peers(), self.ipam.blocks_by_node(),
                                      self.config.name, self.data_plane_identity(),
                                      sorted(self.external.values(), key=lambda p: p.name))
@@ -340,22 +340,23 @@ class Agent:
                 nursery.start_soon(self._membership, svc)
                 nursery.start_soon(self.encrypted.run)
                 await nursery.start(self.reconciler.run)
-                nursery.start_soon(self._settle)
-                nursery.start_soon(self._join_loop, svc)
+                nursery.start_soon(self.joiner.settle, self.reconciler.settle)
+                nursery.start_soon(self.joiner.run, svc)
                 nursery.start_soon(self._signals)
                 await nursery.start(self._serve_cni)
                 from weavepy.api import build_app, serve_api
 
-                await nursery.start(serve_api, build_app(self), *config.api_addr)
+                await nursery.start(serve_api, build_app(self.control), *config.api_addr)
                 if config.metrics_addr is not None:
                     from weavepy.api import build_metrics_app
 
-                    await nursery.start(serve_api, build_metrics_app(self.render_metrics),
+                    await nursery.start(serve_api, build_metrics_app(self.control.render_metrics),
                                         *config.metrics_addr)
-                nursery.start_soon(self._sample_traffic)
+                nursery.start_soon(self.vxlan_counters.run)
                 if self.kube is not None:
-                    nursery.start_soon(self._kube_peers, self.kube)
-                    nursery.start_soon(self._mark_network_available, self.kube)
+                    nursery.start_soon(self.kube.run, self.joiner.targets, config.gossip_port,
+                                       self.joiner.peers, self.joiner.wake,
+                                       lambda: self.control.readiness()[0])
                 await self._stop.wait()
                 if self._leave_on_stop:
                     log.info("stopping: leaving the cluster (kernel state stays)")
@@ -378,34 +379,6 @@ class Agent:
         if not self._stop.is_set():
             self._leave_on_stop = leave
         self._stop.set()
-
-    def render_metrics(self) -> bytes:
-        """The Prometheus exposition, gauges refreshed from the status now."""
-        self.metrics.update_from_status(self.status())
-        return self.metrics.render()
-
-    async def _sample_traffic(self) -> None:
-        """Keep `traffic` (the VXLAN device's IFLA_STATS64 counters) fresh for status and
-        metrics; a missing device (before the first pass) reads as no sample."""
-        while True:
-            try:
-                sample = await trio.to_thread.run_sync(
-                    read_link_counters, self.config.vxlan_device)
-            except OSError as exc:
-                log.debug("cannot read %s counters: %s", self.config.vxlan_device, exc)
-                sample = None
-            if sample is not None:
-                self.traffic = {"vxlan": sample}
-            await trio.sleep(TRAFFIC_SAMPLE_INTERVAL)
-
-    async def _kube_peers(self, source: Any) -> None:
-        await follow_kube_peers(source, self.targets, self.config.gossip_port,
-                                self._normalise(list(self.config.peers)),
-                                self._targets_changed.set)
-
-    async def _mark_network_available(self, source: Any) -> None:
-        await mark_network_available(source, lambda: self.readiness()[0])
-        self.network_available_set = True
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -444,109 +417,7 @@ class Agent:
                 log.warning("member events were dropped; re-reading the member list")
                 if self._resync(svc):
                     self.reconciler.poke("member resync")
-            self._save_known(svc)
-
-    def _save_known(self, svc: GossipService) -> None:
-        """Remember the live members' addresses (rejoined at the next start, as serf's
-        snapshot does), so a node launched without peers finds its cluster again at once."""
-        known = sorted(self._live_addresses(svc))
-        if not known or known == self._known_saved:
-            return
-        try:
-            write_private_file(self.config.state_dir / KNOWN_PEERS_FILE,
-                               json.dumps({"version": 1, "peers": known}).encode())
-            self._known_saved = known
-        except OSError as exc:
-            log.warning("cannot save known peers in %s: %s", self.config.state_dir, exc)
-
-    async def _settle(self) -> None:
-        """End start-up retention once the view is complete (joined, or nobody to join)."""
-        with trio.move_on_after(SETTLE_MAX):
-            while True:
-                if not (self.config.peers or self.targets.addresses() or self.known_peers):
-                    await trio.sleep(SETTLE_AFTER_JOIN)
-                    break
-                if self._first_join is not None:
-                    await trio.sleep_until(self._first_join + SETTLE_AFTER_JOIN)
-                    break
-                await trio.sleep(0.1)
-        self.reconciler.settle()
-
-    def _live_addresses(self, svc: GossipService) -> set[str]:
-        found: set[str] = set()
-        for member in svc.members():
-            if member.state in (MemberState.ALIVE, MemberState.SUSPECT) and \
-                    member.name != self.config.name:
-                with contextlib.suppress(ValueError):
-                    found.add(f"{IPv4Address(member.addr)}:{member.port}")
-        return found
-
-    def _normalise(self, peers: list[str]) -> list[str]:
-        out = []
-        for peer in peers:
-            host, port = parse_peer(peer, self.config.gossip_port)
-            out.append(f"{host}:{port}")
-        return out
-
-    async def _join_loop(self, svc: GossipService) -> None:
-        """Join the targets (retrying with backoff) and reconnect to failed members."""
-        self.targets.add(self._normalise(list(self.config.peers)), trio.current_time())
-        async with trio.open_nursery() as attempts:
-            if self.known_peers:  # members of the last run: one attempt, all at once
-                attempts.start_soon(self._rejoin_known, svc)
-            while True:
-                now = trio.current_time()
-                self.targets.observe(self._live_addresses(svc), now)
-                for address in self.targets.due(now):
-                    attempts.start_soon(self._attempt, svc, address)
-                if self.targets.reconnect_due(now):
-                    failed = [m for m in svc.members() if m.state == MemberState.DEAD]
-                    if failed:
-                        member = self.rng.choice(failed)
-                        address = f"{IPv4Address(member.addr)}:{member.port}"
-                        attempts.start_soon(self._attempt, svc, address, True)
-                with trio.move_on_at(min(self.targets.next_deadline(), now + 1.0)):
-                    await self._targets_changed.wait()
-                self._targets_changed = trio.Event()
-
-    async def _rejoin_known(self, svc: GossipService) -> None:
-        seeds = [parse_peer(p, self.config.gossip_port) for p in self.known_peers]
-        with trio.move_on_after(CONNECT_TIMEOUT + 2):
-            try:
-                answered = await svc.join(seeds)
-            except (JoinError, OSError) as exc:
-                log.info("none of the last run's %d members answered (%s)", len(seeds), exc)
-                return
-            log.info("rejoined through %d of the last run's %d members", answered, len(seeds))
-            if self._first_join is None:
-                self._first_join = trio.current_time()
-
-    async def _attempt(self, svc: GossipService, address: str, reconnect: bool = False) -> None:
-        host, port = parse_peer(address, self.config.gossip_port)
-        ok, error = False, None
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT + 2):
-                await svc.join([(host, port)])
-            ok = True
-        except JoinError as exc:
-            error = "; ".join(r.error for r in exc.results) or str(exc)
-        except (OSError, trio.TooSlowError) as exc:
-            error = str(exc) or type(exc).__name__
-        now = trio.current_time()
-        if not reconnect:
-            self.targets.attempted(address, ok, error, now)
-        if ok:
-            if self._first_join is None:
-                self._first_join = now
-            log.info("joined the cluster through %s", address)
-        elif reconnect:
-            log.debug("reconnect to failed member at %s: %s", address, error)
-        else:
-            hint = ""
-            if error and ("decrypt" in error or "EOF" in error or "closed" in error):
-                hint = " (a different gossip key on either side?)"
-            log.warning("cannot join %s: %s%s; retrying", address, error, hint)
-        self._targets_changed.set()
+            self.joiner.save_known(svc)
 
     async def _serve_cni(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                          ) -> None:
@@ -587,299 +458,6 @@ class Agent:
         return BridgeBackend(CniAllocator(self.ipam, token), bridge=self.config.bridge,
                              settings=PodLinkSettings(mtu=self.prepared.mtu, gso_max_size=gso))
 
-    # -- AgentControl ----------------------------------------------------------------------------
-
-    def readiness(self) -> tuple[bool, list[str]]:
-        reasons = []
-        ipam = self.ipam.status()
-        if ipam is None or not ipam.owned_blocks:
-            reasons.append(f"no usable block yet (IPAM {ipam.state.value if ipam else 'n/a'}: "
-                           f"{ipam.detail if ipam else 'starting'})")
-        last = self.reconciler.last
-        if last is None:
-            reasons.append("routes not programmed yet")
-        elif not last.ok:
-            reasons.append("the last reconcile pass had errors")
-        if not self.cni_listening:
-            reasons.append("the CNI socket is not listening")
-        conflist = self.conflist_path()
-        if conflist is not None and not conflist.exists():
-            reasons.append(f"the CNI config {conflist} is not installed (the init container "
-                           f"or `weavepy install-cni` writes it)")
-        return not reasons, reasons
-
-    def conflist_path(self) -> Path | None:
-        """The conflist /readyz waits for, or None when this node does not check it."""
-        from weavepy.cni.install import CONFLIST_NAME
-
-        conf_dir = self.config.cni_conf_check_dir
-        return conf_dir / CONFLIST_NAME if conf_dir is not None else None
-
-    def discovery(self) -> dict[str, Any]:
-        """How this node finds peers: the configured list, or the Kubernetes API."""
-        if self.kube is not None:
-            return {**self.kube.status(), "network_available_set": self.network_available_set}
-        return {"source": "peers", "peers": len(self.targets.addresses())}
-
-    def status(self) -> dict[str, Any]:
-        svc = self.svc
-        desired, _ = self._desired()
-        programmed = set(self.reconciler.programmed) | self.reconciler.encrypted_programmed
-        blocks = self.ipam.blocks_by_node()
-        peers = []
-        for peer in self.view.peers():
-            entry = peer.to_json()
-            entry["blocks"] = [str(b) for b in blocks.get(peer.name, ())]
-            entry["path"] = desired.paths.get(peer.name)
-            entry["programmed"] = peer.name in programmed
-            entry["excluded"] = desired.excluded.get(peer.name)
-            peers.append(entry)
-        ready, reasons = self.readiness()
-        last = self.reconciler.last
-        gossip: dict[str, Any] = {}
-        if svc is not None:
-            stats = svc.stats
-            gossip = {
-                "address": "{}:{}".format(*svc.advertise_address),
-                "members": dict(self.view.counts()),
-                "health_score": svc.node.health_score,
-                "drops": dict(stats.drops()),
-                "packets_in": stats.node.packets_in,
-                "packets_out": stats.node.packets_out,
-                "bytes_in": stats.node.bytes_in,
-                "bytes_out": stats.node.bytes_out,
-                "probe_failures": stats.node.probe_failures,
-                "suspicions": stats.node.suspicions,
-                "tag_problems": dict(self.view.tag_problems),
-            }
-        ipam = self.ipam.status_json()
-        ipam["fix"] = ipam_advice(ipam, self.config.name)
-        conflist = self.conflist_path()
-        return {
-            "report_version": REPORT_VERSION,
-            "version": __version__,
-            "name": self.config.name,
-            "cluster_id": self.ipam.cluster_id,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "encryption": self.prepared.keyring is not None,
-            "ready": ready,
-            "not_ready_reasons": reasons,
-            "discovery": self.discovery(),
-            "gossip": gossip,
-            "targets": self.targets.to_json(),
-            "peers": peers,
-            "blocks": [{"block": str(b), "owner": owner} for owner, owned in sorted(blocks.items())
-                       for b in owned],
-            "connections": connection_entries(
-                peers + self._external_entries(programmed), desired.fallbacks,
-                self.prepared.mtu, self._encrypted_states(desired), self.encrypted.mtu),
-            "ipam": ipam,
-            "dataplane": {
-                "path": "vxlan",
-                "device": self.config.vxlan_device,
-                "vni": self.config.vxlan_vni,
-                "port": self.config.vxlan_port,
-                "mtu": self.prepared.mtu,
-                "bridge": self.config.bridge,
-                "local_blocks": [str(b) for b in self.reconciler.local_blocks],
-                "underlay": {"iface": self.prepared.underlay.iface,
-                             "address": str(self.prepared.underlay.local_ip),
-                             "mtu": self.prepared.underlay.mtu},
-                "settled": self.reconciler.settled,
-                "passes": self.reconciler.passes,
-                "pass_errors": self.reconciler.errors,
-                "last_pass": last.to_json() if last else None,
-                "programmed_peers": sorted(programmed),
-                "traffic": {path: dict(counters) for path, counters in self.traffic.items()},
-                "encrypt": encrypt_tag(self.config.encrypt_all, self.config.encrypt_peers),
-                "wireguard": self.encrypted.status(),
-                "external_peers": [p.to_json() for _, p in sorted(self.external.items())],
-            },
-            "cni": {"socket": str(self.config.cni_socket), "listening": self.cni_listening,
-                    "requests": dict(self.cni_requests),
-                    "conflist": str(conflist) if conflist is not None else None,
-                    "conflist_installed": conflist.exists() if conflist is not None else None},
-            "config": self.config.to_public_dict(),
-        }
-
-    def _encrypted_states(self, desired: DesiredDataPlane) -> dict[str, tuple[str, str | None]]:
-        return {peer.name: self.encrypted.connection(peer.name) for peer in desired.wg_peers}
-
-    def _external_entries(self, programmed: set[str]) -> list[dict[str, Any]]:
-        """External hosts as peer-like entries for the connection list."""
-        return [{"name": name, "state": "alive", "path": "wireguard", "external": True,
-                 "programmed": name in programmed, "blocks": [str(n) for n in host.allowed_ips]}
-                for name, host in sorted(self.external.items())]
-
-    def wg_config(self, name: str) -> str:
-        """The wg-quick configuration for external peer `name` (see weavepy.wgpath)."""
-        from weavepy.api import ApiError
-
-        host = self.external.get(name)
-        if host is None:
-            known = ", ".join(sorted(self.external)) or "none are declared"
-            raise ApiError(404, f"no external peer named {name!r} ({known}); declare it with "
-                           f"`weavepy external add` or in the config file")
-        blocks = self.ipam.blocks_by_node()
-        nodes = [ConfigNode(self.config.name, self.identity.wg_public_key,
-                            (self.prepared.advertise[0], self.config.wg_port),
-                            tuple(blocks.get(self.config.name, ())))]
-        for peer in self.view.live_peers():
-            ident = peer.identity
-            if (ident is None or ident.wg_public_key is None or ident.wg_port is None
-                    or CAP_WIREGUARD not in ident.capabilities):
-                continue
-            nodes.append(ConfigNode(peer.name, ident.wg_public_key,
-                                    (str(ident.underlay_ip), ident.wg_port),
-                                    tuple(blocks.get(peer.name, ()))))
-        return render_wg_quick(host, nodes, self.encrypted.mtu, self.config.name)
-
-    def add_external(self, raw: object) -> dict[str, Any]:
-        """Declare (or replace) an external peer; kept in the state directory."""
-        from weavepy.api import ApiError
-
-        try:
-            host = parse_external_peer(raw)
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-        if host.name == self.config.name or self.view.get(host.name) is not None:
-            raise ApiError(409, f"{host.name} is a cluster member's name; pick another")
-        pod_range = self.config.ipalloc_range
-        inside = [str(n) for n in host.allowed_ips if n.overlaps(pod_range)]
-        if inside:
-            raise ApiError(400, f"{', '.join(inside)} overlaps the cluster range {pod_range} "
-                           f"(pods get those addresses); give the host an address outside it")
-        self.external[host.name] = host
-        self._save_external()
-        self.reconciler.poke(f"external peer {host.name} declared")
-        return {"external_peers": [p.to_json() for _, p in sorted(self.external.items())]}
-
-    def remove_external(self, name: str) -> dict[str, Any]:
-        from weavepy.api import ApiError
-
-        if name not in self.external:
-            raise ApiError(404, f"no external peer named {name!r}")
-        del self.external[name]
-        self._save_external()
-        self.reconciler.poke(f"external peer {name} removed")
-        return {"external_peers": [p.to_json() for _, p in sorted(self.external.items())]}
-
-    def _save_external(self) -> None:
-        declared = {p.name for p in self.config.external_peers}
-        doc = [p.to_json() for name, p in sorted(self.external.items()) if name not in declared]
-        try:
-            write_private_file(self.config.state_dir / EXTERNAL_PEERS_FILE,
-                               json.dumps({"version": 1, "peers": doc}).encode())
-        except OSError as exc:
-            log.warning("cannot save external peers in %s: %s", self.config.state_dir, exc)
-
-    async def connect(self, peers: list[str], replace: bool) -> dict[str, Any]:
-        from weavepy.api import ApiError
-
-        try:
-            normalised = self._normalise(peers)
-        except ValueError as exc:
-            raise ApiError(400, f"bad peer address: {exc}") from None
-        now = trio.current_time()
-        if replace:
-            self.targets.replace(normalised, now)
-            added = normalised
-        else:
-            added = self.targets.add(normalised, now)
-        self._targets_changed.set()
-        return {"targets": self.targets.addresses(), "added": added}
-
-    def forget(self, peers: list[str]) -> dict[str, Any]:
-        from weavepy.api import ApiError
-
-        try:
-            normalised = self._normalise(peers)
-        except ValueError as exc:
-            raise ApiError(400, f"bad peer address: {exc}") from None
-        removed = self.targets.remove(normalised)
-        unknown = [p for p in normalised if p not in removed]
-        return {"targets": self.targets.addresses(), "forgotten": removed, "unknown": unknown}
-
-    async def rmpeer(self, name: str, force: bool) -> dict[str, Any]:
-        from weavepy.api import ApiError
-
-        if name == self.config.name:
-            raise ApiError(409, "a node cannot rmpeer itself; run `weavepy reset` on it instead")
-        member = self.view.get(name)
-        if member is not None and member.live and not force:
-            raise ApiError(409, f"{name} is {member.state.value}; rmpeer is for nodes that are "
-                           f"gone (stop it first, or add --force if you are sure)")
-        try:
-            with trio.fail_after(RMPEER_TIMEOUT):
-                return await self.ipam.rmpeer(name, force)
-        except IpamLinkError as exc:
-            raise ApiError(exc.status, str(exc)) from None
-        except trio.TooSlowError:
-            raise ApiError(503, f"no decision on removing {name} within {RMPEER_TIMEOUT:.0f} s "
-                           f"(IPAM {self.ipam.state_name()}); a majority of voters must be "
-                           f"reachable, or use --force") from None
-
-
-async def follow_kube_peers(source: Any, targets: TargetSchedule, gossip_port: int,
-                            static_peers: list[str], changed: Callable[[], None]) -> None:
-    """Peers from the Kubernetes API (`source`: a weavepy.kube.KubePeerSource, closed at the
-    end): each new node set replaces the join targets, plus `static_peers`; `changed()` then
-    wakes the join loop. The watch retries API failures itself and never ends."""
-    async with source, source.watch_peers() as sets:
-        async for peers in sets:
-            addresses = [f"{p.address}:{gossip_port}" for p in sorted(peers, key=lambda p: p.node)]
-            targets.replace(addresses + [p for p in static_peers if p not in addresses],
-                            trio.current_time())
-            changed()
-            log.info("Kubernetes API: %d peers", len(addresses))
-
-
-async def mark_network_available(source: Any, is_ready: Callable[[], bool], *,
-                                 backoff: tuple[float, float] = NETWORK_AVAILABLE_BACKOFF,
-                                 poll: float = 0.5) -> None:
-    """Wait until `is_ready()`, then set the node's NetworkUnavailable=False, retrying with
-    exponential backoff until the API accepts it."""
-    from weavepy.kube import KubeError
-
-    while not is_ready():
-        await trio.sleep(poll)
-    delay, most = backoff
-    while True:
-        try:
-            await source.set_network_available()
-            return
-        except KubeError as exc:
-            log.warning("%s; retrying in %.1f s", exc, delay)
-        await trio.sleep(delay)
-        delay = min(most, delay * 2)
-
-
-def load_external_peers(state_dir: Path) -> dict[str, ExternalPeer]:
-    """The external peers declared through the API by an earlier run ({} if none)."""
-    try:
-        doc = json.loads((state_dir / EXTERNAL_PEERS_FILE).read_bytes())
-        return {p.name: p for p in (parse_external_peer(raw) for raw in doc["peers"])}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring %s: %s", state_dir / EXTERNAL_PEERS_FILE, exc)
-        return {}
-
-
-def load_known_peers(state_dir: Path) -> list[str]:
-    """The members' addresses saved by the last run ([] if none or unreadable)."""
-    try:
-        doc = json.loads((state_dir / KNOWN_PEERS_FILE).read_bytes())
-        peers = [str(p) for p in doc["peers"]]
-        for peer in peers:
-            parse_peer(peer)
-        return peers
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring %s: %s", state_dir / KNOWN_PEERS_FILE, exc)
-        return []
-
 
 @dataclasses.dataclass
 class _Started:
@@ -895,30 +473,6 @@ class _Started:
         self.inner.started()
 
 
-def read_link_counters(name: str) -> dict[str, int] | None:
-    """The link's IFLA_STATS64 rx/tx bytes and packets in this namespace (None: no link)."""
-    from tunnel.netlink import open_iproute
-
-    ipr = open_iproute()
-    try:
-        found = ipr.link_lookup(ifname=name)
-        if not found:
-            return None
-        stats = ipr.get_links(found[0])[0].get_attr("IFLA_STATS64")
-    finally:
-        ipr.close()
-    if stats is None:
-        return None
-    return {key: int(stats[key]) for key in ("rx_bytes", "tx_bytes", "rx_packets",
-                                             "tx_packets")}
-
-
-def _ensure_bridge(name: str, gateways: list[Any], mtu: int) -> object:
-    from weavepy.cni.podnet import ensure_bridge
-
-    return ensure_bridge(name, gateways, mtu)
-
-
 def run_agent(config: AgentConfig) -> None:
     """Prepare and run the agent until it stops; AgentError (one line) if it cannot."""
     prepared = prepare(config)
@@ -927,11 +481,11 @@ def run_agent(config: AgentConfig) -> None:
     except IpamLinkError as exc:
         raise AgentError(str(exc)) from None
     if config.kube_peers:
-        from weavepy.kube import KubeError, KubePeerSource
+        from weavepy.kube import KubeError, KubeLink, KubePeerSource
 
         try:
-            agent.kube = KubePeerSource.in_cluster(
-                config.name, exclude_addresses=[str(prepared.underlay.local_ip)])
+            agent.kube = KubeLink(KubePeerSource.in_cluster(
+                config.name, exclude_addresses=[str(prepared.underlay.local_ip)]))
         except KubeError as exc:
             raise AgentError(str(exc)) from None
     try:
@@ -947,64 +501,3 @@ def _first_leaf(group: BaseException) -> BaseException:
     while isinstance(group, BaseExceptionGroup):
         group = group.exceptions[0]
     return group
-
-
-# ---------------------------------------------------------------------------------------------
-# reset
-
-
-def _remove_link(ipr: Any, name: str) -> bool:
-    from tunnel.netlink import NetlinkError
-
-    try:
-        found = ipr.link_lookup(ifname=name)
-        if not found:
-            return False
-        ipr.link("del", index=found[0])
-        return True
-    except NetlinkError as exc:
-        if exc.code == errno.ENODEV:
-            return False
-        raise
-
-
-def reset_node(config: AgentConfig) -> list[str]:
-    """Remove this node's kernel objects and state (the agent must be stopped). Returns what
-    was removed, for the user."""
-    from tunnel.netlink import open_iproute
-    from weavepy.cni.podnet import PodNetwork
-
-    removed: list[str] = []
-    ipr = open_iproute()
-    try:
-        for name in (config.vxlan_device, config.bridge, config.wg_device):
-            if _remove_link(ipr, name):
-                removed.append(f"link {name}")
-    finally:
-        ipr.close()
-    podnet = PodNetwork()
-    try:
-        for veth in podnet.host_veths():
-            if podnet.delete_link(veth):
-                removed.append(f"pod veth {veth}")
-    finally:
-        podnet.close()
-    for path in _state_files(config):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(str(path))
-    return removed
-
-
-def _state_files(config: AgentConfig) -> Iterator[Path]:
-    """weavepy's own files in the state and run directories (nothing else is touched)."""
-    from weavepy.identity import IDENTITY_FILE
-    from weavepy.ipam_link import CORE_FILE, PODS_FILE
-    from weavepy.reconcile import PROGRAMMED_FILE
-
-    for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE, KNOWN_PEERS_FILE, EXTERNAL_PEERS_FILE):
-        yield config.state_dir / name
-        if config.state_dir.is_dir():
-            yield from sorted(config.state_dir.glob(f"{name}.corrupt-*"))
-            yield from sorted(config.state_dir.glob(f".{name}.*"))
-    yield config.run_dir / PROGRAMMED_FILE

@@ -1,16 +1,18 @@
 """The agent's local HTTP API: a small Starlette app served by hypercorn's trio worker.
 
 This module owns the HTTP surface (routes, request parsing, status codes, JSON shapes) and
-nothing else: every answer comes from an `AgentControl`, the narrow interface the agent
-implements. The documented contract is docs/api.md.
+nothing else: every answer comes from an `AgentControl`, the narrow interface that
+weavepy.control's `NodeControl` implements. The documented contract is docs/api.md.
 
 The rules it keeps:
 
 * It listens on loopback only (the configuration refuses anything else): the API can stop the
   agent and remove peers, and it has no authentication, exactly like Weave's 127.0.0.1:6784.
-* Every error is JSON `{"error": "<one readable sentence>"}` with a fitting status code
-  (400 bad request, 404 unknown peer, 409 refused, 503 not ready), so the CLI can print it as
-  one line.
+* Every error is JSON `{"error": "<one readable sentence>"}` with a fitting status code, so
+  the CLI can print it as one line. The node refuses requests with weavepy.control's domain
+  errors, and `CONTROL_ERROR_STATUS` is the one place that maps them to codes (400 invalid,
+  404 not found, 409 conflict, 503 unavailable); what this module refuses itself (an
+  unreadable, oversized or wrongly typed body) is an `ApiError` with its code.
 * Handlers do no blocking work; what takes time (a join, an rmpeer decision) is awaited on the
   agent's trio loop, bounded by the agent.
 """
@@ -32,14 +34,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-__all__ = ["AgentControl", "ApiError", "build_app", "build_metrics_app", "check_bindable",
-           "serve_api"]
+from weavepy.control import Conflict, ControlError, Invalid, NotFound, Unavailable
+
+__all__ = ["CONTROL_ERROR_STATUS", "AgentControl", "ApiError", "build_app", "build_metrics_app",
+           "check_bindable", "serve_api"]
 
 log = logging.getLogger(__name__)
 
+# The HTTP status code of each kind of request the node refuses (weavepy.control).
+CONTROL_ERROR_STATUS: dict[type[ControlError], int] = {
+    Invalid: 400,
+    NotFound: 404,
+    Conflict: 409,
+    Unavailable: 503,
+}
+
 
 class ApiError(Exception):
-    """A request the agent refuses; `status` is the HTTP code, the message one sentence."""
+    """A request this module refuses before the node sees it; `status` is the HTTP code, the
+    message one sentence."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -137,6 +150,8 @@ def build_app(control: AgentControl) -> Starlette:
                 return await handler(request)
             except ApiError as exc:
                 return _error(exc.status, exc.message)
+            except ControlError as exc:
+                return _error(CONTROL_ERROR_STATUS[type(exc)], str(exc))
 
         return wrapper
 

@@ -409,7 +409,7 @@ def reset(config_file: str | None, force: bool, **flags: Any) -> None:
         pass
     except AgentRefused as exc:
         raise click.ClickException(f"the agent refused to stop: {exc}") from None
-    from weavepy.agent import reset_node
+    from weavepy.reset import reset_node
 
     try:
         removed = reset_node(config)

@@ -1,6 +1,6 @@
-"""What the agent learns from the host's network before it starts: underlay and route checks.
+"""What the agent reads from the host's network: underlay and route checks, link counters.
 
-This module owns two read-only questions about the network namespace the agent runs in:
+This module owns three read-only questions about the network namespace the agent runs in:
 
 * which interface and address are the underlay (`find_underlay`): the `--iface` given, else
   the interface of the default route, else the route towards the first peer, else the only
@@ -8,7 +8,9 @@ This module owns two read-only questions about the network namespace the agent r
 * whether the cluster range collides with the host (`range_conflicts`): a route or an address
   outside weavepy's own devices that overlaps the range would make pods unreachable or hijack
   host traffic, so the agent refuses to start, as Weave did ("Network 10.32.0.0/12 overlaps
-  with existing route ...").
+  with existing route ...");
+* how many bytes and packets a link has moved (`read_link_counters`, the kernel's IFLA_STATS64),
+  which `LinkCounterSampler` keeps fresh for the status and the metrics while the agent runs.
 
 The rule it keeps: it only reads (one netlink dump per table) and raises `HostNetError` with one
 readable sentence that says what to change. Overlap logic is a pure function for tests.
@@ -16,25 +18,33 @@ readable sentence that says what to change. Overlap logic is a pure function for
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 from typing import Any
 
+import trio
+
 from tunnel.netlink import RT_TABLE_MAIN, open_iproute
 
 __all__ = [
     "HostNetError",
     "HostRoute",
+    "LinkCounterSampler",
     "Underlay",
     "find_underlay",
     "host_routes",
     "overlapping_routes",
     "range_conflicts",
+    "read_link_counters",
 ]
 
+log = logging.getLogger(__name__)
+
 IFF_LOOPBACK = 0x8
+LINK_SAMPLE_INTERVAL = 2.0  # seconds between reads of a link's counters
 
 
 class HostNetError(Exception):
@@ -174,3 +184,41 @@ def find_underlay(iface: str | None, peers: Sequence[str], own_devices: Sequence
                            f"is no default route; pick one with --iface")
     finally:
         ipr.close()
+
+
+def read_link_counters(name: str) -> dict[str, int] | None:
+    """The link's IFLA_STATS64 rx/tx bytes and packets in this namespace (None: no link)."""
+    ipr = open_iproute()
+    try:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        stats = ipr.get_links(found[0])[0].get_attr("IFLA_STATS64")
+    finally:
+        ipr.close()
+    if stats is None:
+        return None
+    return {key: int(stats[key]) for key in ("rx_bytes", "tx_bytes", "rx_packets",
+                                             "tx_packets")}
+
+
+class LinkCounterSampler:
+    """Keeps `latest` (the link's counters, see `read_link_counters`) fresh while `run` runs;
+    a missing link (before the agent's first pass creates it) or a failed read keeps the last
+    sample, None until there is one."""
+
+    def __init__(self, name: str, interval: float = LINK_SAMPLE_INTERVAL) -> None:
+        self.name = name
+        self.interval = interval
+        self.latest: dict[str, int] | None = None
+
+    async def run(self) -> None:
+        while True:
+            try:
+                sample = await trio.to_thread.run_sync(read_link_counters, self.name)
+            except OSError as exc:
+                log.debug("cannot read %s counters: %s", self.name, exc)
+                sample = None
+            if sample is not None:
+                self.latest = sample
+            await trio.sleep(self.interval)

@@ -79,11 +79,8 @@ SERF_MAX_TYPE = 0x3F  # serf's message types are small integers
 
 
 class IpamLinkError(Exception):
-    """An IPAM request the agent refuses; `status` is the HTTP code for the API."""
-
-    def __init__(self, message: str, status: int = 409) -> None:
-        super().__init__(message)
-        self.status = status
+    """IPAM state that cannot be used, or an IPAM request refused; the message is one readable
+    line."""
 
 
 def corrupt_leftovers(state_dir: Path) -> list[Path]:

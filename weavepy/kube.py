@@ -36,6 +36,11 @@ so this module never asks it to retry (its `on_error` stays "raise") and retries
 reason `WeavepyIsUp` (a strategic merge patch of `nodes/status`, as Weave and flannel do), so
 the node controller lifts the `node.kubernetes.io/network-unavailable` taint.
 
+The agent's side (`KubeLink`, run by the agent with `--kube-peers`) is two tasks:
+`follow_kube_peers` makes each new peer set (plus the operator's own `--peers`) the join
+targets and wakes the join loop; `mark_network_available` waits until the node is first ready,
+then sets the condition, retrying with exponential backoff until the API accepts it.
+
 The RBAC this needs, and no more: nodes get/list/watch, nodes/status patch (deploy/rbac.yaml).
 """
 
@@ -47,7 +52,7 @@ import ipaddress
 import logging
 import math
 import random
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,15 +65,20 @@ from lightkube import AsyncClient, KubeConfig
 from lightkube.core.exceptions import ApiError, ConfigError
 from lightkube.resources.core_v1 import Node
 
+from weavepy.targets import TargetSchedule
+
 __all__ = [
     "CONDITION_REASON",
     "SERVICE_ACCOUNT_DIR",
     "Backoff",
     "KubeError",
+    "KubeLink",
     "KubePeer",
     "KubePeerSource",
     "NodeInfo",
     "NodePeerTable",
+    "follow_kube_peers",
+    "mark_network_available",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +91,7 @@ ADDRESS_PREFERENCE = ("InternalIP", "ExternalIP")
 DEFAULT_WATCH_TIMEOUT = 300  # seconds the server keeps one watch open (client-go: 5-10 min)
 WATCH_GRACE = 30.0  # how long past that the client waits before it gives the watch up
 REQUEST_TIMEOUT = 10.0  # connect/read/write timeout of every request but the watch stream
+NETWORK_AVAILABLE_BACKOFF = (1.0, 60.0)  # first and largest retry delay for the node condition
 
 
 class KubeError(Exception):
@@ -409,3 +420,64 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, httpx2.HTTPError):
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return str(exc) or type(exc).__name__
+
+
+# -- the agent's tasks -----------------------------------------------------------------------
+
+
+class KubeLink:
+    """The agent's link to the Kubernetes API (`--kube-peers`): the peer watch and the node
+    condition, as tasks of the agent's nursery (`run`), and what the status shows of them."""
+
+    def __init__(self, source: KubePeerSource) -> None:
+        self.source = source
+        self.network_available_set = False
+
+    async def run(self, targets: TargetSchedule, gossip_port: int, static_peers: list[str],
+                  targets_changed: Callable[[], None], is_ready: Callable[[], bool]) -> None:
+        """Follow the API's peers into `targets` and set the node condition once `is_ready()`;
+        runs until cancelled (the watch never ends, it retries)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow_kube_peers, self.source, targets, gossip_port,
+                               static_peers, targets_changed)
+            nursery.start_soon(self._mark_network_available, is_ready)
+
+    async def _mark_network_available(self, is_ready: Callable[[], bool]) -> None:
+        await mark_network_available(self.source, is_ready)
+        self.network_available_set = True
+
+    def status(self) -> dict[str, Any]:
+        """The `discovery` section of the agent's status."""
+        return {**self.source.status(), "network_available_set": self.network_available_set}
+
+
+async def follow_kube_peers(source: KubePeerSource, targets: TargetSchedule, gossip_port: int,
+                            static_peers: list[str], changed: Callable[[], None]) -> None:
+    """Peers from the Kubernetes API (`source`, closed at the end): each new node set replaces
+    the join targets, plus `static_peers`; `changed()` then wakes the join loop. The watch
+    retries API failures itself and never ends."""
+    async with source, source.watch_peers() as sets:
+        async for peers in sets:
+            addresses = [f"{p.address}:{gossip_port}" for p in sorted(peers, key=lambda p: p.node)]
+            targets.replace(addresses + [p for p in static_peers if p not in addresses],
+                            trio.current_time())
+            changed()
+            log.info("Kubernetes API: %d peers", len(addresses))
+
+
+async def mark_network_available(source: KubePeerSource, is_ready: Callable[[], bool], *,
+                                 backoff: tuple[float, float] = NETWORK_AVAILABLE_BACKOFF,
+                                 poll: float = 0.5) -> None:
+    """Wait until `is_ready()`, then set the node's NetworkUnavailable=False, retrying with
+    exponential backoff until the API accepts it."""
+    while not is_ready():
+        await trio.sleep(poll)
+    delay, most = backoff
+    while True:
+        try:
+            await source.set_network_available()
+            return
+        except KubeError as exc:
+            log.warning("%s; retrying in %.1f s", exc, delay)
+        await trio.sleep(delay)
+        delay = min(most, delay * 2)

@@ -12,7 +12,8 @@ that decision, in Weave's `ConnectionMaker` spirit:
   `reconnect_interval` (serf's reconnect behaviour), so a healed partition merges again.
 
 The rule it keeps: no clock and no I/O. The driver asks `due(now)`, makes the attempts, and
-reports each with `attempted(...)`; `next_deadline()` says when to ask again.
+reports each with `attempted(...)`; `next_deadline()` says when to ask again. Addresses are
+compared in one form, `host:port`: `normalise_addresses` turns what the operator typed into it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,23 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["TargetSchedule", "TargetState"]
+from weavepy.config import parse_peer
+
+__all__ = ["TargetSchedule", "TargetState", "normalise_addresses"]
 
 FIRST_RETRY = 1.0
 MAX_RETRY = 30.0
 RECONNECT_INTERVAL = 5.0
+
+
+def normalise_addresses(peers: Iterable[str], default_port: int) -> list[str]:
+    """Peer addresses (`host`, `host:port`, `[v6]:port`) as `host:port`, the form the schedule
+    compares; ValueError (one sentence) for the first bad one."""
+    out = []
+    for peer in peers:
+        host, port = parse_peer(peer, default_port)
+        out.append(f"{host}:{port}")
+    return out
 
 
 class TargetState(enum.Enum):

@@ -1,8 +1,8 @@
 """weavepy.metrics: the registry renders, parses back with prometheus_client's own parser, and
 values move when the agent's state moves (a member dies, a CNI request is answered).
 
-The status documents below have the shape of the agent's `/status` answer (weavepy.agent
-`Agent.status`); no agent runs here, the metrics module is pure."""
+The status documents below have the shape of the agent's `/status` answer (weavepy.control
+`NodeControl.status`); no agent runs here, the metrics module is pure."""
 
 from __future__ import annotations
 

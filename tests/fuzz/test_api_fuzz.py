@@ -5,18 +5,20 @@ headers, body (huge, malformed JSON, JSON of the wrong shape, forms, binary) - t
 well-formed HTTP response; every 4xx/5xx carries a JSON body `{"error": "<sentence>"}`; and no
 request produces a 500 (a traceback).
 
-What is real: the app (`weavepy.api.build_app`) over a real `weavepy.agent.Agent`, built from a
-real configuration (`load_config`), a generated identity and state/run directories under
-tmp_path, driven through Starlette's TestClient on the trio backend (the agent's handlers use
-trio). What stands in, and why: the agent is never `run()` - running it needs root, a network
-namespace and the kernel (VXLAN device, bridge, routes) - so its gossip service is absent and
-its IPAM has not joined; and its `Underlay` (normally detected from the host's routes by
-`prepare`) is a fixed description of a 198.18.0.11/24 interface the test names, not read from
-any kernel. Requests that would stop the agent only set its stop event.
+What is real: the app (`weavepy.api.build_app`) over the answers
+(`weavepy.control.NodeControl`) of a real `weavepy.agent.Agent`, built from a real
+configuration (`load_config`), a generated identity and state/run directories under tmp_path,
+driven through Starlette's TestClient on the trio backend (the agent's handlers use trio). What
+stands in, and why: the agent is never `run()` - running it needs root, a network namespace and
+the kernel (VXLAN device, bridge, routes) - so its gossip service is absent and its IPAM has
+not joined; and its `Underlay` (normally detected from the host's routes by `prepare`) is a
+fixed description of a 198.18.0.11/24 interface the test names, not read from any kernel.
+Requests that would stop the agent only set its stop event.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import string
 from ipaddress import IPv4Address
@@ -31,8 +33,9 @@ from starlette.testclient import TestClient
 
 from gossip.config import GossipConfig
 from weavepy.agent import Agent, Prepared
-from weavepy.api import build_app
+from weavepy.api import CONTROL_ERROR_STATUS, build_app
 from weavepy.config import load_config
+from weavepy.control import ControlError, Unavailable
 from weavepy.hostnet import Underlay
 from weavepy.identity import Identity
 
@@ -165,7 +168,7 @@ def check_response(request: dict[str, Any], response: Any) -> None:
 @pytest.mark.timeout(240)
 def test_any_request_gets_a_json_answer_and_never_a_500(tmp_path: Path) -> None:
     agent = make_agent(tmp_path)
-    app = build_app(agent)
+    app = build_app(agent.control)
     with TestClient(app, backend="trio", raise_server_exceptions=False,
                     base_url="http://127.0.0.1:6784") as client:
 
@@ -185,7 +188,7 @@ def test_any_request_gets_a_json_answer_and_never_a_500(tmp_path: Path) -> None:
 def test_known_requests_answer_as_documented(tmp_path: Path) -> None:
     """Fixed points next to the fuzzing: the documented codes for the classic mistakes."""
     agent = make_agent(tmp_path)
-    with TestClient(build_app(agent), backend="trio", raise_server_exceptions=False,
+    with TestClient(build_app(agent.control), backend="trio", raise_server_exceptions=False,
                     base_url="http://127.0.0.1:6784") as client:
         cases: list[tuple[str, str, dict[str, str], bytes, int]] = [
             ("GET", "/healthz", {}, b"", 200),
@@ -217,10 +220,40 @@ def test_known_requests_answer_as_documented(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_refusals_of_the_node_answer_with_their_documented_codes(tmp_path: Path) -> None:
+    """The node refuses in its own terms (weavepy.control's errors); the API gives each kind
+    its code (docs/api.md), and every kind has one."""
+    assert set(CONTROL_ERROR_STATUS) == set(ControlError.__subclasses__())
+    assert CONTROL_ERROR_STATUS[Unavailable] == 503
+    agent = make_agent(tmp_path)
+    key = base64.b64encode(bytes(32)).decode()
+    host = {"name": "h1", "public_key": key, "allowed_ips": ["198.18.5.0/24"]}
+    with TestClient(build_app(agent.control), backend="trio", raise_server_exceptions=False,
+                    base_url="http://127.0.0.1:6784") as client:
+        cases: list[tuple[str, str, dict[str, Any] | None, int]] = [
+            ("GET", "/wg-config/h1", None, 404),  # not declared yet
+            ("DELETE", "/external-peers/h1", None, 404),
+            ("POST", "/external-peers", {**host, "name": NODE}, 409),  # a member's name
+            ("POST", "/external-peers", {**host, "public_key": "x"}, 400),
+            ("POST", "/external-peers", {**host, "allowed_ips": ["198.19.5.0/24"]}, 400),
+            ("POST", "/connect", {"peers": ["198.18.0.12:0"]}, 400),
+            ("POST", "/forget", {"peers": ["no host here"]}, 400),
+            ("DELETE", "/peer/ghost", None, 409),  # IPAM refuses: not a member yet
+            ("POST", "/external-peers", host, 200),
+            ("GET", "/wg-config/h1", None, 200),
+            ("DELETE", "/external-peers/h1", None, 200),
+        ]
+        for method, path, body, expected in cases:
+            response = client.request(method, path, json=body)
+            assert response.status_code == expected, (method, path, body, response.text)
+            check_response({"method": method, "path": path}, response)
+
+
+@pytest.mark.timeout(60)
 def test_form_bodies_are_parsed(tmp_path: Path) -> None:
     """Weave's form style (`peer=...`) and broken multipart bodies: 200 or a JSON 4xx."""
     agent = make_agent(tmp_path)
-    with TestClient(build_app(agent), backend="trio", raise_server_exceptions=False,
+    with TestClient(build_app(agent.control), backend="trio", raise_server_exceptions=False,
                     base_url="http://127.0.0.1:6784") as client:
         good = client.post("/connect", content=b"peer=198.18.0.12",
                            headers={"content-type": FORM_TYPES[0]})

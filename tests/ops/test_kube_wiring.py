@@ -1,7 +1,7 @@
-"""`--kube-peers` wiring in the agent: the Kubernetes node set becomes the join targets, and
-once the node is ready the NetworkUnavailable condition is set, retried until the API takes
-it. No API server can run here: the API is tests/deploy/kube_replay.py, a local HTTPS server
-replaying recorded responses."""
+"""`--kube-peers` wiring in the agent (weavepy.kube's agent tasks): the Kubernetes node set
+becomes the join targets, and once the node is ready the NetworkUnavailable condition is set,
+retried until the API takes it. No API server can run here: the API is
+tests/deploy/kube_replay.py, a local HTTPS server replaying recorded responses."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import trio
 
 from tests.deploy.kube_fixtures import TOKEN, Cluster
 from tests.deploy.kube_replay import Watch, recorded
-from weavepy.agent import follow_kube_peers, mark_network_available
-from weavepy.kube import Backoff, KubePeerSource
+from weavepy.kube import Backoff, KubePeerSource, follow_kube_peers, mark_network_available
 from weavepy.targets import TargetSchedule
 
 

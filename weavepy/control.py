@@ -1,0 +1,330 @@
+"""The node's answers to its operator: status, readiness, and the requests that change peers.
+
+This module owns what the local API (weavepy.api) and the metrics endpoint ask of a running
+agent: the status document (docs/report.schema.json), readiness and its reasons, how peers are
+discovered, the wg-quick file of an external peer, declaring and removing external peers,
+adding and forgetting join targets (`connect`, `forget`), `rmpeer`, and `stop`. `NodeControl`
+answers them from the agent's parts (weavepy.agent builds one per agent); it implements
+`weavepy.api.AgentControl`.
+
+The rules it keeps:
+
+* **No HTTP here.** A request the node refuses raises a `ControlError` subclass, named for
+  what went wrong in the node's own terms: `Invalid` (the request is malformed: a bad address,
+  key or range), `NotFound` (it names something the node does not know), `Conflict` (it
+  contradicts the node's state, or IPAM refuses it) and `Unavailable` (no answer now, maybe
+  later). weavepy.api maps each to its status code, in one place.
+* Every message is one readable sentence that says what to do instead.
+* Answers read the agent's state and never block the trio loop; requests that change state
+  (join targets, external peers) wake the task that acts on it, and what must survive a
+  restart is saved through weavepy.peerstore. What takes time (an rmpeer decision) is bounded
+  here.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from weavepy import __version__
+from weavepy.ipam_link import IpamLinkError
+from weavepy.peerstore import save_external_peers
+from weavepy.reconcile import DesiredDataPlane
+from weavepy.statusview import REPORT_VERSION, connection_entries, ipam_advice
+from weavepy.targets import normalise_addresses
+from weavepy.wgpath import (
+    CAP_WIREGUARD,
+    ConfigNode,
+    encrypt_tag,
+    parse_external_peer,
+    render_wg_quick,
+)
+
+if TYPE_CHECKING:
+    from weavepy.agent import Agent
+
+__all__ = ["Conflict", "ControlError", "Invalid", "NodeControl", "NotFound", "Unavailable"]
+
+RMPEER_TIMEOUT = 15.0  # seconds an rmpeer waits for the IPAM decision
+
+
+class ControlError(Exception):
+    """A request the node refuses; the message is one readable sentence. Raise a subclass:
+    the API answers each kind with its own status code."""
+
+
+class Invalid(ControlError):
+    """The request is malformed (a bad address, key or range)."""
+
+
+class NotFound(ControlError):
+    """The request names something this node does not know."""
+
+
+class Conflict(ControlError):
+    """The request contradicts the node's state (a member's name, rmpeer of a live node or of
+    the node itself), or IPAM refuses it."""
+
+
+class Unavailable(ControlError):
+    """The node cannot answer now (no IPAM decision in time); the same request may succeed
+    later."""
+
+
+class NodeControl:
+    """The answers of one running agent (see the module docstring)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def request_stop(self, leave: bool = True) -> None:
+        """Stop the agent; with `leave`, tell the cluster first."""
+        self.agent.request_stop(leave)
+
+    def render_metrics(self) -> bytes:
+        """The Prometheus exposition, gauges refreshed from the status now."""
+        self.agent.metrics.update_from_status(self.status())
+        return self.agent.metrics.render()
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """(ready, the reasons it is not): a usable block, routes programmed, the CNI socket
+        listening and, where checked, the CNI config installed."""
+        agent = self.agent
+        reasons = []
+        ipam = agent.ipam.status()
+        if ipam is None or not ipam.owned_blocks:
+            reasons.append(f"no usable block yet (IPAM {ipam.state.value if ipam else 'n/a'}: "
+                           f"{ipam.detail if ipam else 'starting'})")
+        last = agent.reconciler.last
+        if last is None:
+            reasons.append("routes not programmed yet")
+        elif not last.ok:
+            reasons.append("the last reconcile pass had errors")
+        if not agent.cni_listening:
+            reasons.append("the CNI socket is not listening")
+        conflist = self.conflist_path()
+        if conflist is not None and not conflist.exists():
+            reasons.append(f"the CNI config {conflist} is not installed (the init container "
+                           f"or `weavepy install-cni` writes it)")
+        return not reasons, reasons
+
+    def conflist_path(self) -> Path | None:
+        """The conflist /readyz waits for, or None when this node does not check it."""
+        from weavepy.cni.install import CONFLIST_NAME
+
+        conf_dir = self.agent.config.cni_conf_check_dir
+        return conf_dir / CONFLIST_NAME if conf_dir is not None else None
+
+    def discovery(self) -> dict[str, Any]:
+        """How this node finds peers: the configured list, or the Kubernetes API."""
+        if self.agent.kube is not None:
+            return self.agent.kube.status()
+        return {"source": "peers", "peers": len(self.agent.joiner.targets.addresses())}
+
+    def status(self) -> dict[str, Any]:
+        """The status document (`weavepy status`, `/report`; docs/report.schema.json)."""
+        agent = self.agent
+        config, prepared, reconciler = agent.config, agent.prepared, agent.reconciler
+        svc = agent.svc
+        desired, _ = agent.desired()
+        programmed = set(reconciler.programmed) | reconciler.encrypted_programmed
+        blocks = agent.ipam.blocks_by_node()
+        peers = []
+        for peer in agent.view.peers():
+            entry = peer.to_json()
+            entry["blocks"] = [str(b) for b in blocks.get(peer.name, ())]
+            entry["path"] = desired.paths.get(peer.name)
+            entry["programmed"] = peer.name in programmed
+            entry["excluded"] = desired.excluded.get(peer.name)
+            peers.append(entry)
+        ready, reasons = self.readiness()
+        last = reconciler.last
+        gossip: dict[str, Any] = {}
+        if svc is not None:
+            stats = svc.stats
+            gossip = {
+                "address": "{}:{}".format(*svc.advertise_address),
+                "members": dict(agent.view.counts()),
+                "health_score": svc.node.health_score,
+                "drops": dict(stats.drops()),
+                "packets_in": stats.node.packets_in,
+                "packets_out": stats.node.packets_out,
+                "bytes_in": stats.node.bytes_in,
+                "bytes_out": stats.node.bytes_out,
+                "probe_failures": stats.node.probe_failures,
+                "suspicions": stats.node.suspicions,
+                "tag_problems": dict(agent.view.tag_problems),
+            }
+        ipam = agent.ipam.status_json()
+        ipam["fix"] = ipam_advice(ipam, config.name)
+        conflist = self.conflist_path()
+        return {
+            "report_version": REPORT_VERSION,
+            "version": __version__,
+            "name": config.name,
+            "cluster_id": agent.ipam.cluster_id,
+            "uptime_s": round(time.time() - agent.started_at, 1),
+            "encryption": prepared.keyring is not None,
+            "ready": ready,
+            "not_ready_reasons": reasons,
+            "discovery": self.discovery(),
+            "gossip": gossip,
+            "targets": agent.joiner.targets.to_json(),
+            "peers": peers,
+            "blocks": [{"block": str(b), "owner": owner} for owner, owned in sorted(blocks.items())
+                       for b in owned],
+            "connections": connection_entries(
+                peers + self._external_entries(programmed), desired.fallbacks,
+                prepared.mtu, self._encrypted_states(desired), agent.encrypted.mtu),
+            "ipam": ipam,
+            "dataplane": {
+                "path": "vxlan",
+                "device": config.vxlan_device,
+                "vni": config.vxlan_vni,
+                "port": config.vxlan_port,
+                "mtu": prepared.mtu,
+                "bridge": config.bridge,
+                "local_blocks": [str(b) for b in reconciler.local_blocks],
+                "underlay": {"iface": prepared.underlay.iface,
+                             "address": str(prepared.underlay.local_ip),
+                             "mtu": prepared.underlay.mtu},
+                "settled": reconciler.settled,
+                "passes": reconciler.passes,
+                "pass_errors": reconciler.errors,
+                "last_pass": last.to_json() if last else None,
+                "programmed_peers": sorted(programmed),
+                "traffic": self._traffic(),
+                "encrypt": encrypt_tag(config.encrypt_all, config.encrypt_peers),
+                "wireguard": agent.encrypted.status(),
+                "external_peers": self._external_json(),
+            },
+            "cni": {"socket": str(config.cni_socket), "listening": agent.cni_listening,
+                    "requests": dict(agent.cni_requests),
+                    "conflist": str(conflist) if conflist is not None else None,
+                    "conflist_installed": conflist.exists() if conflist is not None else None},
+            "config": config.to_public_dict(),
+        }
+
+    def _traffic(self) -> dict[str, dict[str, int]]:
+        """Counters per data path (the VXLAN device's, once read)."""
+        latest = self.agent.vxlan_counters.latest
+        return {"vxlan": dict(latest)} if latest is not None else {}
+
+    def _encrypted_states(self, desired: DesiredDataPlane) -> dict[str, tuple[str, str | None]]:
+        return {peer.name: self.agent.encrypted.connection(peer.name) for peer in desired.wg_peers}
+
+    def _external_entries(self, programmed: set[str]) -> list[dict[str, Any]]:
+        """External hosts as peer-like entries for the connection list."""
+        return [{"name": name, "state": "alive", "path": "wireguard", "external": True,
+                 "programmed": name in programmed, "blocks": [str(n) for n in host.allowed_ips]}
+                for name, host in sorted(self.agent.external.items())]
+
+    def _external_json(self) -> list[dict[str, Any]]:
+        return [p.to_json() for _, p in sorted(self.agent.external.items())]
+
+    def wg_config(self, name: str) -> str:
+        """The wg-quick configuration for external peer `name` (see weavepy.wgpath)."""
+        agent, config = self.agent, self.agent.config
+        host = agent.external.get(name)
+        if host is None:
+            known = ", ".join(sorted(agent.external)) or "none are declared"
+            raise NotFound(f"no external peer named {name!r} ({known}); declare it with "
+                           f"`weavepy external add` or in the config file")
+        blocks = agent.ipam.blocks_by_node()
+        nodes = [ConfigNode(config.name, agent.identity.wg_public_key,
+                            (agent.prepared.advertise[0], config.wg_port),
+                            tuple(blocks.get(config.name, ())))]
+        for peer in agent.view.live_peers():
+            ident = peer.identity
+            if (ident is None or ident.wg_public_key is None or ident.wg_port is None
+                    or CAP_WIREGUARD not in ident.capabilities):
+                continue
+            nodes.append(ConfigNode(peer.name, ident.wg_public_key,
+                                    (str(ident.underlay_ip), ident.wg_port),
+                                    tuple(blocks.get(peer.name, ()))))
+        return render_wg_quick(host, nodes, agent.encrypted.mtu, config.name)
+
+    def add_external(self, raw: object) -> dict[str, Any]:
+        """Declare (or replace) an external peer; kept in the state directory."""
+        agent = self.agent
+        try:
+            host = parse_external_peer(raw)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        if host.name == agent.config.name or agent.view.get(host.name) is not None:
+            raise Conflict(f"{host.name} is a cluster member's name; pick another")
+        pod_range = agent.config.ipalloc_range
+        inside = [str(n) for n in host.allowed_ips if n.overlaps(pod_range)]
+        if inside:
+            raise Invalid(f"{', '.join(inside)} overlaps the cluster range {pod_range} "
+                          f"(pods get those addresses); give the host an address outside it")
+        agent.external[host.name] = host
+        self._save_external()
+        agent.reconciler.poke(f"external peer {host.name} declared")
+        return {"external_peers": self._external_json()}
+
+    def remove_external(self, name: str) -> dict[str, Any]:
+        """Forget an external peer declared through the API (or the configuration, until the
+        next start)."""
+        agent = self.agent
+        if name not in agent.external:
+            raise NotFound(f"no external peer named {name!r}")
+        del agent.external[name]
+        self._save_external()
+        agent.reconciler.poke(f"external peer {name} removed")
+        return {"external_peers": self._external_json()}
+
+    def _save_external(self) -> None:
+        """Keep the peers declared through the API (not those of the configuration)."""
+        declared = {p.name for p in self.agent.config.external_peers}
+        save_external_peers(self.agent.config.state_dir,
+                            [p for name, p in self.agent.external.items() if name not in declared])
+
+    async def connect(self, peers: list[str], replace: bool) -> dict[str, Any]:
+        """Add join targets (or, with `replace`, make them the only ones)."""
+        targets = self.agent.joiner.targets
+        try:
+            normalised = normalise_addresses(peers, self.agent.config.gossip_port)
+        except ValueError as exc:
+            raise Invalid(f"bad peer address: {exc}") from None
+        now = trio.current_time()
+        if replace:
+            targets.replace(normalised, now)
+            added = normalised
+        else:
+            added = targets.add(normalised, now)
+        self.agent.joiner.wake()
+        return {"targets": targets.addresses(), "added": added}
+
+    def forget(self, peers: list[str]) -> dict[str, Any]:
+        """Drop join targets (members already joined stay)."""
+        targets = self.agent.joiner.targets
+        try:
+            normalised = normalise_addresses(peers, self.agent.config.gossip_port)
+        except ValueError as exc:
+            raise Invalid(f"bad peer address: {exc}") from None
+        removed = targets.remove(normalised)
+        unknown = [p for p in normalised if p not in removed]
+        return {"targets": targets.addresses(), "forgotten": removed, "unknown": unknown}
+
+    async def rmpeer(self, name: str, force: bool) -> dict[str, Any]:
+        """Remove a gone node from IPAM (its blocks are freed or quarantined)."""
+        agent = self.agent
+        if name == agent.config.name:
+            raise Conflict("a node cannot rmpeer itself; run `weavepy reset` on it instead")
+        member = agent.view.get(name)
+        if member is not None and member.live and not force:
+            raise Conflict(f"{name} is {member.state.value}; rmpeer is for nodes that are "
+                           f"gone (stop it first, or add --force if you are sure)")
+        try:
+            with trio.fail_after(RMPEER_TIMEOUT):
+                return await agent.ipam.rmpeer(name, force)
+        except IpamLinkError as exc:
+            raise Conflict(str(exc)) from None
+        except trio.TooSlowError:
+            raise Unavailable(f"no decision on removing {name} within {RMPEER_TIMEOUT:.0f} s "
+                              f"(IPAM {agent.ipam.state_name()}); a majority of voters must be "
+                              f"reachable, or use --force") from None

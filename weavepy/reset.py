@@ -1,0 +1,96 @@
+"""`weavepy reset`: remove what this node's agent put on the host, so it can join as new.
+
+This module owns the list of what a reset removes; `weavepy reset` (weavepy/cli.py) stops a
+running agent first and then calls `reset_node`. The agent must be stopped: nothing here takes
+a lock against a running one.
+
+What it removes, in the node's network namespace and directories:
+
+* the links weavepy creates: the VXLAN device, the pod bridge and the WireGuard TUN device
+  (by their configured names);
+* every host-side pod veth (by weavepy's veth prefix; the pod's end goes with it);
+* weavepy's own files in the state directory: the identity (name, VTEP MAC, WireGuard key,
+  cluster ID), the IPAM state and pod allocations, the known peers and the external peers
+  declared through the API, together with their moved-aside copies (`NAME.corrupt-*`) and
+  leftover temporaries (`.NAME.*`); and in the run directory the list of programmed peers.
+
+What it keeps: everything else. Other files in the state and run directories, the gossip
+keyring and configuration files, the installed CNI plugin and its conflist, other links and
+routes of the host, and the sysctls the agent turned on (IP forwarding) all stay. Routes,
+neighbour and FDB entries that weavepy programmed go with their device.
+
+The rule it keeps: it touches only objects it can name from the configuration or by weavepy's
+own veth prefix, and returns what it removed, one item each, for the user. A failure raises
+(an `OSError`, a netlink or a `PodNetError`); what was already removed stays removed, and a
+second reset finishes the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from weavepy.config import AgentConfig
+
+__all__ = ["reset_node"]
+
+
+def reset_node(config: AgentConfig) -> list[str]:
+    """Remove this node's kernel objects and state (the agent must be stopped). Returns what
+    was removed, for the user."""
+    from tunnel.netlink import open_iproute
+    from weavepy.cni.podnet import PodNetwork
+
+    removed: list[str] = []
+    ipr = open_iproute()
+    try:
+        for name in (config.vxlan_device, config.bridge, config.wg_device):
+            if _remove_link(ipr, name):
+                removed.append(f"link {name}")
+    finally:
+        ipr.close()
+    podnet = PodNetwork()
+    try:
+        for veth in podnet.host_veths():
+            if podnet.delete_link(veth):
+                removed.append(f"pod veth {veth}")
+    finally:
+        podnet.close()
+    for path in _state_files(config):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(str(path))
+    return removed
+
+
+def _remove_link(ipr: Any, name: str) -> bool:
+    from tunnel.netlink import NetlinkError
+
+    try:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        ipr.link("del", index=found[0])
+        return True
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return False
+        raise
+
+
+def _state_files(config: AgentConfig) -> Iterator[Path]:
+    """weavepy's own files in the state and run directories (nothing else is touched)."""
+    from weavepy.identity import IDENTITY_FILE
+    from weavepy.ipam_link import CORE_FILE, PODS_FILE
+    from weavepy.peerstore import EXTERNAL_PEERS_FILE, KNOWN_PEERS_FILE
+    from weavepy.reconcile import PROGRAMMED_FILE
+
+    for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE, KNOWN_PEERS_FILE, EXTERNAL_PEERS_FILE):
+        yield config.state_dir / name
+        if config.state_dir.is_dir():
+            yield from sorted(config.state_dir.glob(f"{name}.corrupt-*"))
+            yield from sorted(config.state_dir.glob(f".{name}.*"))
+    yield config.run_dir / PROGRAMMED_FILE
