@@ -409,11 +409,11 @@ def reset(config_file: str | None, force: bool, **flags: Any) -> None:
         pass
     except AgentRefused as exc:
         raise click.ClickException(f"the agent refused to stop: {exc}") from None
-    from weavepy.reset import reset_node
+    from weavepy.reset import ResetError, reset_node
 
     try:
         removed = reset_node(config)
-    except OSError as exc:
+    except ResetError as exc:
         raise click.ClickException(f"reset failed: {exc}") from None
     click.echo(f"removed {len(removed)} items" + (": " + ", ".join(removed) if removed else ""))
 

@@ -21,8 +21,8 @@ neighbour and FDB entries that weavepy programmed go with their device.
 
 The rule it keeps: it touches only objects it can name from the configuration or by weavepy's
 own veth prefix, and returns what it removed, one item each, for the user. A failure raises
-(an `OSError`, a netlink or a `PodNetError`); what was already removed stays removed, and a
-second reset finishes the job.
+one `ResetError` (one line, naming what was already removed); what was removed stays removed,
+and a second reset finishes the job.
 """
 
 from __future__ import annotations
@@ -35,16 +35,32 @@ from typing import Any
 
 from weavepy.config import AgentConfig
 
-__all__ = ["reset_node"]
+__all__ = ["ResetError", "reset_node"]
+
+
+class ResetError(Exception):
+    """A reset step failed; the message is one line and says what was already removed."""
 
 
 def reset_node(config: AgentConfig) -> list[str]:
     """Remove this node's kernel objects and state (the agent must be stopped). Returns what
     was removed, for the user."""
+    from tunnel.netlink import NetlinkError
+    from weavepy.cni.podnet import PodNetError
+
+    removed: list[str] = []
+    try:
+        _reset_steps(config, removed)
+    except (OSError, NetlinkError, PodNetError) as exc:
+        done = f" (removed before it: {', '.join(removed)})" if removed else ""
+        raise ResetError(f"{' '.join(str(exc).split())}{done}") from exc
+    return removed
+
+
+def _reset_steps(config: AgentConfig, removed: list[str]) -> None:
     from tunnel.netlink import open_iproute
     from weavepy.cni.podnet import PodNetwork
 
-    removed: list[str] = []
     ipr = open_iproute()
     try:
         for name in (config.vxlan_device, config.bridge, config.wg_device):
@@ -63,7 +79,6 @@ def reset_node(config: AgentConfig) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(str(path))
-    return removed
 
 
 def _remove_link(ipr: Any, name: str) -> bool:
