@@ -39,9 +39,9 @@ from typing import Any
 import trio
 
 from tunnel.wireguard.core import HandshakeCompleted, HandshakeGaveUp, PeerConfig
-from tunnel.wireguard.dataplane import HandshakeNeeded
 from tunnel.wireguard.device import InterfaceConfig, WireGuardInterface
 from tunnel.wireguard.keys import PrivateKey, PublicKey
+from tunnel.wireguard.plane import HandshakeNeeded
 
 __all__ = [
     "CAP_EXTENSION",

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tunnel.wireguard.dataplane import PlaneConfig, Send
+from tunnel.wireguard.plane import PlaneConfig, Send
 from tunnel.wireguard.timers import TimerConfig
 from tunnel.wireguard.workers import (
     _GRO_ANCILLARY,

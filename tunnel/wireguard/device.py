@@ -1,6 +1,6 @@
 """A userspace WireGuard interface: TUN + UDP socket around the sans-IO core, run by trio.
 
-Shape (see dataplane.py and workers.py for the data plane):
+Shape (see plane.py, send.py, receive.py and workers.py for the data plane):
 
     control (this module, trio)          data plane
     core.Device (handshakes, timers) --> PlaneCommands --> TxEngine: TUN -> UDP
@@ -43,7 +43,8 @@ import trio
 from tunnel.tun import FAST_PATH_GSO_MAX_SIZE, MAX_READ, Tun
 from tunnel.wireguard import core
 from tunnel.wireguard.core import DeviceConfig, PeerConfig
-from tunnel.wireguard.dataplane import (
+from tunnel.wireguard.keys import PrivateKey, PublicKey
+from tunnel.wireguard.plane import (
     DataReceived,
     DataSent,
     HandshakeNeeded,
@@ -51,12 +52,11 @@ from tunnel.wireguard.dataplane import (
     PlaneConfig,
     RemovePeer,
     Report,
-    RxEngine,
     SetPeer,
-    TxEngine,
     commands_for_event,
 )
-from tunnel.wireguard.keys import PrivateKey, PublicKey
+from tunnel.wireguard.receive import RxEngine
+from tunnel.wireguard.send import TxEngine
 from tunnel.wireguard.timers import TimerConfig
 from tunnel.wireguard.workers import (
     UDP_GRO,
