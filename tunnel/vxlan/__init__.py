@@ -41,10 +41,10 @@ The reconciler is split the h11 way, one file per half. The pure core (`plan.py`
 no I/O) turns (config, desired peers, local blocks, observed kernel state) into an ordered list
 of operations (`plan`), with bad input rejected per peer (`validate_peers`). The IO shell
 (`kernel.py`, `VxlanBackend`) reads the kernel with one request per table, applies the
-operations one by one and reports what changed. A kernel error on one
-operation is recorded against its peer and that peer's later steps are skipped; every other peer
-is still programmed. Only a device that cannot be deleted, created or brought up stops the pass
-(reported in `ReconcileReport.device_error`, not raised).
+operations one by one and reports what changed. A kernel error on one operation is recorded
+against its peer and that peer's later steps are skipped; every other peer is still programmed.
+Only a device that cannot be deleted, created or brought up stops the pass (reported in
+`ReconcileReport.device_error`, not raised).
 
 Between passes, `watch_device` (`watch.py`) listens to RTMGRP_LINK and tells the agent at once
 when our device is deleted or set down, so it can reconcile without waiting for its periodic
