@@ -152,8 +152,9 @@ def _ipam_message() -> tuple[Callable[[bytes], None], list[bytes]]:
 
 def _wireguard_datagram() -> tuple[Callable[[bytes], None], list[bytes]]:
     from tunnel.wireguard.core import Device, DeviceConfig, PeerConfig
-    from tunnel.wireguard.dataplane import PlaneConfig, RxEngine, SetPeer
     from tunnel.wireguard.keys import PrivateKey
+    from tunnel.wireguard.plane import PlaneConfig, SetPeer
+    from tunnel.wireguard.receive import RxEngine
 
     ours, theirs = PrivateKey(bytes(range(32))), PrivateKey(bytes(range(1, 33)))
     device = Device(DeviceConfig(ours))

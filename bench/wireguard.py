@@ -284,7 +284,7 @@ class PodNetwork:
                 {
                     "public_key": peer.public_key.to_base64(),
                     "allowed_ips": [peer_subnet],
-                    "endpoint": f"{peer_node.underlay_ip}:{port}",
+                    "endpoint": [str(peer_node.underlay_ip), port],
                     "extension_ok": extension,
                 }
             ],

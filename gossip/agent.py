@@ -28,6 +28,7 @@ import trio
 
 from gossip.config import GossipConfig
 from gossip.events import MemberEvent
+from gossip.hostport import HostKind, parse_host_port
 from gossip.keyring import Keyring
 from gossip.tags import encode_tags
 from gossip.transport import (
@@ -35,7 +36,6 @@ from gossip.transport import (
     DEFAULT_PORT,
     GossipService,
     JoinError,
-    parse_address,
 )
 
 logger = logging.getLogger(__name__)
@@ -136,15 +136,14 @@ async def _print_events(events: trio.MemoryReceiveChannel[MemberEvent], out: Tex
 
 
 def _address(
-    value: str, what: str, default_port: int, *, numeric: bool = False
+    value: str, what: str, default_port: int, *, hosts: HostKind, allow_port_zero: bool = False
 ) -> tuple[str, int]:
     try:
-        host, port = parse_address(value, default_port)
-        if numeric:
-            ipaddress.ip_address(host)
+        return parse_host_port(
+            value, default_port=default_port, allow_port_zero=allow_port_zero, hosts=hosts
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint=what) from None
-    return host, port
 
 
 def _tags(values: Sequence[str]) -> dict[str, str]:
@@ -207,17 +206,17 @@ def agent(
             keyring = Keyring.from_file(keyring_file)
         except (OSError, ValueError) as exc:
             raise click.BadParameter(str(exc), param_hint="--keyring-file") from None
-    bind = _address(bind_text, "--bind", DEFAULT_PORT, numeric=True)
+    bind = _address(bind_text, "--bind", DEFAULT_PORT, hosts="ip", allow_port_zero=True)
     advertise = None
     if advertise_text:
-        advertise = _address(advertise_text, "--advertise", bind[1], numeric=True)
+        advertise = _address(advertise_text, "--advertise", bind[1], hosts="ip")
     elif ipaddress.ip_address(bind[0]).is_unspecified:
         raise click.BadParameter("a wildcard bind address needs --advertise", param_hint="--bind")
     options = AgentOptions(
         name=name,
         bind=bind,
         advertise=advertise,
-        join=tuple(_address(text, "--join", DEFAULT_PORT) for text in join_texts),
+        join=tuple(_address(text, "--join", DEFAULT_PORT, hosts="name") for text in join_texts),
         tags=_tags(tag_texts),
         keyring=keyring,
         config=PROFILES[profile](),

@@ -79,6 +79,7 @@ from gossip.events import (
     StreamAction,
     StreamSend,
 )
+from gossip.hostport import parse_host_port
 from gossip.keyring import Keyring
 from gossip.limits import DEFAULT_LIMITS, Limits
 from gossip.node import Delegate, Node
@@ -118,35 +119,6 @@ class ServiceStats:
     def drops(self) -> collections.Counter[str]:
         """Every drop by reason: the Node's (bad input) and the transport's."""
         return self.node.drops + self.transport
-
-
-def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """Parse `HOST`, `HOST:PORT`, `[V6]` or `[V6]:PORT` into (host, port); ValueError if bad."""
-    text = text.strip()
-    if not text:
-        raise ValueError("empty address")
-    host, port_text = text, ""
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"{text!r}: missing ']'")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"{text!r}: expected ':' after ']'")
-            port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    port = default_port
-    if port_text:
-        if not port_text.isdigit():
-            raise ValueError(f"{text!r}: port {port_text!r} is not a number")
-        port = int(port_text)
-    if not 0 <= port < 65536:
-        raise ValueError(f"{text!r}: port {port} is out of range")
-    if not host:
-        raise ValueError(f"{text!r}: missing host")
-    return host, port
 
 
 class _ObservingDelegate:
@@ -401,7 +373,9 @@ class GossipService:
         """
         addrs: list[Address] = []
         for seed in seeds:
-            host, port = parse_address(seed) if isinstance(seed, str) else seed
+            host, port = (
+                parse_host_port(seed, default_port=DEFAULT_PORT) if isinstance(seed, str) else seed
+            )
             addrs.append(await self._resolve(host, port))
         if not addrs:
             raise JoinError([])

@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from gossip.hostport import parse_host_port
+
 __all__ = [
     "DEFAULT_API_PORT",
     "DEFAULT_CNI_BIN_DIR",
@@ -151,32 +153,9 @@ def _ifname(value: object) -> str:
 
 
 def parse_peer(value: object, default_port: int = DEFAULT_GOSSIP_PORT) -> tuple[str, int]:
-    """`host`, `host:port` or `[v6]:port` as (host, port); the host is an IP or a DNS name."""
-    text = _text(value)
-    host, port = text, default_port
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"unclosed '[' in {text!r}")
-        host, rest = text[1:end], text[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"expected ':port' after ']' in {text!r}")
-            port = _int_between(1, 65535)(rest[1:])
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-        try:
-            port = _int_between(1, 65535)(port_text)
-        except ValueError as exc:
-            raise ValueError(f"bad port in {text!r}: {exc}") from None
-    if not host:
-        raise ValueError(f"no host in {text!r}")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?$", host):
-            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
-    return host, port
+    """A peer's gossip address, `host`, `host:port` or `[v6]:port`, as (host, port); the host is
+    an IP address or a DNS name. The syntax and its errors are gossip.hostport's."""
+    return parse_host_port(_text(value), default_port=default_port)
 
 
 def _peers(value: object) -> tuple[str, ...]:
@@ -200,12 +179,8 @@ def _peers(value: object) -> tuple[str, ...]:
 
 def _advertise(value: object) -> str:
     text = _text(value)
-    host, _ = parse_peer(text)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"must be an IP address (optionally with :port), got {text!r}") from None
-    if not isinstance(address, ipaddress.IPv4Address) or address.is_unspecified:
+    host, _ = parse_host_port(text, default_port=DEFAULT_GOSSIP_PORT, hosts="ipv4")
+    if ipaddress.IPv4Address(host).is_unspecified:
         raise ValueError(f"must be a specific IPv4 address, got {text!r}")
     return text
 
@@ -230,12 +205,8 @@ def _optional_path(value: object) -> Path | None:
 
 
 def _api_addr(value: object) -> tuple[str, int]:
-    host, port = parse_peer(value, DEFAULT_API_PORT)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"must be a loopback IP address, got {host!r}") from None
-    if not address.is_loopback:
+    host, port = parse_host_port(_text(value), default_port=DEFAULT_API_PORT, hosts="ip")
+    if not ipaddress.ip_address(host).is_loopback:
         raise ValueError(f"the API listens on loopback only (127.0.0.1 or ::1), not {host}")
     return host, port
 
@@ -353,12 +324,7 @@ def _metrics_addr(value: object) -> tuple[str, int] | None:
     text = _text(value)
     if text.lower() in ("", "off", "none"):
         return None
-    host, port = parse_peer(text, DEFAULT_METRICS_PORT)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"must be an IP address with an optional port, got {text!r}") from None
-    return host, port
+    return parse_host_port(text, default_port=DEFAULT_METRICS_PORT, hosts="ip")
 
 
 def _profile(value: object) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from tunnel.netlink import RT_TABLE_MAIN, open_iproute
+from weavepy.config import parse_peer
 
 __all__ = [
     "HostNetError",
@@ -157,10 +158,9 @@ def find_underlay(iface: str | None, peers: Sequence[str], own_devices: Sequence
             if r["dst_len"] == 0 and r.get_attr("RTA_OIF") in links:
                 return pick(int(r.get_attr("RTA_OIF")), "default route")
         for peer in peers:
-            host = peer.rsplit(":", 1)[0].strip("[]")
             try:
-                target = ip_address(host)
-            except ValueError:
+                target = ip_address(parse_peer(peer)[0])
+            except ValueError:  # a host name: the route to it is not known before DNS
                 continue
             if target.version != 4:
                 continue

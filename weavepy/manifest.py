@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,8 +39,9 @@ from typing import Any
 import click
 import yaml
 
+from gossip.hostport import parse_host_port
 from weavepy import __version__
-from weavepy.config import DEFAULT_API_PORT, SETTINGS_BY_NAME, parse_peer
+from weavepy.config import DEFAULT_API_PORT, DEFAULT_METRICS_PORT, SETTINGS_BY_NAME, parse_peer
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -127,8 +127,7 @@ def _check(settings: ManifestSettings) -> list[str]:
         except ValueError as exc:
             problems.append(f"--peer {peer}: {exc}")
     try:
-        host, _ = parse_peer(settings.metrics_addr, 6782)
-        ipaddress.IPv4Address(host)
+        _metrics_port(settings.metrics_addr)
     except ValueError as exc:
         problems.append(f"--metrics-addr: must be IPv4-ADDRESS:PORT: {exc}")
     if not settings.namespace or len(settings.namespace) > 63 or not all(
@@ -281,8 +280,8 @@ def _daemonset(settings: ManifestSettings, config_hash: str) -> dict[str, Any]:
                        "protocol": "UDP"},
                       {"name": "vxlan", "containerPort": _port(settings.vxlan_port, 8472),
                        "protocol": "UDP"},
-                      {"name": "metrics", "containerPort": _port(
-                          settings.metrics_addr.rsplit(":", 1)[-1], 6782), "protocol": "TCP"}],
+                      {"name": "metrics", "containerPort": _metrics_port(settings.metrics_addr),
+                       "protocol": "TCP"}],
             "securityContext": agent_security,
             "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
             "startupProbe": _probe("/healthz", 2, 60),
@@ -307,6 +306,11 @@ def _daemonset(settings: ManifestSettings, config_hash: str) -> dict[str, Any]:
             },
         },
     }
+
+
+def _metrics_port(metrics_addr: str) -> int:
+    """The port of `IPV4[:PORT]` (Weave's 6782 if none); HostPortError if it is not that."""
+    return parse_host_port(metrics_addr, default_port=DEFAULT_METRICS_PORT, hosts="ipv4")[1]
 
 
 def _port(value: str | None, default: int) -> int:

@@ -33,15 +33,16 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from ipaddress import IPv4Network, ip_network
 from typing import Any
 
 import trio
 
+from gossip.hostport import HostPortError, parse_host_port
 from tunnel.wireguard.core import HandshakeCompleted, HandshakeGaveUp, PeerConfig
-from tunnel.wireguard.dataplane import HandshakeNeeded
 from tunnel.wireguard.device import InterfaceConfig, WireGuardInterface
 from tunnel.wireguard.keys import PrivateKey, PublicKey
+from tunnel.wireguard.plane import HandshakeNeeded
 
 __all__ = [
     "CAP_EXTENSION",
@@ -174,17 +175,11 @@ def parse_external_peer(raw: object) -> ExternalPeer:
     endpoint_text = raw.get("endpoint")
     endpoint: tuple[str, int] | None = None
     if endpoint_text not in (None, ""):
-        host, _, port = str(endpoint_text).rpartition(":")
         try:
-            address = ip_address(host)
-            port_number = int(port)
-        except ValueError:
+            endpoint = parse_host_port(str(endpoint_text), hosts="ipv4")
+        except HostPortError as exc:
             raise ValueError(f"external peer {name}: endpoint {endpoint_text!r} must be "
-                             f"IPv4:PORT") from None
-        if not isinstance(address, IPv4Address) or not 0 < port_number < 65536:
-            raise ValueError(f"external peer {name}: endpoint {endpoint_text!r} must be "
-                             f"IPv4:PORT")
-        endpoint = (str(address), port_number)
+                             f"IPv4:PORT ({exc.problem})") from None
     return ExternalPeer(name, key, tuple(networks), endpoint)
 
 

@@ -133,6 +133,8 @@ def test_non_default_settings_reach_the_objects() -> None:
         in pod["volumes"]
     plain = render_objects(NON_DEFAULT["privileged-plain"])
     plain_pod = daemonset(plain)["spec"]["template"]["spec"]
+    assert ("metrics", 9100) in {
+        (p["name"], p["containerPort"]) for p in plain_pod["containers"][0]["ports"]}
     assert plain_pod["containers"][0]["securityContext"]["privileged"] is True
     assert "capabilities" not in plain_pod["containers"][0]["securityContext"]
     assert all(v["name"] != "keyring" for v in plain_pod["volumes"])

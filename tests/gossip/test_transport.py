@@ -21,7 +21,7 @@ from gossip.events import MemberEvent, MemberEventKind, MemberState
 from gossip.keyring import Keyring
 from gossip.limits import DEFAULT_LIMITS
 from gossip.messages import ErrResp
-from gossip.transport import GossipService, JoinError, parse_address
+from gossip.transport import GossipService, JoinError
 from gossip.wire import StreamDecoder
 
 LOOPBACK = "127.0.0.1"
@@ -334,24 +334,3 @@ async def test_bad_bind_and_advertise_addresses_are_refused() -> None:
     with pytest.raises(ValueError, match="specific IP address"):
         async with GossipService(FAST, "a", ("0.0.0.0", 0)):
             pass
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("127.0.0.1:7946", ("127.0.0.1", 7946)),
-        ("127.0.0.1", ("127.0.0.1", 7946)),
-        ("[::1]:8000", ("::1", 8000)),
-        ("[::1]", ("::1", 7946)),
-        ("::1", ("::1", 7946)),
-        ("node-a:1", ("node-a", 1)),
-    ],
-)
-def test_parse_address(text: str, expected: tuple[str, int]) -> None:
-    assert parse_address(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", ":1", "a:b", "a:70000", "[::1", "[::1]x"])
-def test_parse_address_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_address(text)

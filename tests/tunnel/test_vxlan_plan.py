@@ -7,17 +7,20 @@ point at a gateway whose neighbour and FDB entries are already in place.
 
 from __future__ import annotations
 
+import ast
 import itertools
 import struct
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnel.netlink import parse_events
-from tunnel.vxlan import (
+from tunnel.vxlan import plan as plan_module
+from tunnel.vxlan.plan import (
     AddAddress,
     AddRoute,
     CreateDevice,
@@ -42,11 +45,11 @@ from tunnel.vxlan import (
     ValidPeer,
     VxlanConfig,
     desired_state,
-    device_events,
     normalize_mac,
     plan,
     validate_peers,
 )
+from tunnel.vxlan.watch import device_events
 
 N = IPv4Network
 A = IPv4Address
@@ -559,3 +562,17 @@ def test_link_notifications_become_device_events() -> None:
 def test_garbage_netlink_bytes_never_raise(data: bytes) -> None:
     for event in parse_events(data):
         assert event.kind in {"link", "addr", "route", "neigh", "fdb"}
+
+
+# the layout: the plan is pure by construction
+
+_IO_MODULES = {"pyroute2", "socket", "trio", "time", "threading", "subprocess", "tunnel"}
+
+
+def test_the_plan_module_imports_no_io() -> None:
+    tree = ast.parse(Path(plan_module.__file__ or "").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported, "the check found the module's imports"
+    assert not {name.split(".")[0] for name in imported} & _IO_MODULES, sorted(imported)

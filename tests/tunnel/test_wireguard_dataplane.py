@@ -15,19 +15,19 @@ from typing import Any
 from tests.tunnel.test_wireguard_segment import tcp_packet, valid
 from tunnel.tun import VNET_HDR, VNET_HDR_SIZE
 from tunnel.wireguard.core import Device, DeviceConfig, PeerConfig
-from tunnel.wireguard.dataplane import (
+from tunnel.wireguard.keys import PrivateKey
+from tunnel.wireguard.plane import (
     DataReceived,
     DataSent,
     HandshakeNeeded,
     PlaneConfig,
-    RxEngine,
     Send,
     SetKeypairs,
     SetPeer,
-    TxEngine,
     commands_for_event,
 )
-from tunnel.wireguard.keys import PrivateKey
+from tunnel.wireguard.receive import RxEngine
+from tunnel.wireguard.send import TxEngine
 
 A_ADDR = ("198.18.0.11", 51820)
 B_ADDR = ("198.18.0.12", 51820)

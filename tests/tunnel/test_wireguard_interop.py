@@ -193,7 +193,7 @@ class Pair:
         return {
             "public_key": (key or self.theirs_key.public_key).to_base64(),
             "allowed_ips": [f"{THEIRS}/32"],
-            "endpoint": f"{self.n2.underlay_ip}:{PORT}",
+            "endpoint": [str(self.n2.underlay_ip), PORT],
         }
 
     def ping(self, node: Any, target: str, count: int = 3, deadline: int = 8) -> bool:

@@ -9,7 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tunnel.wireguard.dataplane import PlaneConfig, Send
+from tunnel.wireguard.device import peer_from_json
+from tunnel.wireguard.keys import PrivateKey
+from tunnel.wireguard.plane import PlaneConfig, Send
 from tunnel.wireguard.timers import TimerConfig
 from tunnel.wireguard.workers import (
     _GRO_ANCILLARY,
@@ -69,3 +71,16 @@ def test_gso_runs_and_gathered_singles_arrive_as_separate_datagrams(
 def test_plane_config_survives_the_trip_to_a_worker() -> None:
     config = PlaneConfig(mtu=1380, max_datagram=1452, timers=TimerConfig(rekey_after_time=3.0))
     assert plane_config_from_json(plane_config_to_json(config)) == config
+
+
+def test_the_standalone_config_takes_endpoints_already_parsed() -> None:
+    """`python -m tunnel.wireguard.device` reads `[host, port]`: this package parses no
+    `host:port` text, and a malformed endpoint is refused instead of half-read."""
+    key = PrivateKey.generate().public_key.to_base64()
+    peer = peer_from_json({"public_key": key, "endpoint": ["198.18.0.2", 51820]})
+    assert peer.endpoint == ("198.18.0.2", 51820)
+    assert peer_from_json({"public_key": key}).endpoint is None
+    for bad in ["198.18.0.2:51820", ["198.18.0.2"], ["198.18.0.2", "51820"],
+                ["198.18.0.2", 0], ["198.18.0.2", True], [None, 51820]]:
+        with pytest.raises(ValueError, match=r"\[host, port\]"):
+            peer_from_json({"public_key": key, "endpoint": bad})

@@ -13,7 +13,9 @@ Layout, from the bottom up:
     core.py        the sans-IO device that ties them together (bytes and time in, bytes out)
     segment.py     userspace TSO/GRO for TCP super-packets (numpy column operations)
     extension.py   the weavepy super-packet extension's framing
-    dataplane.py   sans-IO TX/RX engines for the fast path (batches in, sends/writes out)
+    plane.py       commands and reports between the control plane and the engines
+    send.py        the sans-IO TX engine: TUN reads in, datagrams (UDP GSO sends) out
+    receive.py     the sans-IO RX engine: UDP (GRO) reads in, TUN writes out
     workers.py     one worker process per direction around an engine
     device.py      the trio control process and `WireGuardInterface` (what the agent embeds)
 

@@ -1,6 +1,6 @@
 """A userspace WireGuard interface: TUN + UDP socket around the sans-IO core, run by trio.
 
-Shape (see dataplane.py and workers.py for the data plane):
+Shape (see plane.py, send.py, receive.py and workers.py for the data plane):
 
     control (this module, trio)          data plane
     core.Device (handshakes, timers) --> PlaneCommands --> TxEngine: TUN -> UDP
@@ -14,7 +14,8 @@ data-plane mode, and handshake messages go out from here on the shared UDP socke
 `WireGuardInterface` is what the agent embeds (`run()` in its nursery, `set_peer`,
 `remove_peer`, `status()`, and `events` for handshakes and roaming). `python -m
 tunnel.wireguard.device CONFIG.json` runs one interface standalone (tests, benchmarks): it
-writes its status to the config's `status_file` and re-reads peers on SIGHUP.
+writes its status to the config's `status_file` and re-reads peers on SIGHUP. A peer's
+`endpoint` there is `[host, port]`, already parsed by whoever wrote the file.
 
 The rule it keeps: everything it starts it stops (workers by PID, on exit or cancellation), and
 nothing it receives can crash it; drops are counted by reason in `status()`.
@@ -43,7 +44,8 @@ import trio
 from tunnel.tun import FAST_PATH_GSO_MAX_SIZE, MAX_READ, Tun
 from tunnel.wireguard import core
 from tunnel.wireguard.core import DeviceConfig, PeerConfig
-from tunnel.wireguard.dataplane import (
+from tunnel.wireguard.keys import PrivateKey, PublicKey
+from tunnel.wireguard.plane import (
     DataReceived,
     DataSent,
     HandshakeNeeded,
@@ -51,12 +53,11 @@ from tunnel.wireguard.dataplane import (
     PlaneConfig,
     RemovePeer,
     Report,
-    RxEngine,
     SetPeer,
-    TxEngine,
     commands_for_event,
 )
-from tunnel.wireguard.keys import PrivateKey, PublicKey
+from tunnel.wireguard.receive import RxEngine
+from tunnel.wireguard.send import TxEngine
 from tunnel.wireguard.timers import TimerConfig
 from tunnel.wireguard.workers import (
     UDP_GRO,
@@ -484,11 +485,20 @@ class _InlinePlane(_Plane):
 # ---------------------------------------------------------------------------- standalone
 
 
-def _endpoint(text: str | None) -> Address | None:
-    if not text:
+def _endpoint(raw: object) -> Address | None:
+    """A peer's endpoint in the standalone config: null, or `[host, port]` as its writer parsed
+    it (this package parses no `host:port` text; weavepy's parser is gossip.hostport)."""
+    if raw is None:
         return None
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
+    if (
+        not isinstance(raw, list)
+        or len(raw) != 2
+        or not isinstance(raw[0], str)
+        or type(raw[1]) is not int
+        or not 0 < raw[1] < 65536
+    ):
+        raise ValueError(f"endpoint must be [host, port] with a port in 1..65535, got {raw!r}")
+    return raw[0], raw[1]
 
 
 def peer_from_json(raw: dict[str, Any]) -> PeerConfig:

@@ -2,7 +2,7 @@
 
 Why processes: the two directions are independent CPU-bound loops; in one process they share
 the GIL (research: one process per direction is +12-41 %). Each worker is a plain blocking loop
-around one sans-IO engine (dataplane.py): poll, drain up to `BATCH` reads, hand each to the
+around one sans-IO engine (send.py or receive.py): poll, drain up to `BATCH` reads, hand each to the
 engine, send or write what it returns. No trio here: the loop is the hot path.
 
 Plumbing. The control process (device.py) starts a worker with
@@ -34,13 +34,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from tunnel.tun import MAX_READ
-from tunnel.wireguard.dataplane import (
-    PlaneConfig,
-    Report,
-    RxEngine,
-    Send,
-    TxEngine,
-)
+from tunnel.wireguard.plane import PlaneConfig, Report, Send
+from tunnel.wireguard.receive import RxEngine
+from tunnel.wireguard.send import TxEngine
 from tunnel.wireguard.timers import TimerConfig
 
 log = logging.getLogger(__name__)

@@ -1,64 +1,15 @@
-"""tunnel.vxlan: the kernel VXLAN data path, flannel-style, and the reconciler that keeps it true.
+"""tunnel.vxlan.plan: the pure half of the VXLAN reconciler (theory of operation: the package
+docstring, tunnel/vxlan/__init__.py).
 
-Theory of operation
-===================
-
-Every node owns one or more pod blocks (CIDRs) and one VXLAN device (default `weavepy.1`, VNI 1,
-UDP 8472, `nolearning`, bound to the underlay interface and local address, MTU = underlay MTU
-- 50). The device carries the network address of the node's first block as a /32 and a stable
-MAC (the "VTEP MAC") that the agent persists and advertises to its peers.
-
-For each remote peer `Peer(name, underlay_ip, vtep_mac, blocks)` three kernel objects live on our
-device, and nothing else:
-
-1. a permanent neighbour entry: peer anchor -> peer VTEP MAC, where the anchor is the network
-   address of the peer's *first* block (the address its own device carries);
-2. a permanent FDB entry: peer VTEP MAC -> peer underlay IP (where to send the UDP packet);
-3. one route per peer block: `block via <anchor> dev <device> onlink`.
-
-A packet for a remote pod hits route 3, so the kernel needs the MAC of the gateway (anchor): entry
-1 answers without ARP; the VXLAN driver then needs the underlay address for that MAC: entry 2
-answers without flooding. Nothing is learned and no miss is ever sent to userspace, so a
-restarting agent leaves a working data path alone (flannel's third-generation scheme).
-
-Why every block of a peer goes via its first block's address: the gateway address only selects the
-neighbour entry (hence the inner destination MAC); the receiving kernel routes the decapsulated
-packet by its inner destination IP. One neighbour entry per peer is therefore enough for any
-number of blocks. The anchor must be stable, so the agent passes blocks in claim order (the first
-claimed block first) both for peers and for `local_blocks`, and a node's device carries the same
-anchor its peers use. If a peer's first block changes, its routes are replaced in place (no gap).
-
-Ordering rules (so no packet is routed to an entry that is not there yet):
-- add: neighbour, then FDB, then route; remove: route first, then neighbour and FDB;
-- within one reconcile: delete stale routes; set neighbours and FDB entries; add or replace
-  routes; delete stale neighbours, FDB entries and addresses.
-
-The reconciler is split the h11 way. The pure core turns (config, desired peers, local blocks,
-observed kernel state) into an ordered list of operations (`plan`), with bad input rejected per
-peer (`validate_peers`). The IO shell (`VxlanBackend`) reads the kernel with one request per
-table, applies the operations one by one and reports what changed. A kernel error on one
-operation is recorded against its peer and that peer's later steps are skipped; every other peer
-is still programmed. Only a device that cannot be deleted, created or brought up stops the pass
-(reported in `ReconcileReport.device_error`, not raised).
-
-Between passes, `watch_device` listens to RTMGRP_LINK and tells the agent at once when our
-device is deleted or set down, so it can reconcile without waiting for its periodic timer.
-
-Which kernel objects are "ours": the device with our name, and the addresses, neighbours, FDB
-entries and main-table routes whose interface is that device. Anything on another interface is
-never read for deletion and never changed; a route we would add that collides with a foreign one
-is reported, not replaced. Neighbour entries the kernel made itself (non-permanent) are left to
-age out.
+It owns the inputs (`VxlanConfig`, `Peer`), the observed and desired kernel state, the report,
+peer validation, the desired state and `plan(desired, actual)`: the ordered operations that turn
+one into the other. The rule it keeps: data in, data out. It imports no pyroute2, socket, trio,
+time, threading or subprocess; the kernel shell (kernel.py) does the I/O.
 """
 
 from __future__ import annotations
 
-import errno
-import logging
 import re
-import socket
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,28 +21,6 @@ from ipaddress import (
     ip_network,
 )
 from types import MappingProxyType
-from typing import Any
-
-import trio
-
-from tunnel.netlink import (
-    AF_BRIDGE,
-    GONE_ERRNOS,
-    IFF_UP,
-    NTF_SELF,
-    NUD_NOARP,
-    NUD_PERMANENT,
-    RT_TABLE_MAIN,
-    RTMGRP_LINK,
-    RTNH_F_ONLINK,
-    NetlinkDumpInterrupted,
-    NetlinkError,
-    RtnlEvent,
-    errno_of,
-    open_iproute,
-    open_monitor_socket,
-    parse_events,
-)
 
 __all__ = [
     "DEFAULT_DEVICE",
@@ -108,7 +37,6 @@ __all__ = [
     "DeleteNeighbour",
     "DeleteRoute",
     "DesiredState",
-    "DeviceEvent",
     "DeviceSpec",
     "DeviceState",
     "KernelState",
@@ -125,18 +53,13 @@ __all__ = [
     "SetNeighbour",
     "UnderlayState",
     "ValidPeer",
-    "VxlanBackend",
     "VxlanConfig",
     "desired_state",
-    "device_events",
     "device_mismatches",
     "normalize_mac",
     "plan",
     "validate_peers",
-    "watch_device",
 ]
-
-log = logging.getLogger(__name__)
 
 DEFAULT_DEVICE = "weavepy.1"
 DEFAULT_VNI = 1
@@ -713,9 +636,6 @@ Op = (
     | DeleteRoute
 )
 
-# Operations whose failure leaves no usable device: the pass stops there.
-_DEVICE_OPS = (CreateDevice, DeleteDevice, SetDeviceUp)
-
 
 def device_mismatches(spec: DeviceSpec, device: DeviceState) -> list[str]:
     """Why an existing device cannot be kept (empty: it can). MTU and up/down are fixed live."""
@@ -787,384 +707,3 @@ def plan(desired: DesiredState, actual: KernelState) -> list[Op]:
             ops.extend(DeleteFdb(mac, dst) for dst in dsts)
     ops.extend(DeleteAddress(a) for a in sorted(actual.addresses - desired.addresses))
     return ops
-
-
-# ---------------------------------------------------------------------------------------------
-# IO shell: read the kernel
-
-
-def _linkinfo(link: Any) -> tuple[str, dict[str, Any]]:
-    info = link.get_attr("IFLA_LINKINFO")
-    if info is None:
-        return "", {}
-    kind = info.get_attr("IFLA_INFO_KIND") or ""
-    data = info.get_attr("IFLA_INFO_DATA")
-    attrs: dict[str, Any] = {}
-    if data is not None and not isinstance(data, str | bytes):
-        attrs = {name: value for name, value in data.get("attrs", [])}
-    return str(kind), attrs
-
-
-def _device_state(link: Any) -> DeviceState:
-    kind, data = _linkinfo(link)
-    local = data.get("IFLA_VXLAN_LOCAL")
-    return DeviceState(
-        ifindex=int(link["index"]),
-        kind=kind,
-        vni=data.get("IFLA_VXLAN_ID"),
-        port=data.get("IFLA_VXLAN_PORT"),
-        local=IPv4Address(local) if local else None,
-        link=data.get("IFLA_VXLAN_LINK"),
-        learning=bool(data.get("IFLA_VXLAN_LEARNING", 1)),
-        mac=str(link.get_attr("IFLA_ADDRESS") or "").lower(),
-        mtu=int(link.get_attr("IFLA_MTU") or 0),
-        up=bool(link["flags"] & IFF_UP),
-    )
-
-
-def _get_link(ipr: Any, **match: Any) -> Any | None:
-    try:
-        found = ipr.link("get", **match)
-    except NetlinkError as exc:
-        if exc.code in (errno.ENODEV, errno.ENOENT):
-            return None
-        raise
-    return found[0] if found else None
-
-
-class _UnderlayMissing(Exception):
-    pass
-
-
-def _read_underlay(ipr: Any, config: VxlanConfig, addresses: Sequence[Any]) -> UnderlayState:
-    if config.underlay_iface is not None:
-        link = _get_link(ipr, ifname=config.underlay_iface)
-        if link is None:
-            raise _UnderlayMissing(f"underlay interface {config.underlay_iface} not found")
-    else:
-        holders = [a["index"] for a in addresses if a.get_attr("IFA_LOCAL") == str(config.local_ip)]
-        if not holders:
-            raise _UnderlayMissing(f"no interface holds the local address {config.local_ip}")
-        link = _get_link(ipr, index=holders[0])
-        if link is None:
-            raise _UnderlayMissing(f"interface {holders[0]} holding {config.local_ip} vanished")
-    return UnderlayState(
-        ifindex=int(link["index"]),
-        name=str(link.get_attr("IFLA_IFNAME")),
-        mtu=int(link.get_attr("IFLA_MTU") or 1500),
-    )
-
-
-def _read_kernel(ipr: Any, config: VxlanConfig) -> tuple[UnderlayState, KernelState]:
-    """One request per table: device (get), addresses, neighbours, FDB and main routes (dumps)."""
-    addresses = list(ipr.get_addr(family=socket.AF_INET))
-    underlay = _read_underlay(ipr, config, addresses)
-    link = _get_link(ipr, ifname=config.device)
-    if link is None:
-        return underlay, KernelState()
-    device = _device_state(link)
-    index = device.ifindex
-    own_addresses = frozenset(
-        IPv4Interface((a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"), a["prefixlen"]))
-        for a in addresses
-        if a["index"] == index
-    )
-    neighbours: dict[IPv4Address, Neighbour] = {}
-    for n in ipr.get_neighbours(family=socket.AF_INET):
-        dst, mac = n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR")
-        if n["ifindex"] == index and dst and mac:
-            neighbours[IPv4Address(dst)] = Neighbour(
-                str(mac).lower(), bool(n["state"] & NUD_PERMANENT)
-            )
-    fdb: dict[str, tuple[IPv4Address | None, ...]] = {}
-    for n in ipr.get_neighbours(family=AF_BRIDGE):
-        mac = n.get_attr("NDA_LLADDR")
-        if n["ifindex"] != index or not mac:
-            continue
-        dst = n.get_attr("NDA_DST")
-        fdb[str(mac).lower()] = (*fdb.get(str(mac).lower(), ()), IPv4Address(dst) if dst else None)
-    routes: dict[tuple[IPv4Network, int], RouteState] = {}
-    for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
-        table = r.get_attr("RTA_TABLE") or r["table"]
-        if r.get_attr("RTA_OIF") != index or table != RT_TABLE_MAIN:
-            continue
-        network = IPv4Network((r.get_attr("RTA_DST") or "0.0.0.0", r["dst_len"]))
-        gateway = r.get_attr("RTA_GATEWAY")
-        routes[(network, int(r.get_attr("RTA_PRIORITY") or 0))] = RouteState(
-            IPv4Address(gateway) if gateway else None, bool(r["flags"] & RTNH_F_ONLINK)
-        )
-    return underlay, KernelState(
-        device=device,
-        addresses=own_addresses,
-        neighbours=MappingProxyType(neighbours),
-        fdb=MappingProxyType(fdb),
-        routes=MappingProxyType(routes),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# IO shell: apply operations
-
-
-def _apply(ipr: Any, op: Op, ifindex: int | None) -> int | None:
-    """Carry out one operation; returns the device ifindex (new after CreateDevice)."""
-    if isinstance(op, CreateDevice):
-        s = op.spec
-        ipr.link(
-            "add",
-            ifname=s.name,
-            kind="vxlan",
-            vxlan_id=s.vni,
-            vxlan_port=s.port,
-            vxlan_local=str(s.local),
-            vxlan_link=s.underlay_ifindex,
-            vxlan_learning=0,
-            address=s.mac,
-            mtu=s.mtu,
-            state="up",
-        )
-        created = _get_link(ipr, ifname=s.name)
-        if created is None:
-            raise OSError(errno.ENODEV, f"{s.name} vanished right after it was created")
-        return int(created["index"])
-    if isinstance(op, DeleteDevice):
-        ipr.link("del", index=ifindex)
-        return None
-    if ifindex is None:
-        raise OSError(errno.ENODEV, "no device")
-    if isinstance(op, SetDeviceMtu):
-        ipr.link("set", index=ifindex, mtu=op.mtu)
-    elif isinstance(op, SetDeviceUp):
-        ipr.link("set", index=ifindex, state="up")
-    elif isinstance(op, AddAddress):
-        ipr.addr(
-            "add", index=ifindex, address=str(op.address.ip), prefixlen=op.address.network.prefixlen
-        )
-    elif isinstance(op, DeleteAddress):
-        ipr.addr(
-            "del", index=ifindex, address=str(op.address.ip), prefixlen=op.address.network.prefixlen
-        )
-    elif isinstance(op, SetNeighbour):
-        ipr.neigh("set", ifindex=ifindex, dst=str(op.ip), lladdr=op.mac, state=NUD_PERMANENT)
-    elif isinstance(op, DeleteNeighbour):
-        ipr.neigh("del", ifindex=ifindex, dst=str(op.ip), lladdr=op.mac)
-    elif isinstance(op, SetFdb):
-        # A unicast VXLAN FDB entry has exactly one remote; "replace" sets or moves it.
-        ipr.neigh(
-            "replace",
-            family=AF_BRIDGE,
-            ifindex=ifindex,
-            lladdr=op.mac,
-            dst=str(op.dst),
-            state=NUD_PERMANENT | NUD_NOARP,
-            flags=NTF_SELF,
-        )
-    elif isinstance(op, DeleteFdb):
-        if op.dst is None:
-            ipr.fdb("del", ifindex=ifindex, lladdr=op.mac)
-        else:
-            ipr.fdb("del", ifindex=ifindex, lladdr=op.mac, dst=str(op.dst))
-    elif isinstance(op, AddRoute | ReplaceRoute):
-        # "add" is exclusive: it never overwrites a foreign route with the same key.
-        command = "add" if isinstance(op, AddRoute) else "replace"
-        ipr.route(
-            command,
-            dst=str(op.network),
-            gateway=str(op.gateway),
-            oif=ifindex,
-            flags=RTNH_F_ONLINK,
-            table=RT_TABLE_MAIN,
-        )
-    elif isinstance(op, DeleteRoute):
-        ipr.route(
-            "del", dst=str(op.network), oif=ifindex, priority=op.priority, table=RT_TABLE_MAIN
-        )
-    return ifindex
-
-
-_DUMP_ATTEMPTS = 3
-_DELETE_OPS = (DeleteDevice, DeleteAddress, DeleteNeighbour, DeleteFdb, DeleteRoute)
-
-
-class VxlanBackend:
-    """Keeps one node's VXLAN device and its per-peer entries equal to the desired state.
-
-    `reconcile` is blocking netlink IO (call it from a worker thread, or use `areconcile` under
-    trio); concurrent calls are serialised. It works in the caller's network namespace, or in
-    `netns` (a name under /run/netns) when given.
-    """
-
-    def __init__(self, config: VxlanConfig, *, netns: str | None = None) -> None:
-        self.config = config
-        self.netns = netns
-        self._lock = threading.Lock()
-
-    def reconcile(
-        self, desired_peers: Iterable[Peer], local_blocks: Sequence[IPv4Network]
-    ) -> ReconcileReport:
-        for block in local_blocks:
-            if not isinstance(block, IPv4Network):
-                raise TypeError(f"local block must be an IPv4Network, got {block!r}")
-        with self._lock:
-            started = time.monotonic()
-            report = ReconcileReport()
-            try:
-                self._reconcile(list(desired_peers), list(local_blocks), report)
-            finally:
-                report.duration_s = time.monotonic() - started
-        log.debug("%s", report.summary())
-        return report
-
-    async def areconcile(
-        self, desired_peers: Iterable[Peer], local_blocks: Sequence[IPv4Network]
-    ) -> ReconcileReport:
-        """`reconcile` in a trio worker thread (not abandoned on cancel: the calls are short)."""
-        return await trio.to_thread.run_sync(self.reconcile, list(desired_peers), local_blocks)
-
-    def _reconcile(
-        self, peers: list[Peer], local_blocks: list[IPv4Network], report: ReconcileReport
-    ) -> None:
-        valid, report.rejected, report.idle_peers = validate_peers(peers, local_blocks, self.config)
-        for problem in report.rejected:
-            log.warning("vxlan: rejected %s", problem)
-        try:
-            ipr = open_iproute(self.netns)
-        except (OSError, NetlinkError) as exc:
-            report.device_error = f"cannot open netlink (netns {self.netns}): {exc}"
-            return
-        try:
-            try:
-                underlay, actual = self._read(ipr)
-            except _UnderlayMissing as exc:
-                report.device_error = str(exc)
-                return
-            except (OSError, NetlinkError) as exc:
-                report.device_error = f"cannot read kernel state: {exc}"
-                return
-            desired = desired_state(self.config, valid, local_blocks, underlay)
-            report.mtu = desired.device.mtu
-            failed = self._execute(ipr, plan(desired, actual), actual, report)
-            if report.device_error is None:
-                report.programmed_peers = sum(1 for p in valid if p.name not in failed)
-        finally:
-            ipr.close()
-
-    def _read(self, ipr: Any) -> tuple[UnderlayState, KernelState]:
-        """`_read_kernel`, retried when the kernel flags a dump as interrupted by a change."""
-        for _ in range(_DUMP_ATTEMPTS - 1):
-            try:
-                return _read_kernel(ipr, self.config)
-            except NetlinkDumpInterrupted:
-                continue
-        return _read_kernel(ipr, self.config)
-
-    def remove(self) -> ReconcileReport:
-        """Delete our device (its routes, neighbours and FDB entries go with it): for reset."""
-        with self._lock:
-            started = time.monotonic()
-            report = ReconcileReport()
-            try:
-                ipr = open_iproute(self.netns)
-            except (OSError, NetlinkError) as exc:
-                report.device_error = f"cannot open netlink (netns {self.netns}): {exc}"
-                return report
-            try:
-                link = _get_link(ipr, ifname=self.config.device)
-                if link is not None:
-                    op = DeleteDevice(self.config.device, "removed on request")
-                    try:
-                        _apply(ipr, op, int(link["index"]))
-                        report.changes.append(op.change())
-                    except (OSError, NetlinkError) as exc:
-                        if errno_of(exc) not in GONE_ERRNOS:
-                            report.device_error = f"{op.change()}: {exc}"
-            finally:
-                ipr.close()
-                report.duration_s = time.monotonic() - started
-        return report
-
-    def _execute(
-        self, ipr: Any, ops: list[Op], actual: KernelState, report: ReconcileReport
-    ) -> set[str]:
-        ifindex = actual.device.ifindex if actual.device is not None else None
-        failed: set[str] = set()
-        for op in ops:
-            if op.peer is not None and op.peer in failed:
-                continue
-            try:
-                ifindex = _apply(ipr, op, ifindex)
-            except (OSError, NetlinkError) as exc:
-                code = errno_of(exc)
-                if isinstance(op, _DELETE_OPS) and code in GONE_ERRNOS:
-                    continue  # already gone: the goal holds
-                if isinstance(op, _DEVICE_OPS):
-                    report.device_error = f"{op.change()}: {exc}"
-                    log.error("vxlan: %s", report.device_error)
-                    break
-                reason = "kernel-error"
-                if isinstance(op, AddRoute) and code == errno.EEXIST:
-                    reason = "foreign-route"
-                problem = PeerProblem(op.peer, reason, f"{op.change()}: {exc}")
-                report.errors.append(problem)
-                log.warning("vxlan: %s", problem)
-                if op.peer is not None:
-                    failed.add(op.peer)
-                continue
-            report.changes.append(op.change())
-        return failed
-
-
-# ---------------------------------------------------------------------------------------------
-# Device watcher
-
-
-@dataclass(frozen=True)
-class DeviceEvent:
-    """Something happened to our device that calls for a reconcile now.
-
-    reason: "deleted", "down", or "overflow" (the kernel dropped notifications, so anything
-    may have happened).
-    """
-
-    device: str
-    reason: str
-
-
-def device_events(events: Iterable[RtnlEvent], device: str) -> list[DeviceEvent]:
-    """The link notifications about `device` that need a reconcile (pure)."""
-    found: list[DeviceEvent] = []
-    for event in events:
-        if event.kind != "link" or event.key != device:
-            continue
-        if event.action == "del":
-            found.append(DeviceEvent(device, "deleted"))
-        elif not int(event.detail.get("flags", "0")) & IFF_UP:
-            found.append(DeviceEvent(device, "down"))
-    return found
-
-
-async def watch_device(
-    device: str,
-    send_channel: trio.MemorySendChannel[DeviceEvent],
-    *,
-    netns: str | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Send a DeviceEvent whenever `device` is deleted or set down (RTMGRP_LINK monitor).
-
-    Start it with `await nursery.start(watch_device, name, send)`: it reports started once the
-    subscription is live, so no deletion after that point is missed. Runs until cancelled.
-    """
-    sock = await trio.to_thread.run_sync(open_monitor_socket, RTMGRP_LINK, netns)
-    with trio.socket.from_stdlib_socket(sock) as tsock:
-        task_status.started()
-        while True:
-            try:
-                data = await tsock.recv(1 << 16)
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    await send_channel.send(DeviceEvent(device, "overflow"))
-                    continue
-                raise
-            for event in device_events(parse_events(data), device):
-                await send_channel.send(event)
