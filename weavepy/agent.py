@@ -61,7 +61,7 @@ from gossip.events import MemberEventKind, MemberState
 from gossip.keyring import Keyring
 from gossip.tags import encode_tags
 from gossip.transport import GossipService
-from tunnel.vxlan import VxlanBackend, VxlanConfig
+from tunnel.vxlan import ENCAP_OVERHEAD, VxlanBackend, VxlanConfig
 from weavepy import __version__
 from weavepy.cluster import ClusterView, DataPlaneIdentity
 from weavepy.cni.podnet import ensure_bridge
@@ -98,7 +98,6 @@ __all__ = ["Agent", "AgentError", "Prepared", "prepare", "run_agent"]
 
 log = logging.getLogger(__name__)
 
-ENCAP_OVERHEAD = 50
 LEAVE_TIMEOUT = 3.0
 # The WireGuard data plane runs inside the agent's trio process (one core). Worker processes
 # (one per direction) work from the agent too, but measured slower on the shared 2-core sandbox

@@ -7,19 +7,16 @@ point at a gateway whose neighbour and FDB entries are already in place.
 
 from __future__ import annotations
 
-import ast
 import itertools
 import struct
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnel.netlink import parse_events
-from tunnel.vxlan import plan as plan_module
 from tunnel.vxlan.plan import (
     AddAddress,
     AddRoute,
@@ -566,13 +563,3 @@ def test_garbage_netlink_bytes_never_raise(data: bytes) -> None:
 
 # the layout: the plan is pure by construction
 
-_IO_MODULES = {"pyroute2", "socket", "trio", "time", "threading", "subprocess", "tunnel"}
-
-
-def test_the_plan_module_imports_no_io() -> None:
-    tree = ast.parse(Path(plan_module.__file__ or "").read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported, "the check found the module's imports"
-    assert not {name.split(".")[0] for name in imported} & _IO_MODULES, sorted(imported)
