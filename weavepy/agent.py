@@ -65,8 +65,9 @@ from tunnel.vxlan import VxlanBackend, VxlanConfig
 from weavepy import __version__
 from weavepy.cluster import ClusterView, DataPlaneIdentity
 from weavepy.config import AgentConfig, parse_peer
+from weavepy.fileio import atomic_write as write_private_file
 from weavepy.hostnet import HostNetError, Underlay, find_underlay, range_conflicts
-from weavepy.identity import Identity, IdentityError, load_or_create, write_private_file
+from weavepy.identity import Identity, IdentityError, load_or_create
 from weavepy.ipam_link import IpamLink, IpamLinkError
 from weavepy.metrics import AgentMetrics
 from weavepy.reconcile import DesiredDataPlane, Reconciler, desired_data_plane
