@@ -7,7 +7,7 @@ is given (see `core.py` for the contract and docs/ipam.md for the design and its
 
 from weavepy.ipam.allocator import Allocation, PodAllocator, Unavailable
 from weavepy.ipam.blocks import BlockSpace
-from weavepy.ipam.core import TAG_KEY, IpamCore, Timings
+from weavepy.ipam.core import TAG_KEY, IpamCore
 from weavepy.ipam.errors import (
     ConfigError,
     CorruptStateError,
@@ -15,6 +15,7 @@ from weavepy.ipam.errors import (
     IpamError,
     RmpeerError,
 )
+from weavepy.ipam.liveness import Timings
 from weavepy.ipam.status import IpamState, IpamStatus
 from weavepy.ipam.store import StateFile
 from weavepy.ipam.wire import Outgoing, is_ipam
