@@ -1,8 +1,11 @@
 """weavepy.ipam: which node owns which pod block, and pod addresses out of this node's blocks.
 
-Sans-IO throughout: no trio, no sockets, no clocks, no gossip imports. The agent feeds the
-core gossip liveness, IPAM payloads and time, persists what it is told to, and sends what it
-is given (see `core.py` for the contract and docs/ipam.md for the design and its proof).
+Everything here is sans-IO (no trio, no sockets, no clocks, no gossip imports) except
+`store.py`, the one module that touches the disk: it reads and atomically replaces the state
+files. The agent (`weavepy/ipam_link.py`) feeds the core gossip liveness, IPAM payloads and
+time, persists the core's snapshot through `store.py` when told to, and sends what it is
+given. `core.py` keeps the safety rules and the contract, `liveness.py` chooses what to
+propose, `report.py` renders the status; docs/ipam.md has the design and its proof.
 """
 
 from weavepy.ipam.allocator import Allocation, PodAllocator, Unavailable
