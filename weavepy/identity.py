@@ -1,8 +1,7 @@
 """The node's identity: its name, VTEP MAC, WireGuard key pair and cluster ID, kept on disk.
 
-This module owns `identity.json` in the state directory and the crash-safe way every weavepy
-file there is written (`write_private_file`: temporary file, fsync, rename, fsync of the
-directory, mode 0600).
+This module owns `identity.json` in the state directory (written with `fileio.atomic_write`:
+atomic, durable, mode 0600).
 
 The rules it keeps:
 
@@ -17,12 +16,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
-import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,13 +26,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from weavepy.fileio import atomic_write
+
 __all__ = [
     "IDENTITY_FILE",
     "Identity",
     "IdentityError",
     "load_or_create",
     "random_vtep_mac",
-    "write_private_file",
 ]
 
 IDENTITY_FILE = "identity.json"
@@ -46,33 +43,6 @@ _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 class IdentityError(Exception):
     """The identity file cannot be used; the message says why and how to recover."""
-
-
-def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` atomically and durably, readable by its owner only.
-
-    A crash at any point leaves either the old file or the new one, never a mix: the bytes go
-    to a temporary file in the same directory, which is fsynced, renamed over `path`, and the
-    directory is fsynced so the rename itself survives a power cut.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def random_vtep_mac() -> str:
@@ -152,7 +122,8 @@ class Identity:
         return cls(name=name, vtep_mac=mac, wg_private_key=key, cluster_id=cluster_id)
 
     def save(self, state_dir: Path) -> None:
-        write_private_file(state_dir / IDENTITY_FILE, self.to_json())
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(state_dir / IDENTITY_FILE, self.to_json())
 
 
 def load(state_dir: Path) -> Identity | None:

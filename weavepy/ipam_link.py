@@ -41,6 +41,7 @@ from weavepy.identity import Identity
 from weavepy.ipam.allocator import Allocation, PodAllocator, Unavailable
 from weavepy.ipam.core import TAG_KEY, IpamCore
 from weavepy.ipam.errors import ConfigError, CorruptStateError, IpamDecodeError, RmpeerError
+from weavepy.ipam.report import status_document
 from weavepy.ipam.status import (
     BlockAcquired,
     BlockLost,
@@ -215,35 +216,7 @@ class IpamLink:
         return self.status().state.value
 
     def status_json(self) -> dict[str, Any]:
-        s = self.status()
-        usage = self.allocator.usage()
-        return {
-            "state": s.state.value,
-            "detail": s.detail,
-            "cluster_id": s.cluster_id,
-            "era": list(s.era) if s.era else None,
-            "slot": s.slot,
-            "generation": s.generation,
-            "voters": list(s.voters),
-            "voters_reachable": s.voters_reachable,
-            "quorum": s.quorum,
-            "lease_remaining_s": None if s.lease_remaining is None else round(s.lease_remaining),
-            "owned_blocks": [str(b) for b in s.owned_blocks],
-            "held_blocks": [str(b) for b in s.held_blocks],
-            "total_blocks": s.total_blocks,
-            "free_blocks": s.free_blocks,
-            "quarantined_blocks": s.quarantined_blocks,
-            "unreachable_owners": list(s.unreachable_owners),
-            "pending_block_requests": s.pending_block_requests,
-            "members": [{"name": m.name, "generation": m.generation, "voter": m.voter,
-                         "alive": m.alive, "blocks": list(m.blocks),
-                         "reclaim_in_s": None if m.reclaim_in is None else round(m.reclaim_in)}
-                        for m in s.members],
-            "cluster_mismatches": [m.message for m in s.cluster_mismatches],
-            "pods": {str(block): {"used": used, "capacity": capacity}
-                     for block, (used, capacity) in usage.items()},
-            "dropped": {**s.dropped, **self.drops},
-        }
+        return status_document(self.status(), self.allocator.usage(), self.drops)
 
     def _refresh_blocks(self, notify: bool = True) -> None:
         now = trio.current_time() if notify else 0.0

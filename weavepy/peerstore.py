@@ -16,7 +16,7 @@ removes both files by the names kept here.
 
 The rules it keeps: a missing or unreadable file reads as an empty list (with a warning for an
 unreadable one), never as a failed start; a file that cannot be written is a warning, never a
-stop; writes are atomic and durable (`write_private_file`), readable by root only.
+stop; writes are atomic and durable (`weavepy.fileio.atomic_write`), readable by root only.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from weavepy.config import parse_peer
-from weavepy.identity import write_private_file
+from weavepy.fileio import atomic_write
 from weavepy.wgpath import ExternalPeer, parse_external_peer
 
 __all__ = ["EXTERNAL_PEERS_FILE", "KNOWN_PEERS_FILE", "load_external_peers", "load_known_peers",
@@ -57,7 +57,7 @@ def load_known_peers(state_dir: Path) -> list[str]:
 def save_known_peers(state_dir: Path, peers: list[str]) -> bool:
     """Remember the live members' addresses; False (and a warning) if the file is not written."""
     try:
-        write_private_file(state_dir / KNOWN_PEERS_FILE,
+        atomic_write(state_dir / KNOWN_PEERS_FILE,
                            json.dumps({"version": 1, "peers": peers}).encode())
     except OSError as exc:
         log.warning("cannot save known peers in %s: %s", state_dir, exc)
@@ -81,7 +81,7 @@ def save_external_peers(state_dir: Path, peers: Iterable[ExternalPeer]) -> None:
     """Remember the external peers declared through the API (a warning if not written)."""
     doc = [p.to_json() for p in sorted(peers, key=lambda p: p.name)]
     try:
-        write_private_file(state_dir / EXTERNAL_PEERS_FILE,
+        atomic_write(state_dir / EXTERNAL_PEERS_FILE,
                            json.dumps({"version": 1, "peers": doc}).encode())
     except OSError as exc:
         log.warning("cannot save external peers in %s: %s", state_dir, exc)

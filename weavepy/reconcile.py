@@ -40,7 +40,7 @@ import trio
 
 from tunnel.vxlan import Peer, ReconcileReport, VxlanBackend, watch_device
 from weavepy.cluster import DataPlaneIdentity, PeerView
-from weavepy.identity import write_private_file
+from weavepy.fileio import atomic_write
 from weavepy.wgpath import (
     CAP_EXTENSION,
     CAP_WIREGUARD,
@@ -201,7 +201,9 @@ def _peer_to_json(peer: Peer) -> dict[str, Any]:
 
 def save_programmed(run_dir: Path, peers: Sequence[Peer]) -> None:
     data = json.dumps({"version": 1, "peers": [_peer_to_json(p) for p in peers]}, indent=1)
-    write_private_file(run_dir / PROGRAMMED_FILE, data.encode())
+    # Not durable: the file lives in the run directory (tmpfs) and only has to outlive an agent
+    # restart, not a reboot; no fsync on the reconciler's pass.
+    atomic_write(run_dir / PROGRAMMED_FILE, data.encode(), durable=False)
 
 
 def load_programmed(run_dir: Path) -> list[Peer]:

@@ -13,7 +13,6 @@ from weavepy.identity import (
     IdentityError,
     load_or_create,
     random_vtep_mac,
-    write_private_file,
 )
 
 
@@ -58,12 +57,10 @@ def test_macs_are_local_unicast() -> None:
         assert first & 0x02 and not first & 0x01
 
 
-def test_atomic_write_leaves_no_temporaries(tmp_path: Path) -> None:
-    target = tmp_path / "sub" / "f.json"
-    write_private_file(target, b"one")
-    write_private_file(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert [p.name for p in target.parent.iterdir()] == ["f.json"]
+def test_a_new_state_directory_is_private(tmp_path: Path) -> None:
+    load_or_create(tmp_path / "state", "n1")
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [IDENTITY_FILE]
 
 
 def test_json_round_trip() -> None:

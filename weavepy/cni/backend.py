@@ -14,12 +14,9 @@ the standalone server and the tests use it, and the agent plugs in its IPAM inst
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +33,7 @@ from weavepy.cni.podnet import (
 )
 from weavepy.cni.protocol import Attachment, CniError, CniRequest, ErrorCode
 from weavepy.cni.result import Interface, IPConfig, Result, Route, chain
+from weavepy.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +83,8 @@ class StaticBlockAllocator:
 
     The block's first host address is the gateway (the bridge's address); the rest are handed
     out round-robin after the last one given, as host-local does, so a just-freed address is
-    not reused at once. Every change is written to a temporary file and renamed over the old
-    one, so the file is always whole.
+    not reused at once. Every change replaces the file with `fileio.atomic_write` (durably), so
+    it is always whole and a pod's address survives a power cut.
     """
 
     block: ipaddress.IPv4Network
@@ -127,15 +125,7 @@ class StaticBlockAllocator:
                 for a, (ip, owner) in sorted(self._owners.items(), key=lambda kv: kv[1][0])
             ],
         }
-        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".pods-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as out:
-                json.dump(data, out)
-            os.replace(tmp, self.state_file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.state_file, json.dumps(data).encode())
 
     def _address(self, ip: ipaddress.IPv4Address) -> PodAddress:
         return PodAddress(ipaddress.IPv4Interface(f"{ip}/{self.block.prefixlen}"), self.gateway)

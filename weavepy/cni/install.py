@@ -11,8 +11,9 @@ This module owns what `weavepy install-cni` writes. The rules it keeps:
   runs the bytecode when the interpreter's cache tag still matches (else it compiles the
   source). A script run directly is compiled on every start, and for the plugin that is ~2 ms
   of each pod's ADD (about a fifth of the reference bridge plugin's whole ADD).
-- **Every file is replaced atomically** (written beside its target, then renamed), so a runtime
-  reading the directory never sees half a plugin or half a conflist.
+- **Every file is replaced atomically and durably** (`fileio.atomic_write`: written beside its
+  target with its final mode, fsynced, renamed), so a runtime reading the directory never sees
+  half a plugin or half a conflist, nor a plugin that is not executable yet.
 
 The conflist chains `portmap` after weavepy (with the `portMappings` capability) so that pod
 hostPorts work with the reference plugin.
@@ -20,18 +21,17 @@ hostPorts work with the reference plugin.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import marshal
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from weavepy.cni.protocol import DEFAULT_SOCKET_PATH
+from weavepy.fileio import atomic_write
 
 PLUGIN_NAME = "weavepy-cni"
 CONFLIST_NAME = "10-weavepy.conflist"
@@ -143,20 +143,9 @@ def conflist(*, network_name: str = NETWORK_NAME, cni_version: str = DEFAULT_CNI
     return {"cniVersion": cni_version, "name": network_name, "plugins": plugins}
 
 
-def _write_atomically(target: Path, text: str, mode: int) -> None:
+def _install_file(target: Path, text: str, mode: int) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fchmod(out.fileno(), mode)
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(target, text.encode(), mode=mode)
 
 
 def install_cni(bin_dir: str | os.PathLike[str], conf_dir: str | os.PathLike[str], *,
@@ -168,10 +157,10 @@ def install_cni(bin_dir: str | os.PathLike[str], conf_dir: str | os.PathLike[str
     """Install `weavepy-cni` into `bin_dir` and the network configuration into `conf_dir`."""
     real = resolve_interpreter(interpreter)
     plugin = Path(bin_dir) / PLUGIN_NAME
-    _write_atomically(plugin, plugin_script(real, str(plugin.absolute())), 0o755)
+    _install_file(plugin, plugin_script(real, str(plugin.absolute())), 0o755)
     conf = Path(conf_dir) / conflist_name
     document = conflist(network_name=network_name, cni_version=cni_version,
                         socket_path=socket_path, with_portmap=with_portmap,
                         extra_plugins=extra_plugins)
-    _write_atomically(conf, json.dumps(document, indent=2) + "\n", 0o644)
+    _install_file(conf, json.dumps(document, indent=2) + "\n", 0o644)
     return InstalledCni(plugin=plugin, conflist=conf, interpreter=real)

@@ -3,28 +3,45 @@
 Theory of operation
 -------------------
 The cluster state (`state.ClusterState`) moves through slots s1, s2, ... Slot n+1 is decided
-by single-decree Paxos among the voters V of s(n); any node may propose (it must know s(n)),
-a voter takes part only while its own decided state is exactly s(n). Because the acceptor set
-of every slot is fixed by the decided state before it, changing V needs no joint consensus:
-each slot is an independent Paxos instance with a known, fixed set of acceptors.
+by single-decree Paxos among the voters V of s(n); any node may propose (it must know s(n)).
+Because the acceptor set of every slot is fixed by the decided state before it, changing V
+needs no joint consensus: each slot is an independent Paxos instance with a known, fixed set
+of acceptors. A node owns a block when its decided state records it and its lease is valid.
 
-Ownership is safe while a node is alive but cut off thanks to *leases proven through the log*:
+This module keeps the safety rules, and nothing else decides whether they hold:
 
-* Every operation names its origin. A voter that applies a decided operation of origin X
-  (or adopts a state in which X acted since its last state) records "evidence" of X at that
-  moment; gossip's "alive" is evidence too. On (re)start, or on adopting a new era, evidence
-  of everybody is "now": a voter's evidence age never overstates how long X has been silent.
-* When X's own operation, created at time t0, is decided, X holds a lease until
-  t0 + lease * LEASE_SAFETY and may hand out addresses from its blocks until then.
-* X's blocks become free for others only through a value created after a majority of V
-  attested "X silent for >= lease" (auto reclaim needs >= reclaim_after >= lease), each from a
-  voter whose decided state includes X's last operation. So the freeing value was created at
-  least `lease` after t0, when X's lease had already run out. A lease is never carried across
-  a restart (monotonic clocks do not survive one); a restarted node renews first.
+1. Agreement. A voter takes part in slot n+1 only while its own decided state is exactly
+   s(n); it never promises below its promise, and its promise and accepted value are on disk
+   before any reply leaves (rule 7). Ballots are (round, name, boot id), unique per process.
+   A proposer whose promises carry an accepted value re-proposes the highest one (`PHASES`
+   below is the round as data). So each slot has one value, and an era is one chain of states.
+2. States merge by order. A stateless node adopts a state of its own range and block size; a
+   node with a state adopts another only from its own cluster (ID, range and block size), and
+   only if its (era, slot) is later.
+3. Evidence never overstates silence. Every operation names its origin; a voter that applies
+   a decided operation of X (or adopts a state in which X acted since its last one) records
+   evidence of X then, and gossip's "alive" is evidence while the name speaks as that
+   generation. On (re)start, or on adopting a new era, everybody's evidence is "now".
+4. Leases run from creation. When X's own operation, created at time t0, is decided, X may
+   hand out addresses from its blocks until t0 + lease * LEASE_SAFETY. A lease never survives
+   a restart (monotonic clocks do not), adopting a new era, a removal, or `leave` (dropped
+   before the Leave is proposed).
+5. The freeing rule (`frees_safely`). A value that frees X's blocks for others is proposed only
+   if every promiser (a majority of V) attests "X not alive, silent for >= lease", each being a
+   voter of s(n), which includes X's last operation. So the value is created at least a lease
+   after t0, when X's lease has run out (automatic reclaim waits reclaim_after >= lease). A
+   forced rmpeer carries the operator's word instead; without a quorum it starts a new era
+   that fences every free block for a lease (docs/ipam.md 2.6).
+6. Clusters never mix. A message or state of another cluster ID, range or block size is
+   dropped, counted and reported; it changes nothing.
+7. Disk before words. Whatever an input produced (messages, events) is released only after
+   the snapshot carrying every state change of that input is durable.
 
-Everything else is policy for liveness: who proposes reclaims (voters, once their own view
-allows it), demotion of voters that stay dead, promotion of live members, bootstrap, and
-randomised back-off between competing proposers. None of it can break the rules above.
+What to propose and when (intents, the value built from them, voter housekeeping, back-off,
+`Timings`) is the liveness policy in `liveness.py`; rendering the status is `report.py`. Both
+read the core through its read-only view and can break none of the rules above. Bootstrap
+(when a stateless node founds a cluster) is policy too; it stays here, beside the stateless
+node's hellos and adoption.
 
 The contract with the I/O layer (the agent):
 
@@ -39,33 +56,29 @@ The contract with the I/O layer (the agent):
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import random
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
-import msgpack
-
-from weavepy.ipam import wire
+from weavepy.ipam import liveness, report, wire
 from weavepy.ipam.blocks import BlockSpace, IPNetwork
 from weavepy.ipam.errors import ConfigError, IpamDecodeError, RmpeerError
+from weavepy.ipam.liveness import Intent, Removal, Timings, Wishes
 from weavepy.ipam.state import (
-    FENCE_OWNER,
-    MAX_BLOCKS_PER_CLAIM,
-    MAX_OPS_PER_VALUE,
+    FORCED_REMOVAL,
     Claim,
     ClusterState,
-    Demote,
     Free,
     Join,
     Leave,
     Op,
-    Promote,
     Remove,
-    Renew,
     Value,
     check_name,
     value_from_plain,
@@ -83,7 +96,6 @@ from weavepy.ipam.status import (
     IpamStatus,
     LeaseChanged,
     MemberRemoved,
-    MemberView,
     RemovedFromCluster,
     SlotDecided,
 )
@@ -112,35 +124,20 @@ DEFAULT_LEASE = 3600.0
 DEFAULT_MAX_VOTERS = 5
 LEASE_SAFETY = 0.98  # a holder trusts its lease for 98% of its length: room for clock-rate drift
 SNAPSHOT_FORMAT = 1
-VALUE_BUDGET = 1100  # bytes of msgpack for one value, so PROMISE/ACCEPT stay under 2 KiB
 RECENT_VALUES = 64  # decided values kept in memory to catch laggards up without a full state
 MAX_CATCH_UP_VALUES = 8
 MAX_NONCES = 128
+TAG_KEY = "ipam"  # the gossip meta tag carrying `IpamCore.meta_tag`
+_CURRENT = 2**62  # slot of a standing learned from gossip tags: as current as it gets
 
 Bootstrap = Literal["found", "join"]
 
 
-@dataclass(frozen=True, slots=True)
-class Timings:
-    """Protocol pacing. Defaults suit production; tests scale them down."""
+class Phase(enum.Enum):
+    """Where this node's Paxos round for the next slot stands (see `PHASES`)."""
 
-    voter_replace_after: float = 600.0  # a voter dead this long is demoted (keeps its blocks)
-    round_timeout: float = 3.0  # give up a Paxos round after this long
-    resend_interval: float = 0.5  # re-send PREPARE/ACCEPT to silent voters this often
-    backoff_max: float = 2.0  # random back-off ceiling after losing a round to another proposer
-    retry_max: float = 30.0  # back-off ceiling after rounds that time out (no quorum answers)
-    idle_retry: float = 5.0  # retry a round that produced nothing (attestations said no)
-    hello_interval: float = 2.0  # a stateless node announces itself this often
-    elect_after: float = 5.0  # stateless nodes that only see each other wait this long
-    state_reply_interval: float = 1.0  # at most one full state per peer per interval
-
-
-@dataclass(slots=True)
-class _Intent:
-    kind: str  # join renew claim rmpeer reclaim free demote promote leave
-    target: str = ""
-    generation: int = 0
-    force: bool = False
+    PREPARE = "prepare"
+    ACCEPT = "accept"
 
 
 @dataclass(slots=True)
@@ -149,18 +146,69 @@ class _Round:
     ballot: Ballot
     acceptors: tuple[str, ...]
     majority: int
-    intents: list[_Intent]
+    intents: list[Intent]
     asks: tuple[tuple[str, int], ...]
     deadline: float
     resend_at: float
-    phase: str = "prepare"
+    phase: Phase = Phase.PREPARE
     promises: dict[str, Promise] = field(default_factory=dict)
     accepted_by: set[str] = field(default_factory=set)
     value: Value = ()
 
 
-TAG_KEY = "ipam"  # the gossip meta tag carrying `IpamCore.meta_tag`
-_CURRENT = 2**62  # slot of a standing learned from gossip tags: as current as it gets
+@dataclass(frozen=True, slots=True)
+class PhaseRule:
+    request: Callable[[_Round], Prepare | Accept]  # sent to each acceptor that has not answered
+    answered: Callable[[_Round], Collection[str]]  # the acceptors whose reply this phase counted
+
+
+# One Paxos round, as data. A reply counts only in the phase that asked for it (`COUNTED_IN`),
+# for this round's slot and ballot, from an acceptor of this slot:
+#
+#     phase    sends (and re-sends to the silent)   counts    a majority of them leads to
+#     PREPARE  PREPARE(slot, ballot, asks)          PROMISE   ACCEPT, with the highest accepted
+#                                                             value among the promises, else a
+#                                                             new one (none: the round ends idle)
+#     ACCEPT   ACCEPT(slot, ballot, value)          ACCEPTED  chosen: learn it, broadcast DECIDED
+#
+# A NACK for the round's ballot, or its deadline, ends it in either phase (random back-off).
+PHASES: Mapping[Phase, PhaseRule] = MappingProxyType({
+    Phase.PREPARE: PhaseRule(
+        request=lambda r: Prepare(r.slot, r.ballot, r.asks), answered=lambda r: r.promises.keys()
+    ),
+    Phase.ACCEPT: PhaseRule(
+        request=lambda r: Accept(r.slot, r.ballot, r.value), answered=lambda r: r.accepted_by
+    ),
+})
+COUNTED_IN: Mapping[type[Promise] | type[Accepted], Phase] = MappingProxyType({
+    Promise: Phase.PREPARE,
+    Accepted: Phase.ACCEPT,
+})
+
+
+def attested_silent(
+    promises: Collection[Promise], target: str, generation: int, min_age: float
+) -> bool:
+    """Did every promiser answer that (target, generation) is not alive in its view and has
+    given it no evidence for at least `min_age` seconds?"""
+    answers = [
+        a for p in promises for a in p.answers if a.name == target and a.generation == generation
+    ]
+    return len(answers) == len(promises) and all(
+        a.evidence_age >= min_age and not a.alive for a in answers
+    )
+
+
+def frees_safely(op: Op, promises: Collection[Promise], lease: float) -> bool:
+    """The freeing rule: an operation that frees a member generation's blocks for others may
+    be proposed only if every promiser (a majority of V) attests that generation silent for
+    at least a lease. A forced removal carries the operator's word instead (docs/ipam.md 2.6).
+    """
+    if isinstance(op, Free) or (
+        isinstance(op, Remove) and op.free_now and op.reason != FORCED_REMOVAL
+    ):
+        return attested_silent(promises, op.target, op.target_generation, lease)
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,12 +219,6 @@ class _Standing:
     cluster_id: str  # "" when it has no cluster state
     generation: int  # 0 when it is not a member
     slot: int  # its decided slot then
-
-
-@dataclass(slots=True)
-class _RmpeerRequest:
-    generation: int
-    force: bool
 
 
 class IpamCore:
@@ -245,10 +287,7 @@ class IpamCore:
         self._max_round = 0
         self._attempts = 0
         self._backoff_until = -math.inf
-        self._want_blocks = 0
-        self._leaving = False
-        self._rmpeer: dict[str, _RmpeerRequest] = {}
-        self._rmpeer_refusals: dict[str, str] = {}
+        self._wishes = Wishes()
         self._stateless_peers: dict[str, float] = {}
         self._first_stateless_seen: float | None = None
         self._last_contact = -math.inf
@@ -335,9 +374,9 @@ class IpamCore:
         self._begin(now)
         if count < 0:
             raise ValueError(f"cannot want {count} blocks")
-        self._want_blocks = count
+        self._wishes.blocks = count
         self._after_input(now)
-        return self._state_and_detail(now)[0]
+        return report.describe(self, now)[0]
 
     def rmpeer(self, name: str, now: float, force: bool = False) -> str:
         """Operator: remove member `name` at once. Returns what will happen; RmpeerError if not.
@@ -351,7 +390,7 @@ class IpamCore:
         """
         self._begin(now)
         cluster = self._cluster
-        if cluster is None or not self._is_member():
+        if cluster is None or not self.is_member():
             raise RmpeerError("this node is not a member of a cluster yet; run rmpeer on a member")
         if name == self._name:
             raise RmpeerError("a node cannot rmpeer itself; run `weavepy reset` on it instead")
@@ -370,8 +409,8 @@ class IpamCore:
         if force and not self._quorum_reachable():
             message = self._force_new_era(name, generation, now)
         else:
-            self._rmpeer[name] = _RmpeerRequest(generation, force)
-            self._rmpeer_refusals.pop(name, None)
+            self._wishes.removals[name] = Removal(generation, force)
+            self._wishes.refusals.pop(name, None)
             message = (
                 f"removal of {name} (generation {generation}) proposed to the voters "
                 f"{', '.join(cluster.voters)}; its blocks are freed "
@@ -387,7 +426,7 @@ class IpamCore:
     def leave(self, now: float) -> None:
         """Give our blocks back and leave the cluster (for `weavepy reset` on a live cluster)."""
         self._begin(now)
-        self._leaving = True
+        self._wishes.leaving = True
         self._lease_until = -math.inf  # stop handing out addresses before anyone may reuse them
         self._after_input(now)
 
@@ -469,89 +508,80 @@ class IpamCore:
 
     def held_blocks(self) -> list[int]:
         """Indices of blocks the decided state gives us (lease or not)."""
-        if self._cluster is None or not self._is_member():
+        if self._cluster is None or not self.is_member():
             return []
         return self._cluster.blocks_of(self._name)
 
     def usable_blocks(self, now: float) -> list[int]:
         """Indices of blocks we may hand addresses out of right now (held and leased)."""
-        return self.held_blocks() if self._lease_valid(now) else []
+        return self.held_blocks() if self.lease_valid(now) else []
 
     def status(self, now: float) -> IpamStatus:
+        """The status snapshot (rendered by `report.py`)."""
         self._begin(now)
-        state, detail = self._state_and_detail(now)
-        cluster = self._cluster
-        block = self._space.block
-        if cluster is None:
-            return IpamStatus(
-                node=self._name,
-                state=state,
-                detail=detail,
-                cluster_id=None,
-                era=None,
-                slot=0,
-                generation=None,
-                voters=(),
-                voters_reachable=0,
-                quorum=0,
-                lease_remaining=None,
-                owned_blocks=(),
-                held_blocks=(),
-                members=(),
-                total_blocks=self._space.count,
-                free_blocks=self._space.count,
-                quarantined_blocks=0,
-                unreachable_owners=(),
-                pending_block_requests=self._want_blocks,
-                cluster_mismatches=tuple(self._mismatches.values()),
-                dropped=dict(self._drops),
-            )
-        members = []
-        unreachable = []
-        for member_name, member in sorted(cluster.members.items()):
-            alive = member_name == self._name or member_name in self._alive
-            owned = cluster.blocks_of(member_name)
-            reclaim_in = None
-            if not alive and self._reclaim_after is not None:
-                age = self._evidence_age(member_name, member.generation, now)
-                reclaim_in = max(0.0, self._reclaim_after - age)
-            if not alive and owned:
-                unreachable.append(member_name)
-            members.append(
-                MemberView(
-                    member_name,
-                    member.generation,
-                    member_name in cluster.voters,
-                    alive,
-                    tuple(str(block(i)) for i in owned),
-                    reclaim_in,
-                )
-            )
-        held = tuple(block(i) for i in self.held_blocks())
-        lease_ok = self._lease_valid(now)
-        return IpamStatus(
-            node=self._name,
-            state=state,
-            detail=detail,
-            cluster_id=cluster.cluster_id,
-            era=cluster.era,
-            slot=cluster.slot,
-            generation=self._my_gen,
-            voters=cluster.voters,
-            voters_reachable=self._voters_reachable(),
-            quorum=cluster.majority(),
-            lease_remaining=(self._lease_until - now) if lease_ok else None,
-            owned_blocks=held if lease_ok else (),
-            held_blocks=held,
-            members=tuple(members),
-            total_blocks=self._space.count,
-            free_blocks=len(cluster.free_blocks()),
-            quarantined_blocks=len(cluster.quarantine),
-            unreachable_owners=tuple(unreachable),
-            pending_block_requests=self._want_blocks,
-            cluster_mismatches=tuple(self._mismatches.values()),
-            dropped=dict(self._drops),
-        )
+        return report.render_status(self, now)
+
+    # ================================================================== read-only view
+    # What liveness.py and report.py read (their `CoreView`); nothing here changes the core.
+
+    @property
+    def cluster(self) -> ClusterState | None:
+        """The decided state this node holds (to read, never to change)."""
+        return self._cluster
+
+    @property
+    def generation(self) -> int | None:
+        """This node's member generation; None while it is not a member."""
+        return self._my_gen
+
+    @property
+    def left(self) -> bool:
+        """This node gave its blocks back and left (until `weavepy reset`)."""
+        return self._left
+
+    @property
+    def lease(self) -> float:
+        return self._lease
+
+    @property
+    def lease_until(self) -> float:
+        """Until when this node may hand out addresses from its blocks (if it is a member)."""
+        return self._lease_until
+
+    @property
+    def reclaim_after(self) -> float | None:
+        return self._reclaim_after
+
+    @property
+    def timings(self) -> Timings:
+        return self._t
+
+    @property
+    def wishes(self) -> Wishes:
+        """What this node was asked to get decided (blocks, rmpeer, leave)."""
+        return self._wishes
+
+    @property
+    def bootstrap(self) -> Bootstrap:
+        return self._bootstrap
+
+    @property
+    def foreign_range_seen(self) -> bool:
+        """A stateless node heard a cluster over another range or block size."""
+        return self._foreign_seen
+
+    @property
+    def mismatches(self) -> tuple[ClusterMismatchReport, ...]:
+        return tuple(self._mismatches.values())
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Dropped inputs by reason."""
+        return dict(self._drops)
+
+    def gossip_alive(self, name: str) -> bool:
+        """Does gossip say `name` is alive (whichever generation it speaks as)?"""
+        return name in self._alive
 
     # ================================================================== receive and dispatch
 
@@ -654,7 +684,7 @@ class IpamCore:
         if slot > cluster.slot + 1:
             self._send(sender, Behind(cluster.slot))
             return False
-        if not self._is_voter():
+        if not self.is_voter():
             self._drops["not_a_voter"] += 1
             return False
         return True
@@ -670,7 +700,7 @@ class IpamCore:
             self._promised = body.ballot
             self._dirty()
         answers = tuple(
-            Attestation(name, gen, self._alive_gen(name, gen), self._evidence_age(name, gen, now))
+            Attestation(name, gen, self.alive_gen(name, gen), self.evidence_age(name, gen, now))
             for name, gen in body.ask
         )
         self._send(sender, Promise(body.slot, body.ballot, self._accepted, answers))
@@ -694,19 +724,10 @@ class IpamCore:
         cluster = self._cluster
         if cluster is None or self._round is not None or now < self._backoff_until:
             return
-        intents = self._intents(now)
-        if not intents:
+        wanted = liveness.intents(self, now)
+        if not wanted:
             return
-        asks: list[tuple[str, int]] = []
-        kept: list[_Intent] = []
-        for intent in intents:
-            if intent.kind in ("rmpeer", "reclaim", "free", "demote") and not intent.force:
-                key = (intent.target, intent.generation)
-                if key not in asks:
-                    if len(asks) == wire.MAX_ASKS:
-                        continue
-                    asks.append(key)
-            kept.append(intent)
+        kept, asks = liveness.with_questions(wanted)
         self._max_round += 1
         round_ = _Round(
             slot=cluster.slot + 1,
@@ -714,21 +735,24 @@ class IpamCore:
             acceptors=cluster.voters,
             majority=cluster.majority(),
             intents=kept,
-            asks=tuple(asks),
+            asks=asks,
             deadline=now + self._t.round_timeout,
             resend_at=now + self._t.resend_interval,
         )
         self._round = round_
+        self._ask_acceptors(round_)
+
+    def _ask_acceptors(self, round_: _Round) -> None:
+        """Send the phase's request to every acceptor whose reply it has not counted yet."""
+        rule = PHASES[round_.phase]
+        answered = rule.answered(round_)
         for voter in round_.acceptors:
-            self._send(voter, Prepare(round_.slot, round_.ballot, round_.asks))
+            if voter not in answered:
+                self._send(voter, rule.request(round_))
 
     def _resend(self, round_: _Round, now: float) -> None:
         round_.resend_at = now + self._t.resend_interval
-        for voter in round_.acceptors:
-            if round_.phase == "prepare" and voter not in round_.promises:
-                self._send(voter, Prepare(round_.slot, round_.ballot, round_.asks))
-            elif round_.phase == "accept" and voter not in round_.accepted_by:
-                self._send(voter, Accept(round_.slot, round_.ballot, round_.value))
+        self._ask_acceptors(round_)
 
     def _fail_round(
         self, now: float, pause: float | None = None, *, timed_out: bool = False
@@ -736,20 +760,25 @@ class IpamCore:
         self._round = None
         self._attempts += 1
         if pause is None:
-            limit = self._t.retry_max if timed_out else self._t.backoff_max
-            ceiling = min(limit, self._t.resend_interval * 2 ** min(self._attempts, 16))
-            pause = self._rng.uniform(0.1, 1.0) * ceiling
+            pause = liveness.retry_pause(self._t, self._attempts, timed_out, self._rng)
         self._backoff_until = now + pause
 
-    def _on_promise(self, sender: str, body: Promise, now: float) -> None:
+    def _counting(self, reply: Promise | Accepted, sender: str) -> _Round | None:
+        """The current round, if `reply` counts in it (see `PHASES`)."""
         round_ = self._round
         if (
             round_ is None
-            or round_.phase != "prepare"
-            or body.slot != round_.slot
-            or body.ballot != round_.ballot
+            or round_.phase is not COUNTED_IN[type(reply)]
+            or reply.slot != round_.slot
+            or reply.ballot != round_.ballot
             or sender not in round_.acceptors
         ):
+            return None
+        return round_
+
+    def _on_promise(self, sender: str, body: Promise, now: float) -> None:
+        round_ = self._counting(body, sender)
+        if round_ is None:
             return
         round_.promises[sender] = body
         if len(round_.promises) < round_.majority:
@@ -758,26 +787,19 @@ class IpamCore:
         if accepted:
             value = max(accepted, key=lambda item: item[0])[1]  # Paxos: finish what may be chosen
         else:
-            value = self._build_value(round_, now)
+            value = self._new_value(round_, now)
         if not value:
             self._fail_round(now, pause=self._t.idle_retry)
             return
         round_.value = value
-        round_.phase = "accept"
+        round_.phase = Phase.ACCEPT
         round_.deadline = now + self._t.round_timeout
         round_.resend_at = now + self._t.resend_interval
-        for voter in round_.acceptors:
-            self._send(voter, Accept(round_.slot, round_.ballot, value))
+        self._ask_acceptors(round_)
 
     def _on_accepted(self, sender: str, body: Accepted, now: float) -> None:
-        round_ = self._round
-        if (
-            round_ is None
-            or round_.phase != "accept"
-            or body.slot != round_.slot
-            or body.ballot != round_.ballot
-            or sender not in round_.acceptors
-        ):
+        round_ = self._counting(body, sender)
+        if round_ is None:
             return
         round_.accepted_by.add(sender)
         if len(round_.accepted_by) < round_.majority:
@@ -794,133 +816,31 @@ class IpamCore:
         if round_ is not None and body.slot == round_.slot and body.ballot == round_.ballot:
             self._fail_round(now)
 
-    def _intents(self, now: float) -> list[_Intent]:
-        """What this node would like decided next, from its own (possibly stale) view."""
-        cluster = self._cluster
-        assert cluster is not None
-        if self._left:
-            return []
-        if not self._is_member():
-            return [] if self._leaving else [_Intent("join")]
-        if self._leaving:
-            return [_Intent("leave")]
-        intents: list[_Intent] = []
-        if self._want_blocks > 0 and cluster.first_free_blocks(1):
-            intents.append(_Intent("claim"))
-        for name, request in self._rmpeer.items():
-            intents.append(_Intent("rmpeer", name, request.generation, request.force))
-        if self._is_voter():
-            intents.extend(self._voter_intents(cluster, now))
-        if now >= self._lease_until - self._lease / 2:
-            intents.append(_Intent("renew"))  # last: any other op of ours renews the lease too
-        return intents
+    def _new_value(self, round_: _Round, now: float) -> Value:
+        """The policy's value for this round, less any operation that breaks the freeing rule."""
+        promises = tuple(round_.promises.values())
 
-    def _voter_intents(self, cluster: ClusterState, now: float) -> list[_Intent]:
-        intents: list[_Intent] = []
-        for name, member in cluster.members.items():
-            if (
-                name == self._name
-                or name in self._rmpeer
-                or self._alive_gen(name, member.generation)
-            ):
-                continue
-            age = self._evidence_age(name, member.generation, now)
-            if self._reclaim_after is not None and age >= self._reclaim_after:
-                intents.append(_Intent("reclaim", name, member.generation))
-            elif name in cluster.voters and age >= self._t.voter_replace_after:
-                intents.append(_Intent("demote", name, member.generation))
-        for owner, generation in {(q.owner, q.generation) for q in cluster.quarantine.values()}:
-            if self._evidence_age(owner, generation, now) >= self._lease:
-                intents.append(_Intent("free", owner, generation))
-        demoting = sum(1 for intent in intents if intent.kind in ("demote", "reclaim"))
-        if len(cluster.voters) - demoting < cluster.max_voters:
-            candidates = sorted(  # alive *as that generation*: it can keep its promises
-                name
-                for name, member in cluster.members.items()
-                if name not in cluster.voters and self._alive_gen(name, member.generation)
-            )
-            if candidates:
-                intents.append(_Intent("promote", candidates[0]))
-        return intents
+        def attested(target: str, generation: int, *, min_age: float) -> bool:
+            return attested_silent(promises, target, generation, min_age)
 
-    def _build_value(self, round_: _Round, now: float) -> Value:
-        """Turn intents into operations, keeping only what the promisers' attestations allow."""
-        cluster = self._cluster
-        assert cluster is not None
-        promises = list(round_.promises.values())
+        proposal = liveness.build_value(
+            round_.intents, self, attested, lambda: self._new_nonce(now)
+        )
+        for target, why in proposal.refused.items():
+            self._wishes.removals.pop(target, None)
+            self._wishes.refusals[target] = why
+        unsafe = [op for op in proposal.value if not frees_safely(op, promises, self._lease)]
+        if unsafe:
+            log.error("not proposing %s: the voters did not attest a lease of silence", unsafe)
+        return tuple(op for op in proposal.value if op not in unsafe)
 
-        def attested(target: str, generation: int, *, min_age: float, dead: bool = True) -> bool:
-            answers = [
-                a
-                for p in promises
-                for a in p.answers
-                if a.name == target and a.generation == generation
-            ]
-            return len(answers) == len(promises) and all(
-                a.evidence_age >= min_age and (not dead or not a.alive) for a in answers
-            )
-
-        def nonce() -> int:
-            value = self._rng.getrandbits(62)
-            self._nonces[value] = now
-            while len(self._nonces) > MAX_NONCES:
-                self._nonces.popitem(last=False)
-            return value
-
-        ops: list[Op] = []
-        generation = self._my_gen or 0
-        for intent in round_.intents:
-            op: Op | None = None
-            if intent.kind == "join":
-                op = Join(self._name, nonce())
-            elif intent.kind == "leave":
-                op = Leave(self._name, generation, nonce())
-            elif intent.kind == "renew":
-                if not ops:
-                    op = Renew(self._name, generation, nonce())
-            elif intent.kind == "claim":
-                wanted = min(self._want_blocks, MAX_BLOCKS_PER_CLAIM)
-                blocks = cluster.first_free_blocks(wanted) if wanted > 0 else []
-                if blocks:
-                    op = Claim(self._name, generation, nonce(), tuple(blocks))
-            elif intent.kind == "rmpeer":
-                if intent.force:
-                    op = Remove(
-                        self._name, nonce(), intent.target, intent.generation, "rmpeer-force", True
-                    )
-                elif attested(intent.target, intent.generation, min_age=0.0):
-                    free_now = attested(intent.target, intent.generation, min_age=self._lease)
-                    op = Remove(
-                        self._name, nonce(), intent.target, intent.generation, "rmpeer", free_now
-                    )
-                else:
-                    self._rmpeer.pop(intent.target, None)
-                    self._rmpeer_refusals[intent.target] = (
-                        f"rmpeer {intent.target} refused: a voter still sees it alive; stop it "
-                        "first, or use --force if you know it is gone for good"
-                    )
-                    log.warning("%s", self._rmpeer_refusals[intent.target])
-            elif intent.kind == "reclaim":
-                assert self._reclaim_after is not None
-                if attested(intent.target, intent.generation, min_age=self._reclaim_after):
-                    op = Remove(
-                        self._name, nonce(), intent.target, intent.generation, "reclaim", True
-                    )
-            elif intent.kind == "free":
-                if attested(intent.target, intent.generation, min_age=self._lease):
-                    op = Free(self._name, nonce(), intent.target, intent.generation)
-            elif intent.kind == "demote":
-                if attested(intent.target, intent.generation, min_age=self._t.voter_replace_after):
-                    op = Demote(self._name, nonce(), intent.target)
-            elif intent.kind == "promote":
-                op = Promote(self._name, nonce(), intent.target)
-            if op is None:
-                continue
-            candidate = (*ops, op)
-            if len(candidate) > MAX_OPS_PER_VALUE or _value_size(candidate) > VALUE_BUDGET:
-                break
-            ops.append(op)
-        return tuple(ops)
+    def _new_nonce(self, now: float) -> int:
+        """A nonce for an operation created now; when it is decided, our lease runs from now."""
+        value = self._rng.getrandbits(62)
+        self._nonces[value] = now
+        while len(self._nonces) > MAX_NONCES:
+            self._nonces.popitem(last=False)
+        return value
 
     # ================================================================== learner
 
@@ -957,7 +877,7 @@ class IpamCore:
                     self._emit(ClusterJoined(cluster.cluster_id, slot))
                     log.info("joined IPAM cluster %s as generation %d", cluster.cluster_id, slot)
                 elif isinstance(op, Claim) and outcome.applied:
-                    self._want_blocks = max(0, self._want_blocks - len(op.blocks))
+                    self._wishes.blocks = max(0, self._wishes.blocks - len(op.blocks))
                 elif isinstance(op, Leave) and outcome.applied:
                     self._my_gen = None
                     self._left = True
@@ -965,7 +885,7 @@ class IpamCore:
                 target = op.target if isinstance(op, Remove) else op.origin
                 generation = op.target_generation if isinstance(op, Remove) else op.generation
                 reason = op.reason if isinstance(op, Remove) else "left"
-                self._rmpeer.pop(target, None)
+                self._wishes.removals.pop(target, None)
                 self._emit(
                     MemberRemoved(
                         target,
@@ -977,7 +897,7 @@ class IpamCore:
                         tuple(self._space.block(i) for i in outcome.quarantined),
                     )
                 )
-        if mine_decided and self._is_member():
+        if mine_decided and self.is_member():
             self._lease_until = max(
                 self._lease_until, max(mine_decided) + self._lease * LEASE_SAFETY
             )
@@ -1037,9 +957,10 @@ class IpamCore:
         if self._round is not None and self._round.slot <= state.slot:
             self._round = None
             self._backoff_until = -math.inf
-        for name in list(self._rmpeer):
-            if state.generation_of(name) != self._rmpeer[name].generation:
-                del self._rmpeer[name]
+        removals = self._wishes.removals
+        for name in list(removals):
+            if state.generation_of(name) != removals[name].generation:
+                del removals[name]
         self._after_state_change(now, held_before, "adopted")
 
     def _prune_evidence(self) -> None:
@@ -1074,7 +995,7 @@ class IpamCore:
         for index in sorted(held_before - held_after):
             self._emit(BlockLost(self._space.block(index), how))
         if how == "adopted" and held_after - held_before:
-            self._want_blocks = max(0, self._want_blocks - len(held_after - held_before))
+            self._wishes.blocks = max(0, self._wishes.blocks - len(held_after - held_before))
         self._dirty()
 
     # ================================================================== catch-up and state
@@ -1128,9 +1049,9 @@ class IpamCore:
                 "`weavepy reset`, and relaunch it with the peer in its peer list (its pods lose "
                 "their addresses). To keep them apart, drop the peer from the peer lists."
             )
-        report = ClusterMismatchReport(peer, local, remote, message)
-        if self._mismatches.get(peer) != report:
-            self._mismatches[peer] = report
+        mismatch = ClusterMismatchReport(peer, local, remote, message)
+        if self._mismatches.get(peer) != mismatch:
+            self._mismatches[peer] = mismatch
             log.error("%s", message)
             self._emit(ClusterMismatch(peer, local, remote, message))
 
@@ -1197,7 +1118,7 @@ class IpamCore:
         self._promised = None
         self._accepted = None
         self._round = None
-        self._rmpeer.clear()
+        self._wishes.removals.clear()
         self._lease_until = now + self._lease * LEASE_SAFETY
         message = (
             f"FORCED: no quorum of voters is reachable, so this node started era "
@@ -1212,7 +1133,7 @@ class IpamCore:
             MemberRemoved(
                 target,
                 generation,
-                "rmpeer-force",
+                FORCED_REMOVAL,
                 cluster.era,
                 cluster.slot,
                 (),
@@ -1238,7 +1159,7 @@ class IpamCore:
             self._maybe_start_round(now)
             if not self._local:
                 break
-        valid = self._lease_valid(now)
+        valid = self.lease_valid(now)
         if valid != self._lease_was_valid:
             self._lease_was_valid = valid
             self._emit(LeaseChanged(valid))
@@ -1265,29 +1186,15 @@ class IpamCore:
         else:
             if self._round is not None:
                 times += [self._round.resend_at, self._round.deadline]
-            elif self._backoff_until > now and self._intents(now):
+            elif self._backoff_until > now and liveness.intents(self, now):
                 times.append(self._backoff_until)
-            if self._is_member():
+            if self.is_member():
                 if math.isfinite(self._lease_until):
                     times += [self._lease_until - self._lease / 2, self._lease_until]
-                if self._is_voter():
-                    times += self._voter_thresholds(cluster)
+                if self.is_voter():
+                    times += liveness.voter_deadlines(self, cluster)
         future = [t for t in times if t > now]
         return min(future) if future else None
-
-    def _voter_thresholds(self, cluster: ClusterState) -> list[float]:
-        times: list[float] = []
-        for name, member in cluster.members.items():
-            if name == self._name or self._alive_gen(name, member.generation):
-                continue
-            last = self._last_evidence(name, member.generation)
-            if self._reclaim_after is not None:
-                times.append(last + self._reclaim_after)
-            if name in cluster.voters:
-                times.append(last + self._t.voter_replace_after)
-        for q in cluster.quarantine.values():
-            times.append(self._last_evidence(q.owner, q.generation) + self._lease)
-        return times
 
     def _dirty(self) -> None:
         self._seq += 1
@@ -1321,7 +1228,11 @@ class IpamCore:
     def _broadcast(self, body: Body) -> None:
         self._staged_out.append(Outgoing(None, wire.encode(self._envelope(body))))
 
-    def _is_member(self) -> bool:
+    # ================================================================== membership and evidence
+    # The facts rules 3-5 rest on; public because liveness.py and report.py read them too.
+
+    def is_member(self) -> bool:
+        """The decided state lists this node as the generation it is."""
         cluster = self._cluster
         return (
             cluster is not None
@@ -1329,14 +1240,16 @@ class IpamCore:
             and cluster.generation_of(self._name) == self._my_gen
         )
 
-    def _is_voter(self) -> bool:
+    def is_voter(self) -> bool:
+        """A member that votes (an acceptor of the next slot)."""
         cluster = self._cluster
-        return cluster is not None and self._is_member() and self._name in cluster.voters
+        return cluster is not None and self.is_member() and self._name in cluster.voters
 
-    def _lease_valid(self, now: float) -> bool:
-        return self._is_member() and now < self._lease_until
+    def lease_valid(self, now: float) -> bool:
+        """This node may hand out addresses from its blocks now (rule 4)."""
+        return self.is_member() and now < self._lease_until
 
-    def _alive_gen(self, name: str, generation: int) -> bool:
+    def alive_gen(self, name: str, generation: int) -> bool:
         """Is (name, generation) alive as far as gossip can tell?"""
         if name == self._name:
             return self._my_gen == generation
@@ -1360,18 +1273,20 @@ class IpamCore:
                 return standing.generation == generation
         return current is None or current == generation
 
-    def _last_evidence(self, name: str, generation: int) -> float:
+    def last_evidence(self, name: str, generation: int) -> float:
+        """When this node last had evidence that (name, generation) was alive (rule 3)."""
         last = max(self._floor, self._gen_evidence.get((name, generation), -math.inf))
         if self._gossip_applies(name, generation):
             last = max(last, self._gossip_seen.get(name, -math.inf))
         return last
 
-    def _evidence_age(self, name: str, generation: int, now: float) -> float:
-        if self._alive_gen(name, generation):
+    def evidence_age(self, name: str, generation: int, now: float) -> float:
+        """Seconds since that evidence (0 while alive): what this node attests."""
+        if self.alive_gen(name, generation):
             return 0.0
-        return max(0.0, now - self._last_evidence(name, generation))
+        return max(0.0, now - self.last_evidence(name, generation))
 
-    def _voters_reachable(self) -> int:
+    def voters_reachable(self) -> int:
         """Voters that gossip sees alive and that still speak as the voting generation."""
         cluster = self._cluster
         if cluster is None:
@@ -1379,75 +1294,15 @@ class IpamCore:
         count = 0
         for voter in cluster.voters:
             if voter == self._name:
-                count += self._is_voter()
+                count += self.is_voter()
             else:
                 generation = cluster.generation_of(voter)
-                count += generation is not None and self._alive_gen(voter, generation)
+                count += generation is not None and self.alive_gen(voter, generation)
         return count
 
     def _quorum_reachable(self) -> bool:
         cluster = self._cluster
-        return cluster is not None and self._voters_reachable() >= cluster.majority()
-
-    def _state_and_detail(self, now: float) -> tuple[IpamState, str]:
-        cluster = self._cluster
-        if cluster is None:
-            how = {
-                "found": "founding a new cluster",
-                "join": "waiting to hear from a cluster member (launched with peers)",
-            }[self._bootstrap]
-            if self._foreign_seen:
-                how = "only heard from clusters with a different range; see cluster_mismatches"
-            return IpamState.WAITING_FOR_CLUSTER, how
-        if not self._is_member():
-            if self._left:
-                return IpamState.JOINING, "left the cluster; run `weavepy reset` to rejoin"
-            tomb = cluster.tombstones.get(self._name)
-            why = f" (was removed: {tomb.reason})" if tomb and self._my_gen is None else ""
-            reachable = self._voters_reachable()
-            if reachable < cluster.majority():
-                return IpamState.JOINING, (
-                    f"cannot join{why}: {reachable} of voters {', '.join(cluster.voters)} "
-                    "reachable; if they are gone for good, run `weavepy reset` on this node and "
-                    "point it at a live cluster"
-                )
-            return IpamState.JOINING, f"asking the voters to admit this node{why}"
-        lease_ok = self._lease_valid(now)
-        if not self._quorum_reachable():
-            reach = f"{self._voters_reachable()} of {len(cluster.voters)} voters reachable"
-            if lease_ok:
-                return IpamState.MINORITY_PARTITION, (
-                    f"{reach}: no new blocks; own blocks usable for "
-                    f"{self._lease_until - now:.0f}s more (lease)"
-                )
-            return IpamState.MINORITY_PARTITION, (
-                f"{reach}: lease ended, no new addresses until a majority is back"
-            )
-        if not lease_ok:
-            return IpamState.WAITING_FOR_QUORUM, "renewing this node's lease with the voters"
-        if self._want_blocks > 0 and not cluster.first_free_blocks(1):
-            unreachable = sorted(
-                n
-                for n in cluster.members
-                if n != self._name and n not in self._alive and cluster.blocks_of(n)
-            )
-            fenced = sum(1 for q in cluster.quarantine.values() if q.owner == FENCE_OWNER)
-            if fenced:
-                return IpamState.OWNED_BY_UNREACHABLE_PEERS, (
-                    f"no free block: {fenced} block(s) are fenced for a lease after a forced "
-                    f"rmpeer started era {cluster.era[0]}; they free up automatically"
-                )
-            if unreachable or cluster.quarantine:
-                return IpamState.OWNED_BY_UNREACHABLE_PEERS, (
-                    f"no free block; blocks held by unreachable {unreachable} or quarantined "
-                    f"({len(cluster.quarantine)}): they are reclaimed automatically after "
-                    f"{self._reclaim_after}s, or use `weavepy rmpeer NAME` if they are dead"
-                )
-            return IpamState.OUT_OF_SPACE, (
-                f"all {self._space.count} blocks of {self._space.cluster_range} are in use"
-            )
-        refusals = "; ".join(self._rmpeer_refusals.values())
-        return IpamState.READY, refusals or "ok"
+        return cluster is not None and self.voters_reachable() >= cluster.majority()
 
     def _restore(self, snapshot: Mapping[str, Any]) -> None:
         try:
@@ -1485,7 +1340,3 @@ class IpamCore:
             ballot, value = accepted
             self._accepted = (wire.parse_ballot(ballot), value_from_plain(value))
 
-
-def _value_size(value: Value) -> int:
-    packed: bytes = msgpack.packb(value_to_plain(value), use_bin_type=True)
-    return len(packed)

@@ -23,9 +23,10 @@ from typing import Any
 
 from weavepy.ipam.allocator import Allocation, PodAllocator
 from weavepy.ipam.blocks import IPAddress, IPNetwork
-from weavepy.ipam.core import Bootstrap, IpamCore, Timings
+from weavepy.ipam.core import Bootstrap, IpamCore
 from weavepy.ipam.errors import RmpeerError
 from weavepy.ipam.invariants import InvariantChecker, InvariantViolation
+from weavepy.ipam.liveness import Timings
 from weavepy.ipam.state import ClusterState, Remove
 from weavepy.ipam.status import (
     BlockLost,

@@ -146,7 +146,8 @@ class Leave:
 Op = Join | Renew | Claim | Remove | Free | Promote | Demote | Leave
 Value = tuple[Op, ...]
 
-REMOVE_REASONS = frozenset({"reclaim", "rmpeer", "rmpeer-force", "replaced", "left"})
+FORCED_REMOVAL = "rmpeer-force"  # the operator vouches the target is gone for good
+REMOVE_REASONS = frozenset({"reclaim", "rmpeer", FORCED_REMOVAL, "replaced", "left"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,9 +380,9 @@ class ClusterState:
         """
         self.era = (self.era[0] + 1, forcer, nonce)
         self.slot += 1
-        op = Remove(forcer, nonce, target, self.members[target].generation, "rmpeer-force", False)
+        op = Remove(forcer, nonce, target, self.members[target].generation, FORCED_REMOVAL, False)
         member = self.members[target]
-        self._retire(target, member, "rmpeer-force", free_now=True)
+        self._retire(target, member, FORCED_REMOVAL, free_now=True)
         self._by_owner = None
         fenced = tuple(self.free_blocks())
         for index in fenced:

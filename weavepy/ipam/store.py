@@ -3,9 +3,9 @@
 This module owns the on-disk format of one state file and the way it is replaced. The rules
 it keeps:
 
-* A write never leaves a half-written file under the real name: write a temporary file in
-  the same directory, flush and fsync it, rename it over the old one, then fsync the
-  directory so the rename itself survives a power cut.
+* A write never leaves a half-written file under the real name: `fileio.atomic_write`
+  replaces it durably (temporary file, fsync, rename, fsync of the directory), and the
+  temporary files a crash left behind are removed when the file is next loaded.
 * A file that fails validation (not JSON, wrong kind or version, checksum mismatch) is never
   silently replaced by an empty state: it is renamed aside with a timestamp and
   `CorruptStateError` says where it went and what the operator can do. Losing IPAM state
@@ -17,7 +17,6 @@ covers the canonical JSON of the body (sorted keys, no whitespace).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from weavepy.fileio import atomic_write, discard_temporaries, fsync_directory
 from weavepy.ipam.errors import CorruptStateError
 
 FORMAT_VERSION = 1
@@ -52,25 +52,12 @@ class StateFile:
             "body": body,
         }
         data = json.dumps(document, sort_keys=True, indent=1).encode() + b"\n"
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        temporary = directory / f".{self.path.name}.tmp-{os.getpid()}"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
-            raise
-        _fsync_directory(directory)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, data)
 
     def load(self) -> dict[str, Any] | None:
         """The stored body, or None if there is no file. Raises CorruptStateError if invalid."""
-        self._remove_stale_temporaries()
+        discard_temporaries(self.path)
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
@@ -104,25 +91,13 @@ class StateFile:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{counter}")
         try:
             os.replace(self.path, aside)
-            _fsync_directory(self.path.parent)
+            fsync_directory(self.path.parent)
             moved: str | None = str(aside)
         except OSError:
             moved = None
         raise CorruptStateError(str(self.path), moved, reason)
 
-    def _remove_stale_temporaries(self) -> None:
-        for leftover in self.path.parent.glob(f".{self.path.name}.tmp-*"):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-
 
 def _canonical(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
