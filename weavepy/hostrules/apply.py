@@ -1,7 +1,8 @@
 """weavepy.hostrules.apply: the shell that reads the host's rulesets, applies the plan, keeps it.
 
-`HostRules.ensure(spec)` reads what the host has (nftables' ruleset in one call, and
-`iptables-legacy-save` / `iptables-nft-save` for the backends that are installed), asks the pure
+`HostRules.ensure(spec)` reads what the host has (weavepy's nftables table and the foreign
+forward chains, and `iptables-legacy-save` / `iptables-nft-save` for the backends that are
+installed), asks the pure
 plan what to change, and applies it: every nftables change of a pass (weavepy's table, the peer
 set, the accepts in foreign nftables chains) in one transaction through `weavepy.nft`, and one
 `<backend>-restore -w --noflush` per iptables backend that needs a change. Called on every
@@ -41,7 +42,7 @@ from weavepy.hostrules.plan import (
     read_iptables_save,
     read_ruleset,
 )
-from weavepy.nft import Nft, NftError
+from weavepy.nft import Command, Nft, NftError
 
 __all__ = ["BRIDGE_NF_CALL_IPTABLES", "HostRules", "HostRulesError", "HostRulesState",
            "enable_bridge_netfilter"]
@@ -128,7 +129,7 @@ class HostRules:
         """What the host has now, and the parts that could not be read (one line each)."""
         errors: list[str] = []
         try:
-            nft_view = read_ruleset(self._nft.run([{"list": {"ruleset": None}}]))
+            nft_view = read_ruleset(self._nft_objects())
         except NftError as exc:
             raise HostRulesError(f"nftables: {exc}") from None
         backends: list[IptablesForward] = []
@@ -138,6 +139,20 @@ class HostRules:
             except HostRulesError as exc:
                 errors.append(str(exc))
         return HostView(nft_view, tuple(backends)), errors
+
+    def _nft_objects(self) -> list[Command]:
+        """weavepy's table and the foreign forward chains with their rules, read narrowly (a
+        host's other tables, kube-proxy's maps among them, can be large): the table, the list
+        of chains, then each forward chain. A chain that goes away meanwhile is skipped."""
+        objects = self._nft.list_table(FAMILY, TABLE) or []
+        for chain in read_ruleset(self._nft.run([{"list": {"chains": None}}])).forward_chains:
+            ref = {"family": chain.family, "table": chain.table, "name": chain.name}
+            try:
+                objects += self._nft.run([{"list": {"chain": ref}}])
+            except NftError as exc:
+                if "No such file or directory" not in str(exc):
+                    raise
+        return objects
 
     # -- applying --------------------------------------------------------------------------------
 
