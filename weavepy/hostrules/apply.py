@@ -106,11 +106,17 @@ def _run_tool(argv: Sequence[str], input_text: str | None = None) -> str:
 
 
 class HostRules:
-    """weavepy's host rules in this network namespace: `ensure(spec)` each pass, `remove()`."""
+    """weavepy's host rules in this network namespace: `ensure(spec)` each pass, `remove()`.
+
+    One object per agent, used from one thread at a time (it keeps the libnftables context and
+    what the last pass placed). Raises HostRulesError when nftables support is missing."""
 
     def __init__(self, nft: Nft | None = None,
                  which: Callable[[str], str | None] = shutil.which) -> None:
-        self._nft = nft if nft is not None else Nft()
+        try:
+            self._nft = nft if nft is not None else Nft()
+        except NftError as exc:
+            raise HostRulesError(str(exc)) from None
         self._backends: list[_Backend] = []
         for name in BACKENDS:
             save, restore = which(f"{name}-save"), which(f"{name}-restore")

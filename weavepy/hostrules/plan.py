@@ -448,7 +448,7 @@ def _table_difference(have: TableContent, want: TableContent) -> str:
         if have.chains[name] != want.chains[name]:
             return f"chain {name} differs"
     if set(have.chains) - set(want.chains):
-        return f"chains {sorted(set(have.chains) - set(want.chains))} are not weavepy's"
+        return f"chains {sorted(set(have.chains) - set(want.chains))} are no longer wanted"
     if have.counters != want.counters:
         return "counters differ"
     return f"set {PEER_SET} is missing"
