@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,15 +111,14 @@ class HostRules:
     One object per agent, used from one thread at a time (it keeps the libnftables context and
     what the last pass placed). Raises HostRulesError when nftables support is missing."""
 
-    def __init__(self, nft: Nft | None = None,
-                 which: Callable[[str], str | None] = shutil.which) -> None:
+    def __init__(self) -> None:
         try:
-            self._nft = nft if nft is not None else Nft()
+            self._nft = Nft()
         except NftError as exc:
             raise HostRulesError(str(exc)) from None
         self._backends: list[_Backend] = []
         for name in BACKENDS:
-            save, restore = which(f"{name}-save"), which(f"{name}-restore")
+            save, restore = shutil.which(f"{name}-save"), shutil.which(f"{name}-restore")
             if save and restore:
                 self._backends.append(_Backend(name, save, restore))
         self._placed: set[str] = set()  # where rules were in place after the last clean pass
