@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 PODS = IPv4Network("198.19.0.0/16")
 DEVICES = ("weavepy0", "weavepy.1", "weavepy.wg")
 PEER = IPv4Address("198.18.0.12")
-SPEC = HostRulesSpec(PODS, DEVICES, no_masq_cidrs=(IPv4Network("10.0.0.0/8"),),
+SPEC = HostRulesSpec(PODS, DEVICES,
+                     no_masq_cidrs=(IPv4Network("10.0.0.0/8"), IPv4Network("192.0.2.7/32")),
                      peer_node_addresses=frozenset({PEER}), api_guard_port=6784)
 EVERYWHERE = ("nft inet filter forward", "iptables-legacy filter FORWARD",
               "iptables-nft filter FORWARD")
@@ -61,6 +62,7 @@ def test_the_table_goes_in_whole_and_the_next_pass_changes_nothing(node: Any) ->
                  "ip daddr 198.19.0.0/16 return",
                  "ip daddr 224.0.0.0/4 return",
                  "ip daddr 10.0.0.0/8 return",
+                 "ip daddr 192.0.2.7 return",
                  "ip daddr @peer_nodes masquerade fully-random",
                  "elements = { 198.18.0.12 }",
                  'counter name "masqueraded"',
