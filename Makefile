@@ -9,4 +9,4 @@ bench:
 env:
 	bash .ci/bootstrap env
 lint:
-	.venv/bin/ruff check . && .venv/bin/mypy && .venv/bin/lint-imports --no-cache
+	.venv/bin/ruff check . && .venv/bin/mypy && .venv/bin/lint-imports --no-cache && bash .ci/deadcode

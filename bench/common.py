@@ -26,22 +26,3 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
-
-def bar_plot(name: str, labels: Sequence[str], values: Sequence[float], ylabel: str,
-             title: str) -> Path:
-    """Save a bar chart as bench/plots/<name>.png and return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    PLOTS.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(list(labels), list(values))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    fig.tight_layout()
-    path = PLOTS / f"{name}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -28,12 +28,10 @@ Everything random (loss, jitter, each node's own rng) derives from one seed, so 
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import heapq
 import logging
 import random
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -273,11 +271,6 @@ class Simulation:
 
     def heal(self) -> None:
         self._groups = {}
-
-    def set_link(self, source: str, target: str, link: Link, *, both_ways: bool = True) -> None:
-        self.links[(source, target)] = link
-        if both_ways:
-            self.links[(target, source)] = link
 
     def stall(self, name: str, duration: float) -> None:
         """Block `name`'s event loop for `duration` seconds from now."""
@@ -529,15 +522,3 @@ class Simulation:
             at, _STREAM_CLOSED, connection.peer, connection.peer_node, connection.peer_stream
         )
 
-
-def node_configs(config: GossipConfig, **changes: object) -> GossipConfig:
-    """`dataclasses.replace` with a name that reads well in simulation scripts."""
-    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
-
-
-def count_events(seats: Iterable[SimNode]) -> Counter[str]:
-    """How many events of each kind the given nodes saw."""
-    counts: Counter[str] = Counter()
-    for seat in seats:
-        counts.update(event.kind.value for event in seat.events)
-    return counts

@@ -448,16 +448,6 @@ class IpamLink:
             await self._flush()
         return freed
 
-    def cni_backend(self, mtu: int) -> Any:
-        """The CNI server's backend (built on its worker thread by CniServer)."""
-        from weavepy.cni.backend import BridgeBackend, PodLinkSettings
-
-        if self.trio_token is None:
-            raise RuntimeError("the IPAM link is not running")
-        return BridgeBackend(CniAllocator(self, self.trio_token), bridge=self.config.bridge,
-                             settings=PodLinkSettings(mtu=mtu))
-
-
 class _NoAddress(Exception):
     def __init__(self, unavailable: Unavailable) -> None:
         super().__init__(f"{unavailable.state.value}: {unavailable.detail}")

@@ -25,7 +25,6 @@ The rules it keeps:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -298,7 +297,6 @@ class Reconciler:
         self._reasons: list[str] = []
         self._bridge_made = False
         self._saved: list[dict[str, Any]] | None = None
-        self._pass_done = trio.Event()
 
     def poke(self, reason: str) -> None:
         """Ask for a pass soon (cheap; many pokes make one pass)."""
@@ -314,10 +312,6 @@ class Reconciler:
                          "unless gossip confirms them", len(self.retained))
             self.retained = []
             self.poke("view settled")
-
-    async def wait_pass(self) -> None:
-        """Wait until the next pass has finished."""
-        await self._pass_done.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reconcile forever: now, on every poke, and every `interval`; watch the device."""
@@ -389,8 +383,6 @@ class Reconciler:
         self._save(list(self.programmed.values()))
         if self.on_pass is not None:
             self.on_pass(time.monotonic() - clock, record.ok)
-        done, self._pass_done = self._pass_done, trio.Event()
-        done.set()
         return record
 
     async def _apply_bridge(self, blocks: Sequence[IPv4Network]) -> str | None:
@@ -414,7 +406,3 @@ class Reconciler:
             self._saved = doc
         except OSError as exc:
             log.warning("cannot save programmed peers in %s: %s", self.run_dir, exc)
-
-    def forget_saved(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.run_dir / PROGRAMMED_FILE).unlink()

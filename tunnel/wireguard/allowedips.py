@@ -96,9 +96,6 @@ class AllowedIPs(Generic[Value]):
         family = self._v4 if len(address) == 4 else self._v6
         return family.lookup(int.from_bytes(address, "big"))
 
-    def lookup_v4(self, address: int) -> Value | None:
-        return self._v4.lookup(address)
-
     def __iter__(self) -> Iterator[tuple[Network, Value]]:
         for value, nets in self._networks.items():
             for net in nets:

@@ -47,11 +47,6 @@ SUPER_HEADER = struct.Struct("<BBBBIQ")
 MAX_FRAGMENTS = 255
 
 
-def fragment_count(ciphertext_length: int, max_datagram: int) -> int:
-    chunk = max_datagram - SUPER_HEADER_SIZE
-    return -(-ciphertext_length // chunk)
-
-
 class Fragmenter:
     """Lays a ciphertext out as fragments with headers in one reusable buffer (numpy copies)."""
 

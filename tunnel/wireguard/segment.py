@@ -70,18 +70,6 @@ def _fold(total: int) -> int:
     return total
 
 
-def _fold_array(sums: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    for _ in range(4):
-        sums = np.asarray((sums & 0xFFFF) + (sums >> 16), dtype=np.uint64)
-    return sums
-
-
-def _row_sums(columns: Matrix) -> npt.NDArray[np.uint64]:
-    """Big-endian one's-complement sum of each row (rows 4-byte aligned, width % 4 == 0)."""
-    sums = _fold_array(columns.view("<u4").sum(axis=1, dtype=np.uint64))
-    return np.asarray(((sums & 0xFF) << 8) | (sums >> 8), dtype=np.uint64)  # native -> BE
-
-
 def _swap16(value: int) -> int:
     return ((value & 0xFF) << 8) | (value >> 8)
 

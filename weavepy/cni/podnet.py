@@ -173,10 +173,6 @@ class BridgeState:
     addresses: tuple[ipaddress.IPv4Interface, ...] = field(default=())
 
 
-def _netlink_code(exc: BaseException) -> int:
-    return exc.code if isinstance(exc, NetlinkError) else 0
-
-
 class RtnlRequests:
     """Blocking rtnetlink requests on one raw socket, for ADD's and DEL's hot path.
 

@@ -24,7 +24,6 @@ value (Paxos agreement; the other invariants rest on it).
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -268,11 +267,6 @@ def check_mismatch_reported(status: IpamStatus, foreign_peers: Iterable[str]) ->
             raise InvariantViolation(
                 f"invariant 6: the mismatch report on {status.node} does not say how to recover"
             )
-
-
-def parse_network(text: str) -> IPNetwork:
-    """Helper for checkers reading the agent's JSON report."""
-    return ipaddress.ip_network(text)
 
 
 @dataclass(slots=True)

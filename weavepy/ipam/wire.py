@@ -251,14 +251,6 @@ def encode(envelope: Envelope) -> bytes:
     return data
 
 
-def encoded_size(envelope: Envelope) -> int:
-    """Bytes `encode` would produce, without the size check (to fit values into a budget)."""
-    try:
-        return len(encode(envelope))
-    except ValueError:
-        return MAX_MESSAGE_BYTES + 1
-
-
 # --------------------------------------------------------------------------- decode
 
 
