@@ -72,6 +72,10 @@ class AgentControl(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    async def pods(self) -> list[dict[str, Any]]:
+        """Every pod attachment on this node (docs/api.md, `GET /pods`)."""
+        ...
+
     def readiness(self) -> tuple[bool, list[str]]:
         """(ready, reasons it is not ready)."""
         ...
@@ -196,6 +200,9 @@ def build_app(control: AgentControl, token: str) -> Starlette:
             raise ApiError(404, f"no status section {part!r}")
         return JSONResponse(doc[part])
 
+    async def pods(request: Request) -> Response:
+        return JSONResponse({"pods": await control.pods()})
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
@@ -248,6 +255,7 @@ def build_app(control: AgentControl, token: str) -> Starlette:
         route("/status", status, "GET"),
         route("/status/{part}", status_part, "GET"),
         route("/report", report, "GET"),
+        route("/pods", pods, "GET"),
         route("/healthz", healthz, "GET"),
         route("/readyz", readyz, "GET"),
         route("/connect", connect, "POST"),

@@ -340,6 +340,17 @@ def status_ipam(as_json: bool, api_addr: str | None) -> None:
     _show(api_addr, "/status", as_json, render_ipam, "ipam")
 
 
+@main.command("ps")
+@json_option
+@api_option
+def ps(as_json: bool, api_addr: str | None) -> None:
+    """Every pod on this node: container ID, interface (pod side and host veth), the pod's
+    MAC and addresses (as Weave's `weave ps`)."""
+    from weavepy.statusview import render_pods
+
+    _show(api_addr, "/pods", as_json, render_pods, "pods")
+
+
 @main.command("report")
 @json_option
 @api_option
