@@ -1,7 +1,7 @@
 """`weavepy ps` on a live node: pods made through the real CNI plugin (weavepy-cni, installed
 as a runtime would find it) against a real agent in a sandbox node, and the listing checked
-against the kernel of the pods' own namespaces. Also the kernel read alone
-(weavepy.podlist.read_pod_macs) over more veths than one batch holds."""
+against the kernel of the pods' own namespaces (and Weave's `weave_ips` counting them). Also
+the kernel read alone (weavepy.podlist.read_pod_macs) over more veths than one batch holds."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.ops.test_ops_netns import samples, scrape, value
 from weavepy.cni.podnet import host_veth_name
 from weavepy.devtools.agentbox import AgentBox
 from weavepy.devtools.sandbox import Sandbox
@@ -51,6 +52,8 @@ def test_ps_lists_the_pods_of_this_node(agent_box: Any) -> None:
         assert entry["mac"] == _mac(netns, ifname), "the pod side's MAC, from the kernel"
         assert entry["addresses"] == [f"{addresses[netns]}/24"]
         assert entry["problem"] is None
+
+    assert value(samples(node.call(scrape)), "weave_ips", state="local-used") == len(pods)
 
     text = rig.cli(node, "ps")
     assert text.returncode == 0, text.stderr
