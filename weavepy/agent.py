@@ -13,12 +13,13 @@ Data flows one way::
     IpamLink (IpamCore, persisted) --block table--> Reconciler --> tunnel.vxlan + pod bridge
          |
          +--> pod allocator --> CNI server (weavepy-cni clients)
-    API (127.0.0.1) reads status and asks for connect / forget / rmpeer / stop
+    API (127.0.0.1) reads status; with the API token it asks for connect / forget / rmpeer / stop
 
 `prepare()` does everything that can fail because of the host or the user before any task
 starts, and raises `AgentError` with one readable line: not root, a bad or renamed state
 directory, a corrupt identity or IPAM file, an unreadable keyring, no usable underlay, a
-cluster range that overlaps the host's routes, an API port already taken.
+cluster range that overlaps the host's routes, an API port already taken, an API token file
+that holds no token. It creates the API token on the first launch (weavepy.apitoken).
 
 `Agent.run()` then runs, as children of one nursery: the gossip service, the membership task
 (events -> view -> reconciler and IPAM), the IPAM link, the join loop and the end of start-up
@@ -63,6 +64,8 @@ from gossip.tags import encode_tags
 from gossip.transport import GossipService
 from tunnel.vxlan import ENCAP_OVERHEAD, VxlanBackend, VxlanConfig
 from weavepy import __version__
+from weavepy.apitoken import TokenError
+from weavepy.apitoken import load_or_create as load_or_create_token
 from weavepy.cluster import ClusterView, DataPlaneIdentity
 from weavepy.cni.podnet import ensure_bridge
 from weavepy.config import AgentConfig, parse_peer
@@ -121,6 +124,7 @@ class Prepared:
     advertise: tuple[str, int]
     mtu: int
     gossip: GossipConfig
+    api_token: str  # what the API asks of requests that change the node (weavepy.apitoken)
 
 
 def _gossip_profile(name: str) -> GossipConfig:
@@ -189,12 +193,16 @@ def prepare(config: AgentConfig) -> Prepared:
             check_bindable(*config.metrics_addr)
     except OSError as exc:
         raise AgentError(str(exc)) from None
+    try:
+        api_token = load_or_create_token(config.state_dir)
+    except TokenError as exc:
+        raise AgentError(str(exc)) from None
     if config.install_cni:
         _install_cni(config)
     log.info("underlay %s %s (mtu %d, chosen by %s); overlay mtu %d; advertising %s:%d",
              underlay.iface, underlay.local_ip, underlay.mtu, underlay.how, mtu, *advertise)
     return Prepared(config, identity, keyring, underlay, advertise, mtu,
-                    _gossip_profile(config.profile))
+                    _gossip_profile(config.profile), api_token)
 
 
 def encryption_configured(config: AgentConfig) -> bool:
@@ -345,7 +353,8 @@ class Agent:
                 await nursery.start(self._serve_cni)
                 from weavepy.api import build_app, serve_api
 
-                await nursery.start(serve_api, build_app(self.control), *config.api_addr)
+                await nursery.start(serve_api, build_app(self.control, self.prepared.api_token),
+                                    *config.api_addr)
                 if config.metrics_addr is not None:
                     from weavepy.api import build_metrics_app
 

@@ -6,8 +6,14 @@ weavepy.control's `NodeControl` implements. The documented contract is docs/api.
 
 The rules it keeps:
 
-* It listens on loopback only (the configuration refuses anything else): the API can stop the
-  agent and remove peers, and it has no authentication, exactly like Weave's 127.0.0.1:6784.
+* It listens on loopback only (the configuration refuses anything else), like Weave's
+  127.0.0.1:6784. Loopback is not enough on its own (hostNetwork with `route_localnet=1`
+  makes 127.0.0.1 reachable from the network), so **every request that is not a GET needs
+  the API token** (weavepy.apitoken): `Authorization: Bearer <token>`, else 401. The rule is
+  structural: `build_app` puts the check in front of every route whose method is not GET,
+  so a new endpoint that changes the node cannot forget it. GETs (status, report, pods,
+  health, readiness) stay open on loopback, so probes and `weavepy status` work
+  unprivileged; they show nothing secret (the configuration's secrets are masked).
 * Every error is JSON `{"error": "<one readable sentence>"}` with a fitting status code, so
   the CLI can print it as one line. The node refuses requests with weavepy.control's domain
   errors, and `CONTROL_ERROR_STATUS` is the one place that maps them to codes (400 invalid,
@@ -34,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from weavepy.apitoken import TOKEN_FILE, bearer_matches
 from weavepy.control import Conflict, ControlError, Invalid, NotFound, Unavailable
 
 __all__ = ["CONTROL_ERROR_STATUS", "AgentControl", "ApiError", "build_app", "build_metrics_app",
@@ -64,6 +71,10 @@ class AgentControl(Protocol):
     """What the API needs from the agent."""
 
     def status(self) -> dict[str, Any]: ...
+
+    async def pods(self) -> list[dict[str, Any]]:
+        """Every pod attachment on this node (docs/api.md, `GET /pods`)."""
+        ...
 
     def readiness(self) -> tuple[bool, list[str]]:
         """(ready, reasons it is not ready)."""
@@ -141,8 +152,9 @@ def _urlencoded_form(body: bytes, content_type: str) -> dict[str, list[str]]:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def build_app(control: AgentControl) -> Starlette:
-    """The ASGI app over `control`; routes are listed in docs/api.md."""
+def build_app(control: AgentControl, token: str) -> Starlette:
+    """The ASGI app over `control`; routes are listed in docs/api.md. Requests that are not
+    GETs must carry `token` (weavepy.apitoken)."""
 
     def guarded(handler: Handler) -> Handler:
         async def wrapper(request: Request) -> Response:
@@ -154,6 +166,25 @@ def build_app(control: AgentControl) -> Starlette:
                 return _error(CONTROL_ERROR_STATUS[type(exc)], str(exc))
 
         return wrapper
+
+    def authorized(handler: Handler) -> Handler:
+        async def wrapper(request: Request) -> Response:
+            presented = request.headers.get("authorization")
+            if bearer_matches(token, presented):
+                return await handler(request)
+            problem = "no API token" if presented is None else "a wrong API token"
+            return JSONResponse(
+                {"error": f"{request.method} {request.url.path} changes the node and came with "
+                          f"{problem}: send `Authorization: Bearer TOKEN` with the token in "
+                          f"{TOKEN_FILE} of the agent's state directory (readable by root)"},
+                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+        return wrapper
+
+    def route(path: str, handler: Handler, method: str) -> Route:
+        endpoint = guarded(handler)
+        return Route(path, endpoint if method == "GET" else authorized(endpoint),
+                     methods=[method])
 
     async def status(request: Request) -> Response:
         return JSONResponse(control.status())
@@ -168,6 +199,9 @@ def build_app(control: AgentControl) -> Starlette:
         if part not in doc or not isinstance(doc[part], dict | list):
             raise ApiError(404, f"no status section {part!r}")
         return JSONResponse(doc[part])
+
+    async def pods(request: Request) -> Response:
+        return JSONResponse({"pods": await control.pods()})
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
@@ -218,18 +252,19 @@ def build_app(control: AgentControl) -> Starlette:
         return JSONResponse({"stopping": True, "leaving": leave}, status_code=202)
 
     routes = [
-        Route("/status", guarded(status), methods=["GET"]),
-        Route("/status/{part}", guarded(status_part), methods=["GET"]),
-        Route("/report", guarded(report), methods=["GET"]),
-        Route("/healthz", guarded(healthz), methods=["GET"]),
-        Route("/readyz", guarded(readyz), methods=["GET"]),
-        Route("/connect", guarded(connect), methods=["POST"]),
-        Route("/forget", guarded(forget), methods=["POST"]),
-        Route("/peer/{name}", guarded(rmpeer), methods=["DELETE"]),
-        Route("/stop", guarded(stop), methods=["POST"]),
-        Route("/wg-config/{name}", guarded(wg_config), methods=["GET"]),
-        Route("/external-peers", guarded(add_external), methods=["POST"]),
-        Route("/external-peers/{name}", guarded(remove_external), methods=["DELETE"]),
+        route("/status", status, "GET"),
+        route("/status/{part}", status_part, "GET"),
+        route("/report", report, "GET"),
+        route("/pods", pods, "GET"),
+        route("/healthz", healthz, "GET"),
+        route("/readyz", readyz, "GET"),
+        route("/connect", connect, "POST"),
+        route("/forget", forget, "POST"),
+        route("/peer/{name}", rmpeer, "DELETE"),
+        route("/stop", stop, "POST"),
+        route("/wg-config/{name}", wg_config, "GET"),
+        route("/external-peers", add_external, "POST"),
+        route("/external-peers/{name}", remove_external, "DELETE"),
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:

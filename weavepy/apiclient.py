@@ -1,7 +1,8 @@
 """A tiny client for the agent's local HTTP API, for the CLI (stdlib only, imports in ~ms).
 
 This module owns turning an API call into a Python value or an `AgentUnavailable` /
-`AgentRefused` error whose message is one readable line. It keeps the CLI free of the server's
+`AgentRefused` error whose message is one readable line, and sending the API token when the
+caller has one. It keeps the CLI free of the server's
 heavy imports (Starlette, hypercorn).
 """
 
@@ -30,8 +31,13 @@ class AgentRefused(Exception):
 
 
 class ApiClient:
-    def __init__(self, host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Calls to the agent at host:port; with `token` (weavepy.apitoken), every request
+    carries `Authorization: Bearer <token>`, which the requests that change the node need."""
+
+    def __init__(self, host: str, port: int, timeout: float = DEFAULT_TIMEOUT,
+                 token: str | None = None) -> None:
         self.host, self.port, self.timeout = host, port, timeout
+        self._token = token
 
     def request(self, method: str, path: str, body: Any = None,
                 query: dict[str, str] | None = None) -> Any:
@@ -39,6 +45,8 @@ class ApiClient:
             path = f"{path}?{urllib.parse.urlencode(query)}"
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             conn.request(method, path, body=payload, headers=headers)

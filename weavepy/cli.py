@@ -3,7 +3,10 @@
 Rule: a user mistake, or an agent that is down, prints one readable line (click's
 `Error: ...`) and exits non-zero; a traceback means a bug in weavepy. Commands that talk to a
 running agent use its local HTTP API through `weavepy.apiclient` (stdlib only, so they start
-fast); only `launch` imports the agent.
+fast); only `launch` imports the agent. Commands that change the node (connect, forget,
+rmpeer, stop, external, reset) send the API token from the agent's state directory
+(`--state-dir`, `$WEAVEPY_STATE_DIR` or the config file, as the agent finds it; see
+weavepy.apitoken); the views need none.
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ def _load(flags: dict[str, Any], config_file: str | None) -> Any:
         raise click.ClickException(exc.problems[-1]) from None
 
 
-def _client(api_addr: str | None) -> Any:
+def _client(api_addr: str | None, token: str | None = None) -> Any:
     from weavepy.apiclient import ApiClient
 
     text = api_addr or os.environ.get("WEAVEPY_API_ADDR") or "127.0.0.1:6784"
@@ -148,20 +151,49 @@ def _client(api_addr: str | None) -> Any:
         host, port = parse_peer(text, 6784)
     except ValueError as exc:
         raise click.ClickException(f"--api-addr: {exc}") from None
-    return ApiClient(host, port)
+    return ApiClient(host, port, token=token)
 
 
-def _call(fn: Callable[[], Any]) -> Any:
+def _token(config: Any) -> tuple[str | None, str]:
+    """The API token in the agent's state directory (None if this user cannot read it), and
+    the line to print if the agent refuses the request (HTTP 401)."""
+    from weavepy.apitoken import TOKEN_FILE, TokenError, read_token
+
+    try:
+        token = read_token(config.state_dir)
+    except TokenError as exc:
+        return None, (f"the agent refused: no API token ({exc}); run as root on the node, or "
+                      f"pass --state-dir")
+    return token, (f"the agent refused the API token in {config.state_dir / TOKEN_FILE}; pass "
+                   f"the agent's --state-dir")
+
+
+def _changing_client(api_addr: str | None, config_file: str | None,
+                     flags: dict[str, Any]) -> tuple[Any, str]:
+    """A client for requests that change the node: it carries the API token (see `_token`).
+    Returns it with the line for a refusal."""
+    token, refused = _token(_load(flags, config_file))
+    return _client(api_addr, token), refused
+
+
+def _call(fn: Callable[[], Any], refused: str | None = None) -> Any:
+    """`fn()`, with the agent's errors as one line (`refused` for a 401: the API token)."""
     from weavepy.apiclient import AgentRefused, AgentUnavailable
 
     try:
         return fn()
-    except (AgentUnavailable, AgentRefused) as exc:
+    except AgentRefused as exc:
+        if exc.status == 401 and refused is not None:
+            raise click.ClickException(refused) from None
+        raise click.ClickException(str(exc)) from None
+    except AgentUnavailable as exc:
         raise click.ClickException(str(exc)) from None
 
 
 api_option = click.option("--api-addr", default=None, metavar="IP:PORT",
                           help="the agent's API [env: $WEAVEPY_API_ADDR; default 127.0.0.1:6784]")
+# Where a command that changes the node finds the API token: the agent's state directory.
+token_options = _setting_options({"state_dir"})
 
 
 @main.command("launch")
@@ -308,6 +340,17 @@ def status_ipam(as_json: bool, api_addr: str | None) -> None:
     _show(api_addr, "/status", as_json, render_ipam, "ipam")
 
 
+@main.command("ps")
+@json_option
+@api_option
+def ps(as_json: bool, api_addr: str | None) -> None:
+    """Every pod on this node: container ID, interface (pod side and host veth), the pod's
+    MAC and addresses (as Weave's `weave ps`)."""
+    from weavepy.statusview import render_pods
+
+    _show(api_addr, "/pods", as_json, render_pods, "pods")
+
+
 @main.command("report")
 @json_option
 @api_option
@@ -322,24 +365,30 @@ def report(as_json: bool, api_addr: str | None) -> None:
 @click.argument("peers", nargs=-1, required=True)
 @click.option("--replace", is_flag=True, help="replace the target list instead of adding")
 @api_option
-def connect(peers: tuple[str, ...], replace: bool, api_addr: str | None) -> None:
+@token_options
+def connect(peers: tuple[str, ...], replace: bool, api_addr: str | None,
+            config_file: str | None, **flags: Any) -> None:
     """Join PEERS (host[:port]) and keep retrying them until `forget`."""
     for peer in peers:
         try:
             parse_peer(peer)
         except ValueError as exc:
             raise click.ClickException(f"{peer}: {exc}") from None
-    doc = _call(lambda: _client(api_addr).post("/connect", {"peers": list(peers),
-                                                            "replace": replace}))
+    client, refused = _changing_client(api_addr, config_file, flags)
+    doc = _call(lambda: client.post("/connect", {"peers": list(peers), "replace": replace}),
+                refused)
     click.echo(f"targets: {', '.join(doc['targets']) or '(none)'}")
 
 
 @main.command("forget")
 @click.argument("peers", nargs=-1, required=True)
 @api_option
-def forget(peers: tuple[str, ...], api_addr: str | None) -> None:
+@token_options
+def forget(peers: tuple[str, ...], api_addr: str | None, config_file: str | None,
+           **flags: Any) -> None:
     """Stop trying to join PEERS (members already joined stay)."""
-    doc = _call(lambda: _client(api_addr).post("/forget", {"peers": list(peers)}))
+    client, refused = _changing_client(api_addr, config_file, flags)
+    doc = _call(lambda: client.post("/forget", {"peers": list(peers)}), refused)
     if doc.get("unknown"):
         click.echo(f"not targets: {', '.join(doc['unknown'])}", err=True)
     click.echo(f"targets: {', '.join(doc['targets']) or '(none)'}")
@@ -350,10 +399,13 @@ def forget(peers: tuple[str, ...], api_addr: str | None) -> None:
 @click.option("--force", is_flag=True, help="remove even without a majority of voters, or "
               "while the node still looks live (you promise it is gone)")
 @api_option
-def rmpeer(name: str, force: bool, api_addr: str | None) -> None:
+@token_options
+def rmpeer(name: str, force: bool, api_addr: str | None, config_file: str | None,
+           **flags: Any) -> None:
     """Reclaim the address space of node NAME, which is gone for good."""
     query = {"force": "true"} if force else None
-    doc = _call(lambda: _client(api_addr).delete(f"/peer/{name}", query))
+    client, refused = _changing_client(api_addr, config_file, flags)
+    doc = _call(lambda: client.delete(f"/peer/{name}", query), refused)
     click.echo(doc.get("message") or json.dumps(doc))
 
 
@@ -362,11 +414,12 @@ def rmpeer(name: str, force: bool, api_addr: str | None) -> None:
               help="Do not leave the cluster (as on SIGTERM): for a restart, peers keep their "
                    "routes to this node's pods.")
 @api_option
-def stop(no_leave: bool, api_addr: str | None) -> None:
+@token_options
+def stop(no_leave: bool, api_addr: str | None, config_file: str | None, **flags: Any) -> None:
     """Stop the agent gracefully: it leaves the cluster, so peers drop their routes to it at
     once; pods and this node's kernel state stay. SIGTERM stops without leaving."""
-    client = _client(api_addr)
-    _call(lambda: client.post("/stop?leave=false" if no_leave else "/stop"))
+    client, refused = _changing_client(api_addr, config_file, flags)
+    _call(lambda: client.post("/stop?leave=false" if no_leave else "/stop"), refused)
     if not _wait_down(client, 15):
         raise click.ClickException("the agent accepted the stop but still answers after 15 s")
     click.echo("weavepy agent stopped")
@@ -399,7 +452,8 @@ def reset(config_file: str | None, force: bool, **flags: Any) -> None:
     if not force and sys.stdin.isatty():
         click.confirm(f"Remove this node's pod network and its state in {config.state_dir}?",
                       abort=True)
-    client = ApiClient(config.api_addr[0], config.api_addr[1], timeout=5)
+    token, refused = _token(config)
+    client = ApiClient(config.api_addr[0], config.api_addr[1], timeout=5, token=token)
     try:
         client.post("/stop")
         if not _wait_down(client, 15):
@@ -408,7 +462,8 @@ def reset(config_file: str | None, force: bool, **flags: Any) -> None:
     except AgentUnavailable:
         pass
     except AgentRefused as exc:
-        raise click.ClickException(f"the agent refused to stop: {exc}") from None
+        reason = refused if exc.status == 401 else f"the agent refused to stop: {exc}"
+        raise click.ClickException(reason) from None
     from weavepy.reset import ResetError, reset_node
 
     try:
@@ -442,21 +497,26 @@ def external() -> None:
               help="where the host listens (omit when it is behind NAT: it is learned from "
               "its first handshake)")
 @api_option
+@token_options
 def external_add(name: str, public_key: str, allowed_ips: str, endpoint: str | None,
-                 api_addr: str | None) -> None:
+                 api_addr: str | None, config_file: str | None, **flags: Any) -> None:
     """Declare (or replace) external peer NAME on this node."""
     body = {"name": name, "public_key": public_key, "allowed_ips": allowed_ips,
             "endpoint": endpoint}
-    doc = _call(lambda: _client(api_addr).post("/external-peers", body))
+    client, refused = _changing_client(api_addr, config_file, flags)
+    doc = _call(lambda: client.post("/external-peers", body), refused)
     click.echo(f"external peers: {', '.join(p['name'] for p in doc['external_peers'])}")
 
 
 @external.command("rm")
 @click.argument("name")
 @api_option
-def external_rm(name: str, api_addr: str | None) -> None:
+@token_options
+def external_rm(name: str, api_addr: str | None, config_file: str | None,
+                **flags: Any) -> None:
     """Remove external peer NAME from this node."""
-    doc = _call(lambda: _client(api_addr).delete(f"/external-peers/{name}"))
+    client, refused = _changing_client(api_addr, config_file, flags)
+    doc = _call(lambda: client.delete(f"/external-peers/{name}"), refused)
     click.echo(f"external peers: {', '.join(p['name'] for p in doc['external_peers']) or '-'}")
 
 

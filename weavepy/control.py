@@ -2,8 +2,9 @@
 
 This module owns what the local API (weavepy.api) and the metrics endpoint ask of a running
 agent: the status document (docs/report.schema.json), readiness and its reasons, how peers are
-discovered, the wg-quick file of an external peer, declaring and removing external peers,
-adding and forgetting join targets (`connect`, `forget`), `rmpeer`, and `stop`. `NodeControl`
+discovered, the pods on this node (`weavepy ps`), the wg-quick file of an external peer,
+declaring and removing external peers, adding and forgetting join targets (`connect`,
+`forget`), `rmpeer`, and `stop`. `NodeControl`
 answers them from the agent's parts (weavepy.agent builds one per agent); it implements
 `weavepy.api.AgentControl`.
 
@@ -32,6 +33,7 @@ import trio
 from weavepy import __version__
 from weavepy.ipam_link import IpamLinkError
 from weavepy.peerstore import save_external_peers
+from weavepy.podlist import PodListError, pod_list, read_pod_macs
 from weavepy.reconcile import DesiredDataPlane
 from weavepy.statusview import REPORT_VERSION, connection_entries, ipam_advice
 from weavepy.targets import normalise_addresses
@@ -207,6 +209,17 @@ class NodeControl:
                     "conflist_installed": conflist.exists() if conflist is not None else None},
             "config": config.to_public_dict(),
         }
+
+    async def pods(self) -> list[dict[str, Any]]:
+        """Every pod attachment on this node (`weavepy ps`): IPAM's allocations with their
+        interfaces' names and the pod side's MAC (weavepy.podlist; the kernel is read in a
+        worker thread)."""
+        allocations = self.agent.ipam.allocator.allocations()
+        try:
+            macs = await trio.to_thread.run_sync(read_pod_macs)
+        except PodListError as exc:
+            raise Unavailable(f"cannot read this node's pod interfaces: {exc}") from None
+        return pod_list(allocations, macs)
 
     def _traffic(self) -> dict[str, dict[str, int]]:
         """Counters per data path (the VXLAN device's, once read)."""

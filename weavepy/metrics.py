@@ -1,4 +1,5 @@
-"""The agent's Prometheus metrics: every `weavepy_*` series, in one registry an agent owns.
+"""The agent's Prometheus metrics: every `weavepy_*` series and, beside them, the Weave Net
+series that alerts written for Weave use, in one registry an agent owns.
 
 This module owns the names, help texts, labels and buckets of every metric weavepy exports, and
 how a status snapshot maps onto them. It serves nothing: the agent exposes `render()` on its
@@ -39,17 +40,36 @@ weavepy_cni_request_duration_seconds            histogram  command
 weavepy_cni_requests_total                      counter    command, result (ok error)
 weavepy_tunnel_bytes_total                      counter    path, direction (rx tx)
 weavepy_tunnel_packets_total                    counter    path, direction
+
+Weave Net's names, with Weave's meaning (prog/weaver/metrics.go; docs/migrating-from-weave.md):
+
+weave_connections                               gauge      state (established pending retrying
+                                                           failed connecting, all five always)
+weave_ips                                       gauge      state (local-used: pod addresses in
+                                                           use on this node)
+weave_max_ips                                   gauge      (addresses in the cluster range)
+weave_ipam_unreachable_count                    gauge      (unreachable members owning blocks)
+weave_ipam_unreachable_percentage               gauge      (% of the range they own)
+
+`weave_connections` counts Weave's way: weavepy's data-path connections by their state
+(established, pending, failed), plus the join targets not answered by a live member, as
+Weave's connection maker lists them: `connecting` (first attempt running, or due), `retrying`
+(an attempt running after a failure), `failed` (waiting to retry after a failure).
+`weavenpc_blocked_connections_total` (weave-npc's counter of connections NetworkPolicy blocked)
+belongs to the policy engine and is exported by it once NetworkPolicy lands; it is not faked
+here.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 
@@ -61,6 +81,7 @@ __all__ = [
     "CONTENT_TYPE_LATEST",
     "IPAM_STATES",
     "MEMBER_STATES",
+    "WEAVE_CONNECTION_STATES",
     "AgentMetrics",
     "StatusSnapshot",
 ]
@@ -69,6 +90,8 @@ log = logging.getLogger(__name__)
 
 MEMBER_STATES = ("alive", "suspect", "failed", "left")
 CONNECTION_STATES = ("established", "pending", "failed")
+# Weave's connection states, in Weave's order (prog/weaver/http.go, allConnectionStates).
+WEAVE_CONNECTION_STATES = ("established", "pending", "retrying", "failed", "connecting")
 # The values of weavepy.ipam.status.IpamState (a test keeps them equal).
 IPAM_STATES = ("waiting_for_cluster", "joining", "waiting_for_quorum", "minority_partition",
                "ready", "out_of_space", "owned_by_unreachable_peers")
@@ -131,6 +154,10 @@ class StatusSnapshot:
     pod_ips_capacity: int = 0
     tunnel_bytes: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (path, dir)
     tunnel_packets: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    weave_connections: Mapping[str, int] = field(default_factory=dict)  # Weave's state names
+    range_addresses: int = 0  # addresses in the cluster range (0: no IPAM)
+    unreachable_owners: int = 0
+    unreachable_addresses: int = 0  # in the blocks of unreachable owners
 
     @classmethod
     def from_status(cls, doc: Mapping[str, Any]) -> StatusSnapshot:
@@ -150,9 +177,8 @@ class StatusSnapshot:
                 drops[(component, str(reason))] = _count(value)
 
         unreachable = {str(n) for n in ipam.get("unreachable_owners") or () if isinstance(n, str)}
-        blocks_unreachable = sum(
-            len(m.get("blocks") or ()) for m in _items(ipam, "members")
-            if m.get("name") in unreachable)
+        unreachable_blocks = [b for m in _items(ipam, "members") if m.get("name") in unreachable
+                              for b in m.get("blocks") or ()]
         pods = _section(ipam, "pods")
         in_use = sum(_count(_section(pods, b).get("used")) for b in pods)
         capacity = sum(_count(_section(pods, b).get("capacity")) for b in pods)
@@ -182,12 +208,41 @@ class StatusSnapshot:
             ipam_state=ipam_state if isinstance(ipam_state, str) else None,
             blocks_owned=len(ipam.get("owned_blocks") or ()),
             blocks_free=_count(ipam.get("free_blocks")),
-            blocks_unreachable=blocks_unreachable,
+            blocks_unreachable=len(unreachable_blocks),
             pod_ips_in_use=in_use,
             pod_ips_capacity=capacity,
             tunnel_bytes=tunnel_bytes,
             tunnel_packets=tunnel_packets,
+            weave_connections=_weave_connections(doc),
+            range_addresses=_addresses(_section(doc, "config").get("ipalloc_range"))
+            if ipam else 0,
+            unreachable_owners=len(unreachable),
+            unreachable_addresses=sum(_addresses(b) for b in unreachable_blocks),
         )
+
+
+def _addresses(cidr: object) -> int:
+    """The number of addresses in a CIDR from the status (0 if it is not one)."""
+    try:
+        return ipaddress.ip_network(str(cidr)).num_addresses if cidr is not None else 0
+    except ValueError:
+        return 0
+
+
+def _weave_connections(doc: Mapping[str, Any]) -> dict[str, int]:
+    """Connections as Weave counts them (see the module docstring): the data-path connections
+    by state, and the join targets no live member answers, by where their attempts stand."""
+    counts = dict.fromkeys(WEAVE_CONNECTION_STATES, 0)
+    for (state, _, _), count in _connections(doc).items():
+        if state in counts:
+            counts[state] += count
+    for target in _items(doc, "targets"):
+        attempt, failed_before = target.get("state"), bool(target.get("last_error"))
+        if attempt == "connecting":
+            counts["retrying" if failed_before else "connecting"] += 1
+        elif attempt == "retrying":
+            counts["failed" if failed_before else "connecting"] += 1
+    return counts
 
 
 def _connections(doc: Mapping[str, Any]) -> dict[ConnectionKey, int]:
@@ -268,6 +323,45 @@ class _SnapshotCounters:
         yield tunnel_packets
 
 
+class _WeaveNames:
+    """A registry collector for Weave Net's series (module docstring), from the latest
+    snapshot at scrape time. The IPAM series are left out while there is no IPAM range, as
+    Weave left them out without an allocator."""
+
+    def __init__(self) -> None:
+        self.snapshot = StatusSnapshot()
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(StatusSnapshot(range_addresses=1))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.snapshot)
+
+    @staticmethod
+    def _families(snap: StatusSnapshot) -> Iterator[Metric]:
+        connections = GaugeMetricFamily("weave_connections", "Number of peer-to-peer "
+                                        "connections (Weave Net's name).", labels=["state"])
+        for state in WEAVE_CONNECTION_STATES:
+            connections.add_metric([state], snap.weave_connections.get(state, 0))
+        yield connections
+        if snap.range_addresses <= 0:
+            return
+        ips = GaugeMetricFamily("weave_ips", "Number of IP addresses (Weave Net's name; "
+                                "local-used: pod addresses in use on this node).",
+                                labels=["state"])
+        ips.add_metric(["local-used"], snap.pod_ips_in_use)
+        yield ips
+        yield GaugeMetricFamily("weave_max_ips", "Size of IP address space used by allocator "
+                                "(Weave Net's name: addresses in the cluster range).",
+                                value=snap.range_addresses)
+        yield GaugeMetricFamily("weave_ipam_unreachable_count", "Number of unreachable peers "
+                                "(Weave Net's name: unreachable members that own blocks).",
+                                value=snap.unreachable_owners)
+        yield GaugeMetricFamily("weave_ipam_unreachable_percentage", "Percentage of IP "
+                                "addresses owned by unreachable peers (Weave Net's name).",
+                                value=snap.unreachable_addresses * 100.0 / snap.range_addresses)
+
+
 class AgentMetrics:
     """Every weavepy metric, in a registry this object owns.
 
@@ -278,6 +372,7 @@ class AgentMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         self._snapshot_counters = _SnapshotCounters()
+        self._weave_names = _WeaveNames()
 
         self.build_info = Gauge("weavepy_build_info", "weavepy version (always 1)",
                                 ["version"], registry=reg)
@@ -307,6 +402,7 @@ class AgentMetrics:
         self.cni_requests = Counter("weavepy_cni_requests", "CNI requests by command and result",
                                     ["command", "result"], registry=reg)
         reg.register(self._snapshot_counters)
+        reg.register(self._weave_names)
 
         for state in MEMBER_STATES:
             self.members.labels(state=state).set(0)
@@ -322,6 +418,7 @@ class AgentMetrics:
     def update(self, snapshot: StatusSnapshot) -> None:
         """Set every gauge from `snapshot` and keep it for the counters' next scrape."""
         self._snapshot_counters.snapshot = snapshot
+        self._weave_names.snapshot = snapshot
         self.ready.set(1 if snapshot.ready else 0)
         for state in MEMBER_STATES:
             self.members.labels(state=state).set(snapshot.members.get(state, 0))

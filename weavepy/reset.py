@@ -10,9 +10,10 @@ What it removes, in the node's network namespace and directories:
   (by their configured names);
 * every host-side pod veth (by weavepy's veth prefix; the pod's end goes with it);
 * weavepy's own files in the state directory: the identity (name, VTEP MAC, WireGuard key,
-  cluster ID), the IPAM state and pod allocations, the known peers and the external peers
-  declared through the API, together with their moved-aside copies (`NAME.corrupt-*`) and
-  leftover temporaries (`.NAME.*`); and in the run directory the list of programmed peers.
+  cluster ID), the IPAM state and pod allocations, the known peers, the external peers
+  declared through the API and the API token, together with their moved-aside copies
+  (`NAME.corrupt-*`) and leftover temporaries (`.NAME.*`); and in the run directory the list
+  of programmed peers.
 
 What it keeps: everything else. Other files in the state and run directories, the gossip
 keyring and configuration files, the installed CNI plugin and its conflist, other links and
@@ -98,12 +99,14 @@ def _remove_link(ipr: Any, name: str) -> bool:
 
 def _state_files(config: AgentConfig) -> Iterator[Path]:
     """weavepy's own files in the state and run directories (nothing else is touched)."""
+    from weavepy.apitoken import TOKEN_FILE
     from weavepy.identity import IDENTITY_FILE
     from weavepy.ipam_link import CORE_FILE, PODS_FILE
     from weavepy.peerstore import EXTERNAL_PEERS_FILE, KNOWN_PEERS_FILE
     from weavepy.reconcile import PROGRAMMED_FILE
 
-    for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE, KNOWN_PEERS_FILE, EXTERNAL_PEERS_FILE):
+    for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE, KNOWN_PEERS_FILE, EXTERNAL_PEERS_FILE,
+                 TOKEN_FILE):
         yield config.state_dir / name
         if config.state_dir.is_dir():
             yield from sorted(config.state_dir.glob(f"{name}.corrupt-*"))

@@ -2,8 +2,9 @@
 
 This module owns turning the agent's status document (docs/api.md, schema in
 docs/report.schema.json) into advice and into the text of `weavepy status ...` and
-`weavepy report`. It is pure: documents in, strings and `Table`s out; no I/O, no clock, so
-the CLI's output is checked by snapshot tests from stored documents.
+`weavepy report`, and the pod list (`GET /pods`) into the text of `weavepy ps`. It is pure:
+documents in, strings and `Table`s out; no I/O, no clock, so the CLI's output is checked by
+snapshot tests from stored documents.
 
 The rules it keeps: every IPAM state that is not `ready` comes with the command that fixes
 it; a missing or malformed field renders as `-`, never as a traceback.
@@ -11,6 +12,7 @@ it; a missing or malformed field renders as `-`, never as a traceback.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ __all__ = [
     "render_connections",
     "render_ipam",
     "render_peers",
+    "render_pods",
     "render_report",
     "render_summary",
 ]
@@ -257,6 +260,27 @@ def render_ipam(doc: Doc) -> Output:
     out.append(Table("blocks per node", ("NODE", "BLOCKS", "USED", "FREE", "REACHABLE",
                                          "VOTER"), tuple(rows)))
     return out
+
+
+_FULL_CONTAINER_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+def render_pods(doc: Doc) -> Output:
+    """`weavepy ps`: one row per pod attachment, like Weave's `weave ps` (a runtime's 64-hex
+    container ID shortened to 12 characters, as docker and Weave print it), then one line per
+    attachment that is not whole."""
+    rows = []
+    problems: Output = []
+    for pod in _list(doc, "pods"):
+        container = str(pod.get("container_id") or "")
+        if _FULL_CONTAINER_ID.match(container):
+            container = container[:12]
+        rows.append((_text(container), _text(pod.get("ifname")), _text(pod.get("host_ifname")),
+                     _text(pod.get("mac")), _text(pod.get("addresses"))))
+        if pod.get("problem"):
+            problems.append(f"{_text(container)}/{_text(pod.get('ifname'))}: {pod['problem']}")
+    return [Table("pods", ("CONTAINER", "IFNAME", "HOST IFNAME", "MAC", "ADDRESSES"),
+                  tuple(rows)), *problems]
 
 
 def render_report(doc: Doc) -> Output:

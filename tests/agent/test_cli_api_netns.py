@@ -1,17 +1,22 @@
 """The operator's surface on a live 3-node cluster: `weavepy status|connect|forget|rmpeer|stop`
-run inside the nodes (the real CLI over the real API), the API's error shapes, readiness, and
+run inside the nodes (the real CLI over the real API), the API's error shapes, readiness, the
+API token that changes need (and reads do not), the metrics listener serving nothing else, and
 the reconciler reacting at once when someone deletes the VXLAN device."""
 
 from __future__ import annotations
 
 import json
+import stat
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from weavepy.devtools.agentbox import AgentBox
+from weavepy.devtools.agentbox import AgentBox, http_json
+
+METRICS_PORT = 6782
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -52,6 +57,8 @@ def test_operator_commands(agent_box: Any) -> None:
     assert (rig.status(n1) or {})["targets"] == []
     bad = rig.cli(n1, "connect", "198.18.0.1:notaport")
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0
+
+    _changes_need_the_token(rig, n1, rig.root / "elsewhere")
 
     refused = rig.cli(n1, "rmpeer", "n2")
     assert refused.returncode != 0
@@ -95,3 +102,41 @@ def test_operator_commands(agent_box: Any) -> None:
     assert rig.stop(n2) == 0, "SIGTERM is a graceful stop: exit 0"
     assert "stopping without leaving the cluster" in rig.log(n2), "SIGTERM means a restart"
     assert rig.dataplane(n2).bridge_addresses, "and the kernel state stays"
+
+
+def _changes_need_the_token(rig: AgentBox, node: Any, elsewhere: Path) -> None:
+    """Requests that change the node need the API token in its state directory; reads, the
+    metrics listener and probes need none, and the token shows up nowhere."""
+    token_file = rig.state_dir(node) / "api-token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+
+    elsewhere.mkdir()
+    missing = rig.cli(node, "connect", "198.18.0.99", "--state-dir", str(elsewhere))
+    assert missing.returncode != 0 and missing.stdout == ""
+    assert missing.stderr.strip() == (
+        f"Error: the agent refused: no API token ({elsewhere}/api-token does not exist); run "
+        f"as root on the node, or pass --state-dir")
+    (elsewhere / "api-token").write_text("x" * 43 + "\n")
+    wrong = rig.cli(node, "stop", "--state-dir", str(elsewhere))
+    assert wrong.returncode != 0
+    assert wrong.stderr.strip() == (f"Error: the agent refused the API token in "
+                                    f"{elsewhere}/api-token; pass the agent's --state-dir")
+    for method, path in (("POST", "/stop"), ("POST", "/connect"), ("DELETE", "/peer/n3")):
+        answer = node.call(http_json, method, path, 6784, {"peers": ["198.18.0.99"]})
+        assert answer is not None and answer[0] == 401, (method, path, answer)
+        assert "no API token" in answer[1]["error"]
+    assert rig.agents[node.name].alive()
+    assert (rig.status(node) or {})["targets"] == [], "no refused request changed anything"
+
+    # the metrics listener serves /metrics and nothing else
+    for method, path in (("GET", "/status"), ("GET", "/report"), ("POST", "/stop"),
+                         ("POST", "/metrics")):
+        answer = node.call(http_json, method, path, METRICS_PORT, None, 5.0, token)
+        assert answer is not None and answer[0] in (404, 405), (method, path, answer)
+        assert answer[1]["error"] == "only GET /metrics is served here"
+
+    report = rig.cli(node, "report", "--json")
+    assert report.returncode == 0, report.stderr
+    assert token not in report.stdout
+    assert token not in rig.log(node)

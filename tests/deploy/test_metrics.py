@@ -1,5 +1,6 @@
 """weavepy.metrics: the registry renders, parses back with prometheus_client's own parser, and
-values move when the agent's state moves (a member dies, a CNI request is answered).
+values move when the agent's state moves (a member dies, a CNI request is answered); Weave
+Net's series keep Weave's names, labels and meaning (prog/weaver/metrics.go).
 
 The status documents below have the shape of the agent's `/status` answer (weavepy.control
 `NodeControl.status`); no agent runs here, the metrics module is pure."""
@@ -11,7 +12,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from weavepy.metrics import IPAM_STATES, AgentMetrics, StatusSnapshot
+from weavepy.metrics import IPAM_STATES, WEAVE_CONNECTION_STATES, AgentMetrics, StatusSnapshot
 
 EXPECTED_FAMILIES = {
     "weavepy_build_info", "weavepy_ready", "weavepy_members", "weavepy_connections",
@@ -21,6 +22,9 @@ EXPECTED_FAMILIES = {
     "weavepy_reconcile_errors", "weavepy_cni_request_duration_seconds", "weavepy_cni_requests",
     "weavepy_tunnel_bytes", "weavepy_tunnel_packets",
 }
+# Weave Net's series, as alerts written for Weave name them; the IPAM ones need a range.
+WEAVE_FAMILIES = {"weave_connections", "weave_ips", "weave_max_ips",
+                  "weave_ipam_unreachable_count", "weave_ipam_unreachable_percentage"}
 
 
 def status_doc() -> dict[str, Any]:
@@ -43,6 +47,7 @@ def status_doc() -> dict[str, Any]:
                              {"name": "n3", "blocks": ["198.19.2.0/24"]}],
                  "pods": {"198.19.0.0/24": {"used": 5, "capacity": 253}},
                  "dropped": {"stale_era": 4}},
+        "config": {"ipalloc_range": "198.19.0.0/16"},
         "dataplane": {"path": "vxlan",
                       "traffic": {"vxlan": {"rx_bytes": 1000, "tx_bytes": 2000,
                                             "rx_packets": 10, "tx_packets": 20}}},
@@ -68,7 +73,8 @@ def test_renders_every_family_named_weavepy() -> None:
     metrics = AgentMetrics()
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     assert set(families) >= EXPECTED_FAMILIES
-    assert all(name.startswith("weavepy_") for name in families)
+    assert {name for name in families if not name.startswith("weavepy_")} == {
+        "weave_connections"}, "no range yet: Weave's IPAM series are left out, as Weave did"
     assert all(f.documentation for f in families.values())
     assert families["weavepy_cni_request_duration_seconds"].type == "histogram"
     assert families["weavepy_gossip_packets"].type == "counter"
@@ -119,6 +125,38 @@ def test_values_move_when_a_member_dies() -> None:
     assert value(after, "weavepy_ipam_state", state="owned_by_unreachable_peers") == 1
 
 
+def test_weave_names_keep_weaves_meaning() -> None:
+    metrics = AgentMetrics()
+    doc = status_doc()
+    doc["connections"] = [
+        {"peer": "n2", "path": "vxlan", "encrypted": False, "state": "established"},
+        {"peer": "n3", "path": "wireguard", "encrypted": True, "state": "pending"},
+        {"peer": "n4", "path": "none", "encrypted": False, "state": "failed"}]
+    doc["targets"] = [
+        {"peer": "198.18.0.12:6783", "state": "connected", "last_error": None},  # counted above
+        {"peer": "198.18.0.13:6783", "state": "waiting", "last_error": None},  # joined once
+        {"peer": "198.18.0.20:6783", "state": "connecting", "last_error": None},
+        {"peer": "198.18.0.21:6783", "state": "retrying", "last_error": None},  # due now
+        {"peer": "198.18.0.22:6783", "state": "connecting", "last_error": "timed out"},
+        {"peer": "198.18.0.23:6783", "state": "retrying", "last_error": "refused"},
+        {"peer": "198.18.0.24:6783", "state": "retrying", "last_error": "refused"}]
+    doc["ipam"]["unreachable_owners"] = ["n3"]
+    doc["ipam"]["members"][2]["blocks"] = ["198.19.2.0/24", "198.19.3.0/25"]
+    metrics.update_from_status(doc)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert set(families) >= WEAVE_FAMILIES
+    assert all(families[name].type == "gauge" for name in WEAVE_FAMILIES)
+    samples = scrape(metrics)
+    assert {state: value(samples, "weave_connections", state=state)
+            for state in WEAVE_CONNECTION_STATES} == {
+        "established": 1, "pending": 1, "retrying": 1, "failed": 3, "connecting": 2}
+    assert value(samples, "weave_ips", state="local-used") == 5  # pods on this node
+    assert value(samples, "weave_max_ips") == 65536  # the whole range, as Weave's universe
+    assert value(samples, "weave_ipam_unreachable_count") == 1
+    assert value(samples, "weave_ipam_unreachable_percentage") == (256 + 128) * 100 / 65536
+    assert ("weavenpc_blocked_connections_total", frozenset()) not in samples  # not faked
+
+
 def test_observed_events_move_histograms_and_counters() -> None:
     metrics = AgentMetrics()
     metrics.observe_cni_request("ADD", 0, 0.004)
@@ -153,7 +191,10 @@ def test_malformed_status_never_breaks_a_scrape() -> None:
                 {"gossip": {"members": {"alive": "three"}, "packets_in": -5, "drops": None},
                  "ipam": {"state": 7, "pods": {"b": "x"}, "members": [1, {"blocks": None}]},
                  "peers": [None, {"state": "alive", "path": 3}],
-                 "dataplane": {"traffic": {"vxlan": None, "tun": {"rx_bytes": True}}}}):
+                 "dataplane": {"traffic": {"vxlan": None, "tun": {"rx_bytes": True}}},
+                 "config": {"ipalloc_range": "not a range"}, "targets": [3, {"state": []}]},
+                {"ipam": {"members": [{"name": "x", "blocks": ["junk"]}],
+                          "unreachable_owners": ["x"]}, "config": {"ipalloc_range": 7}}):
         metrics.update_from_status(doc)
         samples = scrape(metrics)
         assert value(samples, "weavepy_members", state="alive") == 0

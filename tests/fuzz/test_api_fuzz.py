@@ -1,9 +1,10 @@
 """Fuzzing the agent's local HTTP API: hypothesis-made requests against the real Starlette app.
 
 The contract (weavepy/api.py, docs/api.md): whatever arrives - any method, path, query string,
-headers, body (huge, malformed JSON, JSON of the wrong shape, forms, binary) - the answer is a
-well-formed HTTP response; every 4xx/5xx carries a JSON body `{"error": "<sentence>"}`; and no
-request produces a 500 (a traceback).
+headers, API token (right, wrong, missing, malformed), body (huge, malformed JSON, JSON of the
+wrong shape, forms, binary) - the answer is a well-formed HTTP response; every 4xx/5xx carries
+a JSON body `{"error": "<sentence>"}`; no request produces a 500 (a traceback); and no
+request without the right token changes the node.
 
 What is real: the app (`weavepy.api.build_app`) over the answers
 (`weavepy.control.NodeControl`) of a real `weavepy.agent.Agent`, built from a real
@@ -34,6 +35,7 @@ from starlette.testclient import TestClient
 from gossip.config import GossipConfig
 from weavepy.agent import Agent, Prepared
 from weavepy.api import CONTROL_ERROR_STATUS, build_app
+from weavepy.apitoken import load_or_create
 from weavepy.config import load_config
 from weavepy.control import ControlError, Unavailable
 from weavepy.hostnet import Underlay
@@ -116,8 +118,16 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
         headers["x-" + draw(st.text(alphabet=string.ascii_lowercase, min_size=1,
                                     max_size=10))] = draw(
             st.text(alphabet=string.printable.strip("\r\n\x0b\x0c"), max_size=50))
+    # Most requests carry the right token (filled in by the test, which knows it), so the
+    # handlers behind the check are fuzzed too; the others a wrong, a junk or no header.
+    auth = draw(st.sampled_from(["right", "right", "right", "none", "wrong", "junk"]))
+    if auth == "wrong":
+        headers["authorization"] = "Bearer " + "x" * 43
+    elif auth == "junk":
+        headers["authorization"] = draw(st.text(
+            alphabet=string.printable.strip("\r\n\x0b\x0c"), max_size=60))
     return {"method": method, "path": path, "query": query, "headers": headers,
-            "body": draw(bodies())}
+            "body": draw(bodies()), "auth": auth}
 
 
 def request_paths() -> st.SearchStrategy[str]:
@@ -130,7 +140,8 @@ def request_paths() -> st.SearchStrategy[str]:
 
 
 def make_agent(tmp_path: Path) -> Agent:
-    """A real Agent that is never run (see the module docstring for what stands in)."""
+    """A real Agent that is never run (see the module docstring for what stands in); its API
+    token is in its state directory, as `prepare` leaves it."""
     state, run = tmp_path / "state", tmp_path / "run"
     state.mkdir()
     run.mkdir()
@@ -141,8 +152,16 @@ def make_agent(tmp_path: Path) -> Agent:
     underlay = Underlay(iface="eth0", ifindex=2, local_ip=IPv4Address("198.18.0.11"), mtu=1500,
                         how="stand-in for the fuzz test")
     prepared = Prepared(config, identity, None, underlay, ("198.18.0.11", config.gossip_port),
-                        1450, GossipConfig.lan())
+                        1450, GossipConfig.lan(), load_or_create(state))
     return Agent(prepared)
+
+
+def authorized_client(agent: Agent) -> TestClient:
+    """A client of the agent's app that sends its API token with every request."""
+    token = agent.prepared.api_token
+    return TestClient(build_app(agent.control, token), backend="trio",
+                      raise_server_exceptions=False, base_url="http://127.0.0.1:6784",
+                      headers={"Authorization": f"Bearer {token}"})
 
 
 def check_response(request: dict[str, Any], response: Any) -> None:
@@ -168,7 +187,8 @@ def check_response(request: dict[str, Any], response: Any) -> None:
 @pytest.mark.timeout(240)
 def test_any_request_gets_a_json_answer_and_never_a_500(tmp_path: Path) -> None:
     agent = make_agent(tmp_path)
-    app = build_app(agent.control)
+    token = agent.prepared.api_token
+    app = build_app(agent.control, token)
     with TestClient(app, backend="trio", raise_server_exceptions=False,
                     base_url="http://127.0.0.1:6784") as client:
 
@@ -176,10 +196,17 @@ def test_any_request_gets_a_json_answer_and_never_a_500(tmp_path: Path) -> None:
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(request=requests())
         def one(request: dict[str, Any]) -> None:
+            headers = dict(request["headers"])
+            if request["auth"] == "right":
+                headers["authorization"] = f"Bearer {token}"
             response = client.request(request["method"], request["path"],
-                                      params=request["query"], headers=request["headers"],
+                                      params=request["query"], headers=headers,
                                       content=request["body"])
             check_response(request, response)
+            if request["auth"] != "right" and response.status_code < 400:
+                assert request["method"] in ("GET", "HEAD"), (
+                    f"{request['method']} {request['path']} without the token answered "
+                    f"{response.status_code}")
 
         one()
 
@@ -188,8 +215,7 @@ def test_any_request_gets_a_json_answer_and_never_a_500(tmp_path: Path) -> None:
 def test_known_requests_answer_as_documented(tmp_path: Path) -> None:
     """Fixed points next to the fuzzing: the documented codes for the classic mistakes."""
     agent = make_agent(tmp_path)
-    with TestClient(build_app(agent.control), backend="trio", raise_server_exceptions=False,
-                    base_url="http://127.0.0.1:6784") as client:
+    with authorized_client(agent) as client:
         cases: list[tuple[str, str, dict[str, str], bytes, int]] = [
             ("GET", "/healthz", {}, b"", 200),
             ("GET", "/status", {}, b"", 200),
@@ -228,8 +254,7 @@ def test_refusals_of_the_node_answer_with_their_documented_codes(tmp_path: Path)
     agent = make_agent(tmp_path)
     key = base64.b64encode(bytes(32)).decode()
     host = {"name": "h1", "public_key": key, "allowed_ips": ["198.18.5.0/24"]}
-    with TestClient(build_app(agent.control), backend="trio", raise_server_exceptions=False,
-                    base_url="http://127.0.0.1:6784") as client:
+    with authorized_client(agent) as client:
         cases: list[tuple[str, str, dict[str, Any] | None, int]] = [
             ("GET", "/wg-config/h1", None, 404),  # not declared yet
             ("DELETE", "/external-peers/h1", None, 404),
@@ -253,8 +278,7 @@ def test_refusals_of_the_node_answer_with_their_documented_codes(tmp_path: Path)
 def test_form_bodies_are_parsed(tmp_path: Path) -> None:
     """Weave's form style (`peer=...`) and broken multipart bodies: 200 or a JSON 4xx."""
     agent = make_agent(tmp_path)
-    with TestClient(build_app(agent.control), backend="trio", raise_server_exceptions=False,
-                    base_url="http://127.0.0.1:6784") as client:
+    with authorized_client(agent) as client:
         good = client.post("/connect", content=b"peer=198.18.0.12",
                            headers={"content-type": FORM_TYPES[0]})
         assert good.status_code == 200, good.text

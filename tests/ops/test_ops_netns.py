@@ -1,6 +1,7 @@
 """Operability through real agents in sandbox nodes: /readyz waits for the CNI config, the
-metrics endpoint moves as members fail, the report matches its JSON schema, the CLI's output
-matches its snapshots, logs are JSON lines, and a down agent is a one-line error."""
+metrics endpoint moves as members fail (weavepy's series and Weave Net's names beside them),
+the report matches its JSON schema, the CLI's output matches its snapshots, logs are JSON
+lines, and a down agent is a one-line error."""
 
 from __future__ import annotations
 
@@ -100,6 +101,14 @@ def test_readiness_metrics_report_cli_logs(agent_box: Any, monkeypatch: pytest.M
     assert (value(before, "weavepy_gossip_packets_total", direction="in") or 0) > 0
     assert (value(before, "weavepy_gossip_bytes_total", direction="out") or 0) > 0
     assert value(before, "weavepy_tunnel_bytes_total", path="vxlan", direction="tx") is not None
+    # Weave Net's names, for alerts written for Weave (n1 founded alone: no join targets)
+    assert {state: value(before, "weave_connections", state=state) for state in (
+        "established", "pending", "retrying", "failed", "connecting")} == {
+        "established": 2, "pending": 0, "retrying": 0, "failed": 0, "connecting": 0}
+    assert value(before, "weave_ips", state="local-used") == 0  # no pods yet
+    assert value(before, "weave_max_ips") == 65536  # 198.19.0.0/16
+    assert value(before, "weave_ipam_unreachable_count") == 0
+    assert value(before, "weave_ipam_unreachable_percentage") == 0
 
     # the report and its schema; the JSON of every view
     schema = json.loads((REPO / "docs" / "report.schema.json").read_text())
@@ -127,9 +136,13 @@ def test_readiness_metrics_report_cli_logs(agent_box: Any, monkeypatch: pytest.M
 
     def n3_failed() -> Any:
         found = samples(n1.call(scrape))
-        return found if value(found, "weavepy_members", state="failed") == 1 else None
+        return found if value(found, "weavepy_members", state="failed") == 1 and value(
+            found, "weave_ipam_unreachable_count") == 1 else None
 
-    after = rig.wait("metrics showing n3 failed", n3_failed, timeout=45)
+    after = rig.wait("metrics showing n3 failed and its block unreachable", n3_failed,
+                     timeout=45)
+    assert value(after, "weave_connections", state="established") == 1
+    assert value(after, "weave_ipam_unreachable_percentage") == 256 * 100 / 65536
     assert value(after, "weavepy_members", state="alive") == 2
     assert (value(after, "weavepy_gossip_suspicions_total") or 0) >= 1
     assert value(after, "weavepy_connections", state="established", path="vxlan",

@@ -101,13 +101,16 @@ def read_dataplane(device: str = DEVICE, bridge: str = BRIDGE,
 
 
 def http_json(method: str, path: str, port: int = API_PORT, body: Any = None,
-              timeout: float = 5.0) -> tuple[int, Any] | None:
-    """One API call on 127.0.0.1 in this namespace; None if nothing listens."""
+              timeout: float = 5.0, token: str | None = None) -> tuple[int, Any] | None:
+    """One API call on 127.0.0.1 in this namespace (with `token` as the bearer, which
+    requests other than GET need); None if nothing listens."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         payload = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=payload,
-                     headers={"Content-Type": "application/json"} if payload else {})
+        headers = {"Content-Type": "application/json"} if payload else {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        conn.request(method, path, body=payload, headers=headers)
         response = conn.getresponse()
         data = response.read()
         return response.status, json.loads(data) if data else None
@@ -159,9 +162,20 @@ class AgentBox:
 
     def cli(self, node: SandboxNode, *args: str, timeout: float = 30
             ) -> subprocess.CompletedProcess[str]:
-        """Run `weavepy ARGS` inside the node (the real CLI, as an operator would)."""
-        return node.run([sys.executable, "-m", "weavepy.cli", *args], check=False,
-                        timeout=timeout)
+        """Run `weavepy ARGS` inside the node (the real CLI, as an operator would), with
+        $WEAVEPY_STATE_DIR naming the node's state directory as the agent's environment
+        would, so commands that change the node find its API token."""
+        return node.run(["env", f"WEAVEPY_STATE_DIR={self.state_dir(node)}", sys.executable,
+                         "-m", "weavepy.cli", *args], check=False, timeout=timeout)
+
+    def api_token(self, node: SandboxNode) -> str | None:
+        """The node's API token (None before its agent first started)."""
+        from weavepy.apitoken import TokenError, read_token
+
+        try:
+            return read_token(self.state_dir(node))
+        except TokenError:
+            return None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -235,8 +249,10 @@ class AgentBox:
 
     def api(self, node: SandboxNode, method: str, path: str, body: Any = None,
             timeout: float = 10) -> tuple[int, Any] | None:
+        """One API call inside the node; requests other than GET carry its API token."""
+        token = None if method == "GET" else self.api_token(node)
         result: tuple[int, Any] | None = node.call(http_json, method, path, API_PORT, body,
-                                                   timeout, timeout=timeout + 5)
+                                                   timeout, token, timeout=timeout + 5)
         return result
 
     def status(self, node: SandboxNode) -> dict[str, Any] | None:
