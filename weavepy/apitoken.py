@@ -10,7 +10,7 @@ processes can reach the API" does not hold on every host; reading a root-owned f
 The rules it keeps:
 
 * The file is 32 random bytes (URL-safe base64), mode 0600, written once through
-  `weavepy.identity.write_private_file` (atomic and durable) and then only read, so a CLI
+  `weavepy.fileio.atomic_write` (atomic and durable) and then only read, so a CLI
   that read it keeps working across agent restarts. A file that holds no token is not
   replaced silently: `load_or_create` raises `TokenError`, whose sentence says how to recover.
 * The token never leaves the file, the agent's memory and the header: it is not logged and
@@ -56,13 +56,13 @@ def read_token(state_dir: Path) -> str:
 
 def load_or_create(state_dir: Path) -> str:
     """The agent's token: the one in `state_dir`, or a new one written there (mode 0600)."""
-    from weavepy.identity import write_private_file
+    from weavepy.fileio import atomic_write
 
     path = state_dir / TOKEN_FILE
     if not path.exists():
         token = secrets.token_urlsafe(TOKEN_BYTES)
         try:
-            write_private_file(path, f"{token}\n".encode())
+            atomic_write(path, f"{token}\n".encode())
         except OSError as exc:
             raise TokenError(f"cannot write the API token {path}: {exc.strerror or exc}"
                              ) from None
