@@ -36,7 +36,7 @@ import trio
 
 from gossip.events import MemberState
 from gossip.transport import GossipService
-from weavepy.config import AgentConfig
+from weavepy.config import AgentConfig, IpallocInit
 from weavepy.identity import Identity
 from weavepy.ipam.allocator import Allocation, PodAllocator, Unavailable
 from weavepy.ipam.core import TAG_KEY, IpamCore
@@ -140,6 +140,8 @@ class IpamLink:
                 f"{leftovers[0]}; this node would forget blocks it owns, so it will not start "
                 f"empty on its own: restore the file to {config.state_dir / CORE_FILE}, or run "
                 f"`weavepy reset` to start it as a new member")
+        self.observer = config.ipalloc_init is not None and \
+            config.ipalloc_init.mode == "observer"
         self.core_file = StateFile(config.state_dir / CORE_FILE, "ipam-core")
         self.pods_file = StateFile(config.state_dir / PODS_FILE, "ipam-pods")
         try:
@@ -150,7 +152,7 @@ class IpamLink:
                 rng=random.Random(), reclaim_after=config.reclaim_after,
                 lease=min(config.ipam_lease, config.reclaim_after),
                 bootstrap="join" if config.peers else "found",
-                snapshot=core_snapshot)
+                **founding(config.ipalloc_init), snapshot=core_snapshot)
             self.allocator = PodAllocator(self.core, snapshot=pods_snapshot)
         except CorruptStateError as exc:
             raise IpamLinkError(str(exc)) from None
@@ -287,8 +289,9 @@ class IpamLink:
 
     def _want_space(self, now: float) -> None:
         """A node without blocks asks for one (before it is even a member, so the claim follows
-        its join at once): every node gets a pod block at launch, and again after a removal."""
-        if not self.core.held_blocks():
+        its join at once): every node but an observer gets a pod block at launch, and again
+        after a removal."""
+        if not self.observer and not self.core.held_blocks():
             status = self.core.status(now)
             if status.pending_block_requests == 0 and status.state not in (
                     IpamState.OUT_OF_SPACE, IpamState.OWNED_BY_UNREACHABLE_PEERS):
@@ -415,6 +418,10 @@ class IpamLink:
     # -- pod addresses (called on the trio loop by CniAllocator) ---------------------------------
 
     async def allocate(self, container_id: str, ifname: str) -> Allocation:
+        if self.observer:
+            raise _NoAddress(Unavailable(IpamState.OUT_OF_SPACE, (
+                "this node is an IPAM observer (IPALLOC_INIT=observer): it owns no pod space; "
+                "run pods on other nodes, or relaunch it without --ipalloc-init observer")))
         deadline = trio.current_time() + ADDRESS_WAIT
         while True:
             async with self._lock:
@@ -447,6 +454,17 @@ class IpamLink:
             freed = self.allocator.gc(valid)
             await self._flush()
         return freed
+
+def founding(init: IpallocInit | None) -> dict[str, Any]:
+    """The core's founding rule for Weave's IPALLOC_INIT (docs/migrating-from-weave.md)."""
+    if init is None:
+        return {}
+    if init.mode == "consensus" and init.count is not None:
+        return {"found_quorum": init.count // 2 + 1}
+    if init.mode == "seed":
+        return {"founders": frozenset(init.seeds)}
+    return {"founders": frozenset()}  # observer
+
 
 class _NoAddress(Exception):
     def __init__(self, unavailable: Unavailable) -> None:

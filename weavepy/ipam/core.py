@@ -236,6 +236,8 @@ class IpamCore:
         max_voters: int = DEFAULT_MAX_VOTERS,
         bootstrap: Bootstrap = "join",
         found_alone_after: float | None = None,
+        found_quorum: int = 1,
+        founders: frozenset[str] | None = None,
         timings: Timings | None = None,
         snapshot: Mapping[str, Any] | None = None,
     ) -> None:
@@ -255,6 +257,8 @@ class IpamCore:
             raise ConfigError(f"max_voters must be 1..15, got {max_voters}")
         if bootstrap not in ("found", "join"):
             raise ConfigError(f"bootstrap must be 'found' or 'join', got {bootstrap!r}")
+        if found_quorum < 1:
+            raise ConfigError(f"found_quorum must be at least 1, got {found_quorum}")
         self._rng = rng
         self._boot = rng.getrandbits(62)
         self._reclaim_after = reclaim_after
@@ -262,6 +266,10 @@ class IpamCore:
         self._max_voters = max_voters
         self._bootstrap: Bootstrap = bootstrap
         self._found_alone_after = found_alone_after
+        # Who may found, and with how many stateless nodes in sight (Weave's IPALLOC_INIT):
+        # `found_quorum` counts this node; `founders` None means any node, a set only those.
+        self._found_quorum = found_quorum
+        self._founders = founders
         self._t = timings or Timings()
 
         # replicated and persisted
@@ -564,6 +572,19 @@ class IpamCore:
     @property
     def bootstrap(self) -> Bootstrap:
         return self._bootstrap
+
+    @property
+    def founding_rule(self) -> str | None:
+        """Why this stateless node waits beyond weavepy's own rule (Weave's IPALLOC_INIT)."""
+        if self._founders is not None and not self._founders:
+            return "an observer: it never founds a cluster and never owns space"
+        if self._founders is not None:
+            first = min(self._founders)
+            return ("the first seed: founds at once" if first == self._name
+                    else f"seeds {', '.join(sorted(self._founders))}: {first} founds")
+        if self._found_quorum > 1:
+            return f"founds once {self._found_quorum} stateless nodes hear each other"
+        return None
 
     @property
     def foreign_range_seen(self) -> bool:
@@ -1067,11 +1088,14 @@ class IpamCore:
 
     def _bootstrap_step(self, now: float) -> None:
         assert self._started is not None
-        if self._bootstrap == "found":
-            self._found(now, "launched with no peers")
+        if self._founds_at_once():
+            self._found(now, "launched with no peers" if self._founders is None
+                        else "the first of the seeds")
             return
         if (
             self._found_alone_after is not None
+            and self._found_quorum == 1
+            and self._may_found()
             and not self._alive
             and now - max(self._started, self._last_contact) >= self._found_alone_after
         ):
@@ -1082,6 +1106,8 @@ class IpamCore:
         ]
         if (
             recent
+            and self._may_found()
+            and 1 + len(recent) >= self._found_quorum
             and self._first_stateless_seen is not None
             and not self._foreign_seen
             and now - self._first_stateless_seen >= self._t.elect_after
@@ -1092,6 +1118,16 @@ class IpamCore:
         if now >= self._hello_due:
             self._hello_due = now + self._t.hello_interval
             self._send_stateless(None, Hello(0))
+
+    def _may_found(self) -> bool:
+        """Any node by default; with seeds only the lowest-named one (so one cluster at most)."""
+        return self._founders is None or self._name == min(self._founders, default=None)
+
+    def _founds_at_once(self) -> bool:
+        """Launched without peers (and no quorum asked for), or the first-named seed."""
+        if self._founders is not None:
+            return self._name == min(self._founders, default=None)
+        return self._bootstrap == "found" and self._found_quorum == 1
 
     def _found(self, now: float, why: str) -> None:
         cluster_id = f"{self._rng.getrandbits(128):032x}"
@@ -1175,7 +1211,7 @@ class IpamCore:
         cluster = self._cluster
         times: list[float] = []
         if cluster is None:
-            if self._bootstrap == "found":
+            if self._founds_at_once():
                 return now
             times.append(self._hello_due)
             if self._found_alone_after is not None:

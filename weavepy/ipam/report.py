@@ -67,6 +67,8 @@ class CoreView(Protocol):
     def evidence_age(self, name: str, generation: int, now: float) -> float: ...
     def voters_reachable(self) -> int: ...
     def held_blocks(self) -> list[int]: ...
+    @property
+    def founding_rule(self) -> str | None: ...
 
 
 _WAITING = {
@@ -83,7 +85,9 @@ def describe(view: CoreView, now: float) -> tuple[IpamState, str]:
             return IpamState.WAITING_FOR_CLUSTER, (
                 "only heard from clusters with a different range; see cluster_mismatches"
             )
-        return IpamState.WAITING_FOR_CLUSTER, _WAITING[view.bootstrap]
+        rule = view.founding_rule
+        return IpamState.WAITING_FOR_CLUSTER, (
+            _WAITING[view.bootstrap] + (f" ({rule})" if rule else ""))
     if not view.is_member():
         if view.left:
             return IpamState.JOINING, "left the cluster; run `weavepy reset` to rejoin"

@@ -77,6 +77,7 @@ class SimNode:
     name: str
     bootstrap: Bootstrap
     found_alone_after: float | None = None
+    founding: dict[str, Any] = field(default_factory=dict)  # found_quorum / founders
     core: IpamCore | None = None
     allocator: PodAllocator | None = None
     disk_core: dict[str, Any] | None = None
@@ -131,11 +132,12 @@ class IpamSim:
     # ================================================================== topology actions
 
     def add_node(
-        self, name: str, bootstrap: Bootstrap = "join", found_alone_after: float | None = None
+        self, name: str, bootstrap: Bootstrap = "join", found_alone_after: float | None = None,
+        **founding: Any,
     ) -> None:
         if name in self.nodes:
             raise ValueError(f"node {name} exists")
-        self.nodes[name] = SimNode(name, bootstrap, found_alone_after)
+        self.nodes[name] = SimNode(name, bootstrap, found_alone_after, dict(founding))
         self.pods[name] = {}
         self._start(self.nodes[name])
         self._topology_changed()
@@ -379,6 +381,7 @@ class IpamSim:
             max_voters=cfg.max_voters,
             bootstrap=node.bootstrap,
             found_alone_after=node.found_alone_after,
+            **node.founding,
             timings=cfg.timings,
             snapshot=node.disk_core,
         )
