@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -799,6 +800,26 @@ class Agent:
         removed = self.targets.remove(normalised)
         unknown = [p for p in normalised if p not in removed]
         return {"targets": self.targets.addresses(), "forgotten": removed, "unknown": unknown}
+
+    async def reload_keyring(self) -> dict[str, Any]:
+        """Read --keyring-file again and make the running gossip keyring exactly what it says
+        (the first key encrypts, all decrypt): one step of a key rotation, no restart."""
+        from weavepy.api import ApiError
+
+        path, keyring = self.config.keyring_file, self.prepared.keyring
+        if path is None or keyring is None:
+            raise ApiError(409, "this agent has no --keyring-file to reload (a key from "
+                                "$WEAVEPY_ENCRYPT changes only with a restart)")
+        try:
+            keys = (await trio.to_thread.run_sync(Keyring.from_file, path)).keys
+        except (OSError, ValueError) as exc:
+            raise ApiError(400, f"--keyring-file {path}: {exc}; the keyring in use is "
+                                f"unchanged") from None
+        keyring.replace(keys)
+        primary = hashlib.sha256(keys[0]).hexdigest()[:16]
+        log.info("gossip keyring reloaded from %s: %d key(s), primary sha256 %s...", path,
+                 len(keys), primary)
+        return {"keys": len(keys), "primary_sha256": primary}
 
     async def rmpeer(self, name: str, force: bool) -> dict[str, Any]:
         from weavepy.api import ApiError

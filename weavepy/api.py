@@ -62,6 +62,10 @@ class AgentControl(Protocol):
 
     async def rmpeer(self, name: str, force: bool) -> dict[str, Any]: ...
 
+    async def reload_keyring(self) -> dict[str, Any]:
+        """Read the gossip keyring file again and use it as it now is."""
+        ...
+
     def request_stop(self, leave: bool = True) -> None: ...
 
     def wg_config(self, name: str) -> str:
@@ -179,6 +183,9 @@ def build_app(control: AgentControl) -> Starlette:
         force = _truthy(request.query_params.get("force"))
         return JSONResponse(await control.rmpeer(name, force))
 
+    async def reload_keyring(request: Request) -> Response:
+        return JSONResponse(await control.reload_keyring())
+
     async def wg_config(request: Request) -> Response:
         name = request.path_params["name"]
         return JSONResponse({"name": name, "config": control.wg_config(name)})
@@ -211,6 +218,7 @@ def build_app(control: AgentControl) -> Starlette:
         Route("/connect", guarded(connect), methods=["POST"]),
         Route("/forget", guarded(forget), methods=["POST"]),
         Route("/peer/{name}", guarded(rmpeer), methods=["DELETE"]),
+        Route("/keyring/reload", guarded(reload_keyring), methods=["POST"]),
         Route("/stop", guarded(stop), methods=["POST"]),
         Route("/wg-config/{name}", guarded(wg_config), methods=["GET"]),
         Route("/external-peers", guarded(add_external), methods=["POST"]),
