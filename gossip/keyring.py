@@ -120,6 +120,16 @@ class Keyring:
             raise ValueError("removing the primary key is not allowed")
         self._install([k for k in self._keys if k != key], self._keys[0])
 
+    def replace(self, keys: Sequence[bytes]) -> None:
+        """Make the keyring exactly `keys`, the first the primary, in one step (a keyring file
+        read again). The three steps of a rotation are three such reloads: add the new key
+        second, then put it first, then drop the old one."""
+        if not keys:
+            raise ValueError("a keyring needs at least one key")
+        for key in keys:
+            validate_key(key)
+        self._install([bytes(k) for k in keys], bytes(keys[0]))
+
     def _install(self, keys: Sequence[bytes], primary: bytes) -> None:
         ordered = [primary]
         for key in keys:

@@ -1,4 +1,4 @@
-"""Shared test plumbing: the skip-or-fail rule and the sandbox fixture.
+"""Shared test plumbing: the skip-or-fail rule, the sandbox fixture and the agent fixture.
 
 The rule: a test that needs root, a network namespace or a third-party peer calls `require(...)`.
 Outside CI an unmet need skips with the reason printed (pytest -ra shows it); with CI=true it
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -58,3 +59,17 @@ def sandbox_factory() -> Iterator[object]:
     finally:
         for box in made:
             box.destroy()
+
+
+@pytest.fixture
+def agent_box(sandbox_factory: Callable[..., Any]) -> Callable[..., Any]:
+    """`agent_box(nodes, **kwargs)`: a sandbox (torn down with `sandbox_factory`) and an
+    `AgentBox` over it: one generated gossip key, the pod range 198.19.0.0/16 in /24 blocks
+    unless a test asks otherwise, and the LAN gossip profile."""
+    from weavepy.devtools.agentbox import AgentBox
+
+    def make(nodes: int = 3, **kwargs: Any) -> AgentBox:
+        box = sandbox_factory(nodes=nodes)
+        return AgentBox(box, pod_range=str(box.pod_range), **kwargs)
+
+    return make

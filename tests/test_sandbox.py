@@ -192,8 +192,11 @@ def test_delay_jitter_and_duplication_with_real_packets(sandbox_factory) -> None
     a.netem(delay_ms=40)
     _, received, out = _ping(a, b.underlay_ip, count=5, interval=0.05)
     assert received == 5
-    avg = float(re.search(r"= [\d.]+/([\d.]+)/", out).group(1))
-    assert 35 <= avg < 400
+    # The delayer got every echo request, and it releases a packet no earlier than 40 ms after
+    # it got it: the fastest round trip cannot be shorter, however loaded the machine is.
+    # (There is no upper bound to check: that would measure the machine, not the sandbox.)
+    assert _queued(a) >= 5
+    assert float(re.search(r"= ([\d.]+)/", out).group(1)) >= 40
     a.netem(duplicate=1.0)
     _, _, out = _ping(a, b.underlay_ip, count=5, interval=0.05)
     assert "DUP!" in out
@@ -201,9 +204,25 @@ def test_delay_jitter_and_duplication_with_real_packets(sandbox_factory) -> None
     _, received, _ = _ping(a, b.underlay_ip, count=20, interval=0.01)
     assert received == 20  # delayed and reordered, not lost
     a.clear_netem()
-    _, _, out = _ping(a, b.underlay_ip, count=3)
-    avg = float(re.search(r"= [\d.]+/([\d.]+)/", out).group(1))
-    assert avg < 20
+    sent, received, _ = _ping(a, b.underlay_ip, count=3)
+    assert received == sent == 3
+    # cleared: no queue rule, no delayer bound to the queue, so nothing is held any more
+    rules = a.run(["iptables-legacy", "-t", "mangle", "-S", "POSTROUTING"]).stdout
+    assert "NFQUEUE" not in rules
+    assert _queued(a) is None
+
+
+def _queued(node) -> int | None:
+    """Packets the kernel has handed to the delayer's NFQUEUE in `node` (the queue's last
+    packet id), or None when no process is bound to the queue."""
+    from weavepy.devtools.sandbox import NFQUEUE_NUM
+
+    table = node.run(["cat", "/proc/net/netfilter/nfnetlink_queue"], check=False).stdout
+    for line in table.splitlines():
+        fields = line.split()
+        if fields and int(fields[0]) == NFQUEUE_NUM:
+            return int(fields[7])
+    return None
 
 
 def test_partitions_symmetric_and_asymmetric(sandbox_factory) -> None:

@@ -86,6 +86,10 @@ class AgentControl(Protocol):
 
     async def rmpeer(self, name: str, force: bool) -> dict[str, Any]: ...
 
+    async def reload_keyring(self) -> dict[str, Any]:
+        """Read the gossip keyring file again and use it as it now is."""
+        ...
+
     def request_stop(self, leave: bool = True) -> None: ...
 
     def wg_config(self, name: str) -> str:
@@ -228,6 +232,9 @@ def build_app(control: AgentControl, token: str) -> Starlette:
         force = _truthy(request.query_params.get("force"))
         return JSONResponse(await control.rmpeer(name, force))
 
+    async def reload_keyring(request: Request) -> Response:
+        return JSONResponse(await control.reload_keyring())
+
     async def wg_config(request: Request) -> Response:
         name = request.path_params["name"]
         return JSONResponse({"name": name, "config": control.wg_config(name)})
@@ -261,6 +268,7 @@ def build_app(control: AgentControl, token: str) -> Starlette:
         route("/connect", connect, "POST"),
         route("/forget", forget, "POST"),
         route("/peer/{name}", rmpeer, "DELETE"),
+        route("/keyring/reload", reload_keyring, "POST"),
         route("/stop", stop, "POST"),
         route("/wg-config/{name}", wg_config, "GET"),
         route("/external-peers", add_external, "POST"),

@@ -409,6 +409,15 @@ def rmpeer(name: str, force: bool, api_addr: str | None, config_file: str | None
     click.echo(doc.get("message") or json.dumps(doc))
 
 
+@main.command("reload-keyring")
+@api_option
+def reload_keyring(api_addr: str | None) -> None:
+    """Read the gossip keyring file again (a step of a key rotation, without a restart)."""
+    doc = _call(lambda: _client(api_addr).post("/keyring/reload"))
+    click.echo(f"gossip keyring reloaded: {doc['keys']} key(s), the first (sha256 "
+               f"{doc['primary_sha256']}...) encrypts")
+
+
 @main.command("stop")
 @click.option("--no-leave", is_flag=True,
               help="Do not leave the cluster (as on SIGTERM): for a restart, peers keep their "

@@ -24,6 +24,8 @@ The rules it keeps:
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
     from weavepy.agent import Agent
 
 __all__ = ["Conflict", "ControlError", "Invalid", "NodeControl", "NotFound", "Unavailable"]
+
+log = logging.getLogger(__name__)
 
 RMPEER_TIMEOUT = 15.0  # seconds an rmpeer waits for the IPAM decision
 
@@ -322,6 +326,27 @@ class NodeControl:
         removed = targets.remove(normalised)
         unknown = [p for p in normalised if p not in removed]
         return {"targets": targets.addresses(), "forgotten": removed, "unknown": unknown}
+
+    async def reload_keyring(self) -> dict[str, Any]:
+        """Read --keyring-file again and make the running gossip keyring exactly what it says
+        (the first key encrypts, all decrypt): one step of a key rotation, no restart."""
+        from gossip.keyring import Keyring
+
+        agent = self.agent
+        path, keyring = agent.config.keyring_file, agent.prepared.keyring
+        if path is None or keyring is None:
+            raise Conflict("this agent has no --keyring-file to reload (a key from "
+                           "$WEAVEPY_ENCRYPT changes only with a restart)")
+        try:
+            keys = (await trio.to_thread.run_sync(Keyring.from_file, path)).keys
+        except (OSError, ValueError) as exc:
+            raise Invalid(f"--keyring-file {path}: {exc}; the keyring in use is unchanged"
+                          ) from None
+        keyring.replace(keys)
+        primary = hashlib.sha256(keys[0]).hexdigest()[:16]
+        log.info("gossip keyring reloaded from %s: %d key(s), primary sha256 %s...", path,
+                 len(keys), primary)
+        return {"keys": len(keys), "primary_sha256": primary}
 
     async def rmpeer(self, name: str, force: bool) -> dict[str, Any]:
         """Remove a gone node from IPAM (its blocks are freed or quarantined)."""

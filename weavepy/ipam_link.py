@@ -14,7 +14,9 @@ the pod allocator:
   member (see `_send_out` for why not by gossip).
 * `CniAllocator` serves the CNI server's worker thread: each call hops onto the trio loop
   (`trio.from_thread`), runs the allocator there under the same lock as the core, persists the
-  allocations before answering, and turns "no address yet" into CNI's "try again later".
+  allocations before answering. "No address yet, a block is asked for" becomes the server's
+  `AnswerLater`: the ADD waits for the block on the loop, off the worker thread (so a DEL is
+  never queued behind it), and runs again; after `ADDRESS_WAIT` it is CNI's "try again later".
 
 The rules it keeps: only `IpamLink` touches the core and the allocator, always under one lock,
 so nothing interleaves with a persist in flight; nothing leaves this node before the state that
@@ -27,7 +29,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,7 @@ class IpamLink:
         self._removed: dict[str, MemberRemoved] = {}
         self._removed_event = trio.Event()
         self._blocks_event = trio.Event()
+        self._address_waits: dict[tuple[str, str], float] = {}  # ADDs waiting: their deadline
         self._cluster_id = self.core.cluster_id
         self.trio_token: trio.lowlevel.TrioToken | None = None
         self._meta_tag = ""
@@ -417,28 +420,41 @@ class IpamLink:
 
     # -- pod addresses (called on the trio loop by CniAllocator) ---------------------------------
 
-    async def allocate(self, container_id: str, ifname: str) -> Allocation:
+    async def allocate(self, container_id: str, ifname: str
+                       ) -> Allocation | Callable[[], Awaitable[None]]:
+        """One attempt at the attachment's address: the allocation, or, while the node waits
+        for a block it asked for, a wait to await before the next attempt (until the blocks
+        change, or `ADDRESS_WAIT` after the first attempt). Raises `_NoAddress` when there is
+        none to wait for, or no more waiting."""
         if self.observer:
             raise _NoAddress(Unavailable(IpamState.OUT_OF_SPACE, (
                 "this node is an IPAM observer (IPALLOC_INIT=observer): it owns no pod space; "
                 "run pods on other nodes, or relaunch it without --ipalloc-init observer")))
-        deadline = trio.current_time() + ADDRESS_WAIT
-        while True:
-            async with self._lock:
-                result = self.allocator.add(container_id, ifname, trio.current_time())
-                await self._flush()
-                if self.allocator.persist_needed:
-                    raise _NoAddress(Unavailable(self.core.status(trio.current_time()).state,
-                                                 f"cannot save pod allocations in "
-                                                 f"{self.pods_file.path}"))
-            if isinstance(result, Allocation):
-                return result
-            waited = trio.current_time() >= deadline
-            if waited or result.state in (IpamState.OUT_OF_SPACE,
-                                          IpamState.OWNED_BY_UNREACHABLE_PEERS):
-                raise _NoAddress(result)
+        key = (container_id, ifname)
+        async with self._lock:
+            result = self.allocator.add(container_id, ifname, trio.current_time())
+            blocks_changed = self._blocks_event  # set by the next change, even one before
+            await self._flush()                  # the caller starts to wait
+            if self.allocator.persist_needed:
+                self._address_waits.pop(key, None)
+                raise _NoAddress(Unavailable(self.core.status(trio.current_time()).state,
+                                             f"cannot save pod allocations in "
+                                             f"{self.pods_file.path}"))
+        if isinstance(result, Allocation):
+            self._address_waits.pop(key, None)
+            return result
+        now = trio.current_time()
+        deadline = self._address_waits.setdefault(key, now + ADDRESS_WAIT)
+        if now >= deadline or result.state in (IpamState.OUT_OF_SPACE,
+                                               IpamState.OWNED_BY_UNREACHABLE_PEERS):
+            self._address_waits.pop(key, None)
+            raise _NoAddress(result)
+
+        async def wait_for_blocks() -> None:
             with trio.move_on_at(deadline):
-                await self._blocks_event.wait()
+                await blocks_changed.wait()
+
+        return wait_for_blocks
 
     async def lookup(self, container_id: str, ifname: str) -> Allocation | None:
         return self.allocator.get(container_id, ifname)
@@ -490,12 +506,15 @@ class CniAllocator:
 
     def allocate(self, attachment: Any, owner: str) -> Any:
         from weavepy.cni.backend import AddressesExhausted
+        from weavepy.cni.server import AnswerLater
 
         try:
             allocation = self._run(self._link.allocate, attachment.container_id,
                                    attachment.ifname)
         except _NoAddress as exc:
             raise AddressesExhausted(str(exc)) from None
+        if not isinstance(allocation, Allocation):
+            raise AnswerLater(allocation)
         return self._pod_address(allocation)
 
     def lookup(self, attachment: Any) -> Any:

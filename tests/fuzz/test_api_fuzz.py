@@ -44,7 +44,7 @@ from weavepy.identity import Identity
 NODE = "fuzz-node"
 ROUTES = ["/status", "/status/gossip", "/status/peers", "/status/nope", "/status/name",
           "/report", "/healthz", "/readyz", "/connect", "/forget", "/peer/other",
-          f"/peer/{NODE}", "/stop", "/", "/metrics", "/peer/", "/status/"]
+          f"/peer/{NODE}", "/stop", "/", "/metrics", "/peer/", "/status/", "/keyring/reload"]
 METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"]
 CONTENT_TYPES = ["application/json", "application/json; charset=utf-8", "text/plain",
                  "application/octet-stream", "application/x-json", "", "json",
@@ -56,7 +56,7 @@ FORM_TYPES = ["application/x-www-form-urlencoded", "multipart/form-data",
 CONTENT_TYPES += FORM_TYPES
 ENDPOINTS = [("GET", "/status"), ("GET", "/report"), ("GET", "/healthz"), ("GET", "/readyz"),
              ("POST", "/connect"), ("POST", "/forget"), ("DELETE", "/peer/other"),
-             ("POST", "/stop"), ("GET", "/status/peers")]
+             ("POST", "/stop"), ("GET", "/status/peers"), ("POST", "/keyring/reload")]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)

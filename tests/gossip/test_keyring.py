@@ -107,6 +107,25 @@ def test_install_use_remove_follow_memberlist() -> None:
     assert Keyring([a, b], primary=c).keys == (c, a, b)
 
 
+def test_replace_makes_the_ring_the_new_list_in_one_step() -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    ring = Keyring([old])
+    sealed_with_old = ring.encrypt_packet(b"before")
+    ring.replace([old, new])  # install
+    assert ring.keys == (old, new)
+    ring.replace([new, old])  # use
+    assert ring.primary == new and ring.decrypt_packet(sealed_with_old) == b"before"
+    ring.replace([new])  # remove
+    assert ring.keys == (new,)
+    with pytest.raises(DecodeError):
+        ring.decrypt_packet(sealed_with_old)
+    with pytest.raises(ValueError):
+        ring.replace([])
+    with pytest.raises(ValueError, match="16, 24 or 32"):
+        ring.replace([new, bytes(5)])
+    assert ring.keys == (new,)  # a refused list changes nothing
+
+
 @pytest.mark.parametrize("size", [0, 8, 15, 17, 31, 33, 64])
 def test_bad_key_sizes_are_refused(size: int) -> None:
     with pytest.raises(ValueError, match="16, 24 or 32"):

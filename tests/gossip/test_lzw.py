@@ -1,10 +1,10 @@
 """gossip.lzw against Go's compress/lzw (LSB, literal width 8).
 
-The vectors in golden/lzw_vectors.json were produced by Go 1.19 (Debian bookworm's golang-go, the
-toolchain Debian's serf is built with) from a throwaway program outside the repo: it reads
-hex-encoded inputs on stdin and prints `lzw.NewWriter(&buf, lzw.LSB, 8)` output (Write, then
-Close) in hex. To regenerate, write that ~30-line program, build it with `go build`, feed it the
-inputs described by each vector's recipe, and store the outputs the same way.
+The vectors in golden/lzw_vectors.json are Go's own output: `lzw_golden.py` (beside this file)
+runs the small Go program `lzw_golden/main.go` over its recipes and stores the results.
+`test_go_regenerates_the_golden_vectors` runs it again with Debian's golang-go and compares, so
+the file can always be regenerated (`.venv/bin/python tests/gossip/lzw_golden.py`) and never
+drifts from Go.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,21 +20,11 @@ from hypothesis import strategies as st
 
 from gossip.lzw import CLEAR_CODE, EOF_CODE, compress, decompress
 from gossip.messages import DecodeError
+from tests.conftest import require_binary
+from tests.gossip import lzw_golden
+from tests.gossip.lzw_golden import make_input
 
-VECTORS = json.loads((Path(__file__).parent / "golden" / "lzw_vectors.json").read_text())
-
-
-def make_input(recipe: dict[str, Any]) -> bytes:
-    kind = recipe["kind"]
-    if kind == "hex":
-        return bytes.fromhex(str(recipe["hex"]))
-    if kind == "random":
-        return random.Random(recipe["seed"]).randbytes(recipe["size"])
-    if kind == "repeat":
-        return bytes.fromhex(recipe["unit_hex"]) * int(recipe["count"])
-    if kind == "random_prefix":
-        return random.Random(recipe["seed"]).randbytes(recipe["pool"])[: recipe["size"]]
-    raise AssertionError(f"unknown recipe {kind}")
+VECTORS = json.loads(lzw_golden.GOLDEN.read_text())
 
 
 def pack_codes(codes: list[tuple[int, int]]) -> bytes:
@@ -67,6 +56,13 @@ def test_decompress_reads_go_output(vector: dict[str, Any]) -> None:
     data = make_input(vector["input"])
     go_bytes = compress(data)  # proven equal to Go's output above
     assert decompress(go_bytes, len(data)) == data
+
+
+@pytest.mark.peer
+@pytest.mark.timeout(300)
+def test_go_regenerates_the_golden_vectors() -> None:
+    go = require_binary("go", "golang-go")
+    assert lzw_golden.vectors(go) == VECTORS["vectors"]
 
 
 def test_vectors_cover_the_interesting_writer_states() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import msgpack
@@ -87,12 +88,39 @@ def test_non_string_entries_are_skipped_and_the_rest_kept() -> None:
     assert decode_tags(meta) == {"ok": "yes"}
 
 
-@given(st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=8))
-def test_round_trip(tags: dict[str, str]) -> None:
+# Four entries of at most 10 + 20 characters (4 bytes each in UTF-8, plus a 3-byte raw16
+# header per string) encode to at most 1 + 1 + 4 * (43 + 83) = 506 bytes: always under 512.
+FITTING_TAGS = st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=4)
+
+
+@given(FITTING_TAGS)
+def test_round_trip_of_tags_that_fit(tags: dict[str, str]) -> None:
+    meta = encode_tags(tags)
+    assert len(meta) <= 512
+    assert decode_tags(meta) == tags
+
+
+@given(
+    st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=8),
+    st.integers(min_value=2, max_value=600),
+)
+def test_encoding_is_refused_only_for_size_and_accepted_tags_round_trip(
+    tags: dict[str, str], limit: int
+) -> None:
     try:
-        meta = encode_tags(tags)
-    except ValueError:
+        meta = encode_tags(tags, max_size=limit)
+    except ValueError as refusal:
+        # The only refusal is the size one, and it names a size that really is too large:
+        # the same tags encode to exactly that many bytes when the limit allows it.
+        found = re.fullmatch(
+            r"encoded tags are (\d+) bytes, more than the (\d+) allowed", str(refusal)
+        )
+        assert found is not None, refusal
+        size, allowed = int(found[1]), int(found[2])
+        assert allowed == limit < size
+        assert len(encode_tags(tags, max_size=size)) == size
         return
+    assert len(meta) <= limit
     assert decode_tags(meta) == tags
 
 

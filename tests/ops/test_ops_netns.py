@@ -14,8 +14,9 @@ import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import require_binary
 from tests.ops.snapshot import assert_snapshot
-from weavepy.devtools.agentbox import AgentBox
+from weavepy.devtools.agentbox import AgentBox, gateway_of
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -53,6 +54,7 @@ def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
 def test_readiness_metrics_report_cli_logs(agent_box: Any, monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
     monkeypatch.setenv("WEAVEPY_LOG_FORMAT", "json")  # the agents inherit it
+    require_binary("ping", "iputils-ping")
     rig: AgentBox = agent_box(3)
     n1, n2, n3 = rig.box.nodes
     conf_dir = rig.root / "n1-cni-conf"
@@ -109,6 +111,25 @@ def test_readiness_metrics_report_cli_logs(agent_box: Any, monkeypatch: pytest.M
     assert value(before, "weave_max_ips") == 65536  # 198.19.0.0/16
     assert value(before, "weave_ipam_unreachable_count") == 0
     assert value(before, "weave_ipam_unreachable_percentage") == 0
+
+    # pod-network traffic from n1's bridge to the others' (ping: bounded count): the VXLAN
+    # counters must count it, both ways
+    blocks = rig.wait_mesh(timeout=30)
+    source = gateway_of(blocks["n1"][0])
+    for other in ("n2", "n3"):
+        pinged = n1.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", "-I", source,
+                         gateway_of(blocks[other][0])], check=False, timeout=20)
+        assert pinged.returncode == 0, pinged.stdout + pinged.stderr
+
+    def tunnel_counted() -> Any:
+        found = samples(n1.call(scrape))
+        counted = [value(found, name, path="vxlan", direction=direction) or 0
+                   for name in ("weavepy_tunnel_bytes_total", "weavepy_tunnel_packets_total")
+                   for direction in ("tx", "rx")]
+        return found if all(c > 0 for c in counted) else None
+
+    rig.wait("the VXLAN byte and packet counters to count the pings", tunnel_counted,
+             timeout=20)
 
     # the report and its schema; the JSON of every view
     schema = json.loads((REPO / "docs" / "report.schema.json").read_text())

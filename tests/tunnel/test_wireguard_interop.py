@@ -3,11 +3,12 @@
 Node n1 runs our device (`python -m tunnel.wireguard.device`), node n2 runs `wireguard-go`
 configured with `wg set`; a third node, where present, plays an attacker. Tunnel addresses are
 198.19.100.1 (ours) and 198.19.100.2 (wireguard-go). Every traffic source is bounded: `ping -c`,
-`iperf3 -t`, echo loops with counts and socket timeouts.
+numbered UDP streams, echo loops with counts and socket timeouts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -257,31 +258,109 @@ def test_wireguard_go_initiates_inline_mode(sandbox_factory: Any, tmp_path: Path
     assert echo(pair.n1, pair.n2, OURS, "tcp", 1_000_000) == "1"
 
 
-@pytest.mark.timeout(90)
+SEQUENCE_PORT = 7002
+HELLO, READY = b"hello", b"ready"
+
+
+def sequence_datagram(seq: int) -> bytes:
+    """Datagram `seq` of a sequence stream: its number, then 960 bytes derived from it."""
+    number = struct.pack("!Q", seq)
+    return number + hashlib.blake2s(number).digest() * 30
+
+
+def receive_sequence(host: str, count: int, idle: float) -> dict[str, Any]:
+    """(Runs inside a node.) Receive a sequence stream of `count` datagrams on host; answer
+    the sender's hellos; stop when all arrived or after `idle` seconds without a datagram.
+    Returns what arrived: numbers missing, duplicated, damaged, and whether in order."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind((host, SEQUENCE_PORT))
+    sock.settimeout(idle)
+    seen: list[int] = []
+    damaged = 0
+    while len(set(seen)) < count:
+        try:
+            data, sender = sock.recvfrom(65535)
+        except TimeoutError:
+            break
+        if data == HELLO:
+            sock.sendto(READY, sender)
+            continue
+        seq = struct.unpack("!Q", data[:8])[0] if len(data) >= 8 else -1
+        if not 0 <= seq < count or data != sequence_datagram(seq):
+            damaged += 1
+            continue
+        seen.append(seq)
+    missing = sorted(set(range(count)) - set(seen))
+    return {"received": len(set(seen)), "missing": missing[:20], "missing_count": len(missing),
+            "duplicates": len(seen) - len(set(seen)), "damaged": damaged,
+            "in_order": seen == sorted(seen)}
+
+
+def send_sequence(host: str, count: int, gap: float) -> int:
+    """(Runs inside a node.) Say hello until the receiver answers (so no datagram of the stream
+    can arrive before it listens), then send the `count` datagrams `gap` seconds apart."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(0.2)
+    for _ in range(100):
+        sock.sendto(HELLO, (host, SEQUENCE_PORT))
+        try:
+            if sock.recv(16) == READY:
+                break
+        except TimeoutError:
+            continue
+    else:
+        raise AssertionError(f"no receiver answered at {host}:{SEQUENCE_PORT}")
+    for seq in range(count):
+        sock.sendto(sequence_datagram(seq), (host, SEQUENCE_PORT))
+        time.sleep(gap)
+    return count
+
+
+@pytest.mark.timeout(120)
 def test_rekey_under_traffic_loses_nothing(sandbox_factory: Any, tmp_path: Path) -> None:
+    """Numbered UDP datagrams both ways while our side rekeys every 2 s: every one arrives,
+    once and intact (UDP, so a loss is seen, not retransmitted away)."""
     timers = {
         "rekey_after_time": 2.0,
         "reject_after_time": 4.0,
         "keepalive_timeout": 1.0,
         "rekey_timeout": 1.0,
     }
-    require_binary("iperf3")
+    count, gap = 2500, 0.002  # at least 5 s of traffic: two rekeys or more fall inside it
     pair = Pair(sandbox_factory(nodes=2), tmp_path, timers=timers)
+    # 20 ms more on wireguard-go's way out, as on a long link: after each of our initiations
+    # it keeps sending on the old session until our first packet on the new one reaches it,
+    # so ten or so datagrams per rekey arrive here under the previous keypair.
+    pair.n2.netem(delay_ms=20)
     assert pair.ping(pair.n1, THEIRS)
     before = pair.handshakes()
-    server = pair.n2.start("iperf", ["iperf3", "-s", "-1", "-B", THEIRS])
-    try:
-        time.sleep(0.3)
-        result = pair.n1.run(["iperf3", "-c", THEIRS, "-t", "4", "-J"], timeout=30, check=False)
-    finally:
-        server.stop(timeout=2)
-    assert result.returncode == 0, result.stdout[-2000:]
-    report = json.loads(result.stdout)
-    assert report["end"]["sum_received"]["bytes"] > 1_000_000
-    pair.ours.wait_for(
-        stat_at_least("handshakes_completed", before + 2), 5, "fewer than 2 rekeys in 4 s"
-    )
-    # and a ping series across more rekeys loses nothing
+    results: dict[str, Any] = {}
+    streams = [
+        ("to wireguard-go", pair.n2, pair.n1, THEIRS),
+        ("to us", pair.n1, pair.n2, OURS),
+    ]
+    receivers = [
+        threading.Thread(target=lambda name=name, node=receiver, host=host: results.update(
+            {name: node.call(receive_sequence, host, count, 10.0, timeout=90)}))
+        for name, receiver, _, host in streams
+    ]
+    senders = [
+        threading.Thread(target=lambda node=sender, host=host: node.call(
+            send_sequence, host, count, gap, timeout=90))
+        for _, _, sender, host in streams
+    ]
+    for thread in receivers + senders:
+        thread.start()
+    for thread in senders + receivers:
+        thread.join()
+    rekeys = pair.handshakes() - before
+    assert rekeys >= 2, f"only {rekeys} handshakes while the traffic ran"
+    for name, _, _, _ in streams:
+        got = results[name]
+        assert (got["missing_count"], got["duplicates"], got["damaged"]) == (0, 0, 0), (
+            f"{name}: {got}; our drops: {pair.ours.status()['drops']}")
+    # and a ping series across more rekeys loses nothing either (-c with -w: all or fail)
     assert pair.ping(pair.n1, THEIRS, count=10)
 
 
@@ -457,7 +536,7 @@ def test_an_initiation_flood_gets_cookies_and_the_device_stays_responsive(
         pair.ours.wait_for(stat_at_least("responses_sent", before + 1), 5, "no new handshake")
     finally:
         flooder.join()
-    assert sent and sent[0] > 1000
+    assert sent, "the flood did not finish"
     status = pair.ours.wait_for(stat_at_least("cookie_replies_sent", 100), 5, "few cookies")
     assert status["drops"]["needs_cookie"] > 100
     assert pair.ping(pair.n1, THEIRS)

@@ -10,6 +10,10 @@ it keeps:
   one synchronous call (`answer`) on a single worker thread, so requests are serialized (the
   backend needs no locks), netlink work never blocks the event loop, and the backend always
   runs on the same thread (pyroute2 sockets are per-thread).
+- **Nothing queues behind a wait.** A request that cannot be answered yet (an ADD while the
+  IPAM decides a new block) raises `AnswerLater` before any kernel work; its wait runs on the
+  event loop, off the worker thread, and then the request runs again from the start. A DEL
+  sent meanwhile is answered at once.
 - **The socket is private.** It is created under a temporary name, set to mode 0600 and then
   renamed into place; a live socket of another agent at the same path is never replaced.
 
@@ -33,7 +37,7 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -64,6 +68,16 @@ T = TypeVar("T")
 RequestObserver = Callable[[str, int, float], None]  # (command, code, seconds)
 
 
+class AnswerLater(Exception):
+    """Raised by a backend that cannot answer yet but may soon; it has done no kernel work.
+    The server awaits `wait` on its event loop, off the worker thread, then runs the request
+    again (the backend decides when to stop asking for that and fail instead)."""
+
+    def __init__(self, wait: Callable[[], Awaitable[None]]) -> None:
+        super().__init__("not yet")
+        self.wait = wait
+
+
 class PodNetworkBackend(Protocol):
     """What the agent does for each CNI command. Methods block; they raise `CniError`."""
 
@@ -85,6 +99,7 @@ class Answer:
     command: str
     code: int
     stdout: str
+    later: Callable[[], Awaitable[None]] | None = None  # await it, then ask again
 
     def to_wire(self) -> bytes:
         return encode_wire_reply(self.code, self.stdout)
@@ -118,6 +133,8 @@ def answer(backend: PodNetworkBackend, data: bytes) -> Answer:
         elif request.command is Command.GC:
             backend.gc(request)
         return Answer(command, 0, stdout)
+    except AnswerLater as pending:
+        return Answer(command, 0, "", later=pending.wait)
     except CniError as exc:
         version = version or best_effort_version(stdin)
         log.info("%s failed with code %d: %s", command, exc.code, exc)
@@ -195,6 +212,9 @@ class CniServer:
                     return
                 assert self.backend is not None
                 result = await self.call(answer, self.backend, data)
+                while result.later is not None:
+                    await result.later()  # the worker thread serves others meanwhile
+                    result = await self.call(answer, self.backend, data)
                 with trio.move_on_after(WRITE_TIMEOUT):
                     await stream.send_all(result.to_wire())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -1,4 +1,4 @@
-"""Development tooling: the sandbox of namespaced nodes, its delayer, agentbox, the demo and chaos.
+"""Development tooling: the sandbox of namespaced nodes, its delayer, agentbox, podnet, demo, chaos.
 
 Rule: nothing here runs in production. The agent (`weavepy launch`) and the CNI plugin never
 import this package; the CLI loads it only for `weavepy sandbox|demo|chaos`, and an import
