@@ -23,11 +23,13 @@ that holds no token. It creates the API token on the first launch (weavepy.apito
 
 `Agent.run()` then runs, as children of one nursery: the gossip service, the membership task
 (events -> view -> reconciler and IPAM), the IPAM link, the join loop and the end of start-up
-retention (weavepy.joiner), the reconciler, the CNI server, the API over the node's answers
-(weavepy.api over weavepy.control), the metrics endpoint (`--metrics-addr`), the VXLAN
-counter sampler (weavepy.hostnet), the signal task and, with `--kube-peers`, the Kubernetes
-peer watch and the task that sets the node's NetworkUnavailable condition to False once the
-node is first ready (weavepy.kube's `KubeLink`).
+retention (weavepy.joiner), the reconciler (which also keeps the host rules of
+weavepy.hostrules: egress masquerade, forward accepts, the API guard), the CNI server, the
+API over the node's answers (weavepy.api over weavepy.control), the metrics endpoint
+(`--metrics-addr`), the VXLAN counter sampler (weavepy.hostnet), the signal task and, with
+`--kube-peers`, the Kubernetes peer watch and the task that sets the node's
+NetworkUnavailable condition to False once the node is first ready (weavepy.kube's
+`KubeLink`).
 
 A restart re-derives everything from the state directory (identity, IPAM, the peers of
 weavepy.peerstore), the run directory (peers programmed last time) and the kernel; the
@@ -77,12 +79,13 @@ from weavepy.hostnet import (
     find_underlay,
     range_conflicts,
 )
+from weavepy.hostrules import HostRulesSpec
 from weavepy.identity import Identity, IdentityError, load_or_create
 from weavepy.ipam_link import IpamLink, IpamLinkError
 from weavepy.joiner import Joiner
 from weavepy.metrics import AgentMetrics
 from weavepy.peerstore import load_external_peers
-from weavepy.reconcile import DesiredDataPlane, Reconciler, desired_data_plane
+from weavepy.reconcile import DesiredDataPlane, HostRulesKeeper, Reconciler, desired_data_plane
 from weavepy.targets import normalise_addresses
 from weavepy.wgpath import (
     CAP_EXTENSION,
@@ -259,11 +262,12 @@ class Agent:
             on_ready=lambda: self.reconciler.poke("WireGuard interface changed"))
         self.external: dict[str, ExternalPeer] = {p.name: p for p in self.config.external_peers}
         self.external.update(load_external_peers(self.config.state_dir))
+        self.host_rules = HostRulesKeeper(self.host_rules_spec)
         self.reconciler = Reconciler(
             self.backend, self.desired, run_dir=self.config.run_dir, bridge=self.config.bridge,
             mtu=prepared.mtu, ensure_bridge=ensure_bridge,
             interval=self.config.reconcile_interval, on_pass=self._reconcile_observed,
-            encrypted=self.encrypted)
+            encrypted=self.encrypted, host_rules=self.host_rules)
         self.metrics = AgentMetrics()
         self.vxlan_counters = LinkCounterSampler(self.config.vxlan_device)
         self.kube: KubeLink | None = None  # with --kube-peers
@@ -296,6 +300,16 @@ class Agent:
                                      self.config.name, self.data_plane_identity(),
                                      sorted(self.external.values(), key=lambda p: p.name))
         return desired, {p.name for p in self.view.peers()}
+
+    def host_rules_spec(self, peer_nodes: frozenset[IPv4Address]) -> HostRulesSpec:
+        """The host rules this node wants (docs/egress.md): masquerade as configured, the
+        peer nodes of the reconcile pass, and the guard on the API port (where
+        route_localnet=1, a loopback address is reachable from the network)."""
+        config = self.config
+        return HostRulesSpec(
+            config.ipalloc_range, (config.bridge, config.vxlan_device, config.wg_device),
+            masquerade=config.masquerade, no_masq_cidrs=config.no_masq_cidrs,
+            peer_node_addresses=peer_nodes, api_guard_port=config.api_addr[1])
 
     # -- callbacks from the IPAM link ------------------------------------------------------------
 

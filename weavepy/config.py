@@ -75,6 +75,14 @@ class ConfigError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
+class SettingProblems(ValueError):
+    """A value with several mistakes (a list with more than one bad item): one line each."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
 # ---------------------------------------------------------------------------------------------
 # Value parsers: each takes what a flag, a variable or a YAML file gives and returns the typed
 # value, or raises ValueError with a message that completes "<setting>: ...".
@@ -119,7 +127,8 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-def _range(value: object) -> ipaddress.IPv4Network:
+def _cidr(value: object) -> ipaddress.IPv4Network:
+    """An IPv4 range, `198.19.0.0/16` (a bare address is its /32), host bits clear."""
     text = _text(value)
     try:
         network = ipaddress.ip_network(text, strict=True)
@@ -130,7 +139,12 @@ def _range(value: object) -> ipaddress.IPv4Network:
             detail = f"host bits are set (did you mean {base}?)"
         raise ValueError(f"not a CIDR range: {text!r}: {detail}") from None
     if not isinstance(network, ipaddress.IPv4Network):
-        raise ValueError(f"{network} is IPv6; the VXLAN data path is IPv4 only")
+        raise ValueError(f"{network} is IPv6; weavepy's pod network is IPv4 only")
+    return network
+
+
+def _range(value: object) -> ipaddress.IPv4Network:
+    network = _cidr(value)
     if network.prefixlen < 8 or network.prefixlen > 30:
         raise ValueError(f"{network} must have a prefix between /8 and /30")
     if network.is_loopback or network.is_multicast or network.is_link_local:
@@ -280,6 +294,30 @@ def _ipalloc_init(value: object) -> IpallocInit | None:
     raise ValueError(f"must be consensus=N, seed=NAME,... or observer, got {text!r}")
 
 
+def _no_masq_cidrs(value: object) -> tuple[ipaddress.IPv4Network, ...]:
+    """Destinations never masqueraded: a list (file), or ranges separated by commas or spaces
+    (flags, env). Every bad range is its own problem."""
+    items: list[str] = []
+    for item in value if isinstance(value, list | tuple) else [value]:
+        items.extend(n for n in re.split(r"[\s,]+", _text(item)) if n)
+    networks: list[ipaddress.IPv4Network] = []
+    problems: list[str] = []
+    for item in items:
+        try:
+            network = _cidr(item)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if network.prefixlen == 0:
+            problems.append(f"{network} would exclude every destination; use --no-masquerade "
+                            f"to switch masquerading off")
+        elif network not in networks:
+            networks.append(network)
+    if problems:
+        raise SettingProblems(problems)
+    return tuple(networks)
+
+
 def _names(value: object) -> tuple[str, ...]:
     """Node names: a list (file), or a string separated by spaces or commas (flags, env)."""
     items: list[str] = []
@@ -351,6 +389,9 @@ class Setting:
     flag: bool = True  # False: environment and file only (secrets never go on a command line)
     is_flag: bool = False  # a boolean switch on the command line
     option: str = ""  # the command-line flag when it is not --<name> (e.g. --encrypt)
+    # A switch that turns the setting off: its flag and variables say "no" (--no-masquerade,
+    # $WEAVEPY_NO_MASQUERADE=1), the file names the setting itself (masquerade: false)
+    negated: bool = False
     # A variable whose value means something else than the flag's (WEAVE_PASSWORD: any string)
     env_parse: Mapping[str, Callable[[object], Any]] = field(default_factory=dict)
 
@@ -444,6 +485,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("external_peers", _external_peers, _const(()), "hosts with stock WireGuard that "
             "join the pod network (file: a list of {name, public_key, allowed_ips, endpoint}; "
             "environment: the same as JSON)", ("WEAVEPY_EXTERNAL_PEERS",), "LIST", flag=False),
+    Setting("masquerade", _bool, _const(True), "do not masquerade pods' traffic to "
+            "destinations outside the cluster range (routers outside must then route the pod "
+            "range back; docs/egress.md); file: masquerade: false",
+            ("WEAVEPY_NO_MASQUERADE",), is_flag=True, option="--no-masquerade", negated=True),
+    Setting("no_masq_cidrs", _no_masq_cidrs, _const(()), "destinations never masqueraded "
+            "(comma separated CIDRs: a VPC range, the service range)",
+            ("WEAVEPY_NO_MASQ_CIDRS",), "CIDR,..."),
 )
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
 CONFIG_FILE_ENV = "WEAVEPY_CONFIG"
@@ -519,6 +567,8 @@ class AgentConfig:
     wg_device: str = "weavepy.wg"
     external_peers: tuple[Any, ...] = ()  # weavepy.wgpath.ExternalPeer
     ipalloc_init: IpallocInit | None = None
+    masquerade: bool = True
+    no_masq_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
     config_file: Path | None = None
     warnings: tuple[str, ...] = ()  # Weave variables and flags set but not taken (logged once)
 
@@ -558,7 +608,7 @@ class AgentConfig:
             elif isinstance(value, Path | ipaddress.IPv4Network | IpallocInit):
                 value = str(value)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [str(v) if isinstance(v, ipaddress.IPv4Network) else v for v in value]
             out[f.name] = value
         return out
 
@@ -622,6 +672,7 @@ def load_config(
         raw: object = None
         source = ""
         parse = setting.parse
+        negated = setting.negated  # the flag and the variables say "no"; the file does not
         if setting.name in flags and not (setting.is_flag and flags[setting.name] is False):
             raw, source = flags[setting.name], setting.flag_name
         elif setting.name in extra:
@@ -635,11 +686,16 @@ def load_config(
             else:
                 if setting.name in file_values:
                     raw, source = file_values[setting.name], f"{file_path}: {setting.name}"
+                    negated = False
         if source == "":
             values[setting.name] = setting.default()
             continue
         try:
-            values[setting.name] = parse(raw)
+            value = parse(raw)
+            values[setting.name] = not value if negated else value
+        except SettingProblems as exc:
+            problems.extend(f"{source}: {problem}" for problem in exc.problems)
+            values[setting.name] = setting.default()
         except ValueError as exc:
             problems.append(f"{source}: {exc}")
             values[setting.name] = setting.default()

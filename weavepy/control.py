@@ -207,6 +207,7 @@ class NodeControl:
                 "wireguard": agent.encrypted.status(),
                 "external_peers": self._external_json(),
             },
+            "host_rules": agent.host_rules.to_json(),
             "cni": {"socket": str(config.cni_socket), "listening": agent.cni_listening,
                     "requests": dict(agent.cni_requests),
                     "conflist": str(conflist) if conflist is not None else None,

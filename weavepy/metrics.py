@@ -40,6 +40,10 @@ weavepy_cni_request_duration_seconds            histogram  command
 weavepy_cni_requests_total                      counter    command, result (ok error)
 weavepy_tunnel_bytes_total                      counter    path, direction (rx tx)
 weavepy_tunnel_packets_total                    counter    path, direction
+weavepy_host_rules_present                      gauge
+weavepy_host_rules_restorations_total           counter
+weavepy_masqueraded_packets_total               counter
+weavepy_masqueraded_bytes_total                 counter
 
 Weave Net's names, with Weave's meaning (prog/weaver/metrics.go; docs/migrating-from-weave.md):
 
@@ -158,6 +162,10 @@ class StatusSnapshot:
     range_addresses: int = 0  # addresses in the cluster range (0: no IPAM)
     unreachable_owners: int = 0
     unreachable_addresses: int = 0  # in the blocks of unreachable owners
+    host_rules_present: bool = False
+    host_rules_restorations: int = 0
+    masqueraded_packets: int = 0
+    masqueraded_bytes: int = 0
 
     @classmethod
     def from_status(cls, doc: Mapping[str, Any]) -> StatusSnapshot:
@@ -194,6 +202,7 @@ class StatusSnapshot:
                     counters.get(f"{direction}_packets"))
 
         ipam_state = ipam.get("state")
+        host_rules = _section(doc, "host_rules")
         return cls(
             ready=bool(doc.get("ready")),
             members=members,
@@ -218,6 +227,10 @@ class StatusSnapshot:
             if ipam else 0,
             unreachable_owners=len(unreachable),
             unreachable_addresses=sum(_addresses(b) for b in unreachable_blocks),
+            host_rules_present=host_rules.get("present") is True,
+            host_rules_restorations=_count(host_rules.get("restorations")),
+            masqueraded_packets=_count(host_rules.get("masqueraded_packets")),
+            masqueraded_bytes=_count(host_rules.get("masqueraded_bytes")),
         )
 
 
@@ -322,6 +335,16 @@ class _SnapshotCounters:
             tunnel_packets.add_metric([_bounded(path, DATA_PATHS), direction], value)
         yield tunnel_packets
 
+        yield CounterMetricFamily("weavepy_host_rules_restorations", "Host rules (masquerade, "
+                                  "forward accepts, API guard) put back after someone removed "
+                                  "or flushed them", value=snap.host_rules_restorations)
+        yield CounterMetricFamily("weavepy_masqueraded_packets", "Packets of connections "
+                                  "masqueraded from the pod range to outside the cluster",
+                                  value=snap.masqueraded_packets)
+        yield CounterMetricFamily("weavepy_masqueraded_bytes", "Bytes of connections "
+                                  "masqueraded from the pod range to outside the cluster",
+                                  value=snap.masqueraded_bytes)
+
 
 class _WeaveNames:
     """A registry collector for Weave Net's series (module docstring), from the latest
@@ -391,6 +414,9 @@ class AgentMetrics:
                                  ["state"], registry=reg)
         self.pod_ips = Gauge("weavepy_pod_ips", "Pod addresses on this node: in use, and the "
                              "capacity of its blocks", ["state"], registry=reg)
+        self.host_rules_present = Gauge("weavepy_host_rules_present", "1 when every host rule "
+                                        "(masquerade, forward accepts, API guard) was in place "
+                                        "at the last check", registry=reg)
         self.reconcile_duration = Histogram("weavepy_reconcile_duration_seconds", "Time of one "
                                             "data-plane reconcile pass",
                                             buckets=RECONCILE_BUCKETS, registry=reg)
@@ -436,6 +462,7 @@ class AgentMetrics:
         self.ipam_blocks.labels(state="unreachable").set(snapshot.blocks_unreachable)
         self.pod_ips.labels(state="in_use").set(snapshot.pod_ips_in_use)
         self.pod_ips.labels(state="capacity").set(snapshot.pod_ips_capacity)
+        self.host_rules_present.set(1 if snapshot.host_rules_present else 0)
 
     def update_from_status(self, doc: Mapping[str, Any]) -> None:
         """`update()` from the agent's status document."""

@@ -7,15 +7,20 @@ This module owns the step from "what the agent knows" to "what the kernel should
   blocks in claim order), this node's own blocks, and every peer left out with the reason
   (another cluster, a VXLAN VNI/port that differs from ours, no usable path);
 * `Reconciler` (trio) runs that function and applies the result with the VXLAN backend, then
-  makes the pod bridge carry the gateway of each owned block. It runs when poked (a member
-  event, a block change, the device deleted or set down), at least every `interval`, and
-  coalesces bursts of pokes into one pass.
+  makes the pod bridge carry the gateway of each owned block, then keeps weavepy's host rules
+  (`HostRulesKeeper`: egress masquerade, forward accepts, the API guard; weavepy.hostrules)
+  with the peer nodes of the pass. It runs when poked (a member event, a block change, the
+  device deleted or set down), at least every `interval`, and coalesces bursts of pokes into
+  one pass.
 
 The rules it keeps:
 
 * Data flows one way: it reads the view and the block table, it never writes them.
 * Applying is idempotent (the backend diffs desired against the kernel), so a pass with nothing
   to do changes nothing.
+* Host rules run in a worker thread and never stop a pass or the agent: what fails is in
+  their status (`host_rules.errors`) and tried again on the next pass; rules someone removed
+  or flushed are put back, logged and counted (`restorations`).
 * **No flapping across a restart.** The peers programmed by the last pass are saved in the run
   directory (tmpfs: it dies with the kernel state it describes). A freshly started agent knows
   nobody yet, so until its view has settled it keeps programming those saved peers unless the
@@ -40,6 +45,7 @@ import trio
 from tunnel.vxlan import Peer, ReconcileReport, VxlanBackend, watch_device
 from weavepy.cluster import DataPlaneIdentity, PeerView
 from weavepy.fileio import atomic_write
+from weavepy.hostrules import HostRules, HostRulesError, HostRulesSpec, HostRulesState
 from weavepy.wgpath import (
     CAP_EXTENSION,
     CAP_WIREGUARD,
@@ -52,11 +58,13 @@ from weavepy.wgpath import (
 __all__ = [
     "PROGRAMMED_FILE",
     "DesiredDataPlane",
+    "HostRulesKeeper",
     "Reconciler",
     "choose_path",
     "desired_data_plane",
     "fallback_reason",
     "load_programmed",
+    "peer_node_addresses",
     "save_programmed",
     "with_retained",
 ]
@@ -193,6 +201,81 @@ def with_retained(desired: DesiredDataPlane, retained: Sequence[Peer],
                             desired.fallbacks, desired.wg_peers)
 
 
+def peer_node_addresses(desired: DesiredDataPlane) -> frozenset[IPv4Address]:
+    """The hosts that route the pod range back through the overlay, so that a pod must reach
+    them as its node (the host rules' peer set, docs/egress.md): the underlay address of every
+    node this pass programs, over either path, and the endpoint of every external WireGuard
+    peer that has one (pure)."""
+    found = {peer.underlay_ip for peer in desired.peers}
+    found |= {IPv4Address(peer.endpoint[0]) for peer in desired.wg_peers
+              if peer.endpoint is not None}
+    return frozenset(found)
+
+
+class HostRulesKeeper:
+    """weavepy's host rules, kept on every reconcile pass (see the module docstring).
+
+    `spec(peer_node_addresses)` builds the wanted rules; `ensure` applies them through
+    `weavepy.hostrules.HostRules` in a worker thread and never raises: a failure, missing
+    nftables support included, is in the state's `errors`. `to_json()` is the status
+    document's `host_rules` section."""
+
+    def __init__(self, spec: Callable[[frozenset[IPv4Address]], HostRulesSpec]) -> None:
+        self._spec = spec
+        self._rules: HostRules | None = None
+        self._last_error: str | None = None
+        self.wanted: HostRulesSpec | None = None
+        self.state: HostRulesState | None = None
+        self.last_check: float | None = None
+
+    async def ensure(self, peers: frozenset[IPv4Address]) -> HostRulesState:
+        self.state = await trio.to_thread.run_sync(self._ensure, peers)
+        self.last_check = time.time()
+        return self.state
+
+    def _ensure(self, peers: frozenset[IPv4Address]) -> HostRulesState:
+        """One pass in the worker thread; `HostRules` is made on the first (or after it
+        could not be)."""
+        try:
+            self.wanted = self._spec(peers)
+            if self._rules is None:
+                self._rules = HostRules()
+            state = self._rules.ensure(self.wanted)
+        except Exception as exc:  # report it, retry next pass (the shell reports host errors)
+            error = (str(exc) if isinstance(exc, HostRulesError)
+                     else f"{type(exc).__name__}: {exc}")
+            if error != self._last_error:
+                log.error("host rules: %s", error)
+            self._last_error = error
+            last = self.state
+            return HostRulesState(
+                present=False, changes=(), restored=(),
+                restorations=last.restorations if last else 0,
+                masqueraded_packets=last.masqueraded_packets if last else 0,
+                masqueraded_bytes=last.masqueraded_bytes if last else 0,
+                accepts_in=(), errors=(error,))
+        self._last_error = None
+        return state
+
+    def to_json(self) -> dict[str, Any]:
+        state, wanted = self.state, self.wanted
+        return {
+            "present": state.present if state else False,
+            "last_check": self.last_check,
+            "masquerade": wanted.masquerade if wanted else None,
+            "no_masq_cidrs": [str(n) for n in wanted.no_masq_cidrs] if wanted else [],
+            "peer_nodes": sorted((str(a) for a in wanted.peer_node_addresses),
+                                 key=IPv4Address) if wanted else [],
+            "api_guard_port": wanted.api_guard_port if wanted else None,
+            "accepts_in": list(state.accepts_in) if state else [],
+            "restorations": state.restorations if state else 0,
+            "last_restored": list(state.restored) if state else [],
+            "masqueraded_packets": state.masqueraded_packets if state else 0,
+            "masqueraded_bytes": state.masqueraded_bytes if state else 0,
+            "errors": list(state.errors) if state else [],
+        }
+
+
 def _peer_to_json(peer: Peer) -> dict[str, Any]:
     return {"name": peer.name, "underlay_ip": str(peer.underlay_ip), "vtep_mac": peer.vtep_mac,
             "blocks": [str(b) for b in peer.blocks]}
@@ -275,6 +358,7 @@ class Reconciler:
         interval: float = 30.0,
         on_pass: Callable[[float, bool], None] | None = None,
         encrypted: EncryptedPath | None = None,
+        host_rules: HostRulesKeeper | None = None,
     ) -> None:
         self.backend = backend
         self.source = source
@@ -285,6 +369,7 @@ class Reconciler:
         self.interval = interval
         self.on_pass = on_pass  # (seconds, ok) after every pass, e.g. for metrics
         self.encrypted = encrypted  # the WireGuard path (routes of encrypted peers)
+        self.host_rules = host_rules  # masquerade, forward accepts, API guard
         self.retained: list[Peer] = load_programmed(run_dir)
         self.settled = not self.retained
         self.last: PassRecord | None = None
@@ -381,6 +466,8 @@ class Reconciler:
         if report.changed:
             log.info("%s (%s)", report.summary(), reason)
         self._save(list(self.programmed.values()))
+        if self.host_rules is not None:
+            await self.host_rules.ensure(peer_node_addresses(desired))
         if self.on_pass is not None:
             self.on_pass(time.monotonic() - clock, record.ok)
         return record

@@ -9,6 +9,11 @@ What it removes, in the node's network namespace and directories:
 * the links weavepy creates: the VXLAN device, the pod bridge and the WireGuard TUN device
   (by their configured names);
 * every host-side pod veth (by weavepy's veth prefix; the pod's end goes with it);
+* the host rules (weavepy.hostrules, `HostRules.remove()`): nftables table `ip weavepy`
+  (egress masquerade, the API guard) and every forward accept tagged `weavepy` in the host's
+  own nftables chains and in the filter FORWARD chain of both iptables backends, so each
+  ruleset reads as it did before the agent started (without nftables support, which the agent
+  needs to place any of them, there is nothing to remove);
 * weavepy's own files in the state directory: the identity (name, VTEP MAC, WireGuard key,
   cluster ID), the IPAM state and pod allocations, the known peers, the external peers
   declared through the API and the API token, together with their moved-aside copies
@@ -17,13 +22,14 @@ What it removes, in the node's network namespace and directories:
 
 What it keeps: everything else. Other files in the state and run directories, the gossip
 keyring and configuration files, the installed CNI plugin and its conflist, other links and
-routes of the host, and the sysctls the agent turned on (IP forwarding) all stay. Routes,
-neighbour and FDB entries that weavepy programmed go with their device.
+routes of the host, every rule and table that is not weavepy's, and the sysctls the agent
+turned on (IP forwarding) all stay. Routes, neighbour and FDB entries that weavepy programmed
+go with their device.
 
-The rule it keeps: it touches only objects it can name from the configuration or by weavepy's
-own veth prefix, and returns what it removed, one item each, for the user. A failure raises
-one `ResetError` (one line, naming what was already removed); what was removed stays removed,
-and a second reset finishes the job.
+The rule it keeps: it touches only objects it can name from the configuration, by weavepy's
+own veth prefix or by weavepy's rule tag, and returns what it removed, one item each, for the
+user. A failure raises one `ResetError` (one line, naming what was already removed); what was
+removed stays removed, and a second reset finishes the job.
 """
 
 from __future__ import annotations
@@ -48,11 +54,12 @@ def reset_node(config: AgentConfig) -> list[str]:
     was removed, for the user."""
     from tunnel.netlink import NetlinkError
     from weavepy.cni.podnet import PodNetError
+    from weavepy.hostrules import HostRulesError
 
     removed: list[str] = []
     try:
         _reset_steps(config, removed)
-    except (OSError, NetlinkError, PodNetError) as exc:
+    except (OSError, NetlinkError, PodNetError, HostRulesError) as exc:
         done = f" (removed before it: {', '.join(removed)})" if removed else ""
         raise ResetError(f"{' '.join(str(exc).split())}{done}") from exc
     return removed
@@ -76,10 +83,23 @@ def _reset_steps(config: AgentConfig, removed: list[str]) -> None:
                 removed.append(f"pod veth {veth}")
     finally:
         podnet.close()
+    removed.extend(_remove_host_rules())
     for path in _state_files(config):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(str(path))
+
+
+def _remove_host_rules() -> tuple[str, ...]:
+    """weavepy's table and tagged accepts, what was removed one line each (HostRulesError if
+    any part could not be read or removed)."""
+    from weavepy.hostrules import HostRules, HostRulesError
+
+    try:
+        rules = HostRules()
+    except HostRulesError:  # no nftables support: the agent could not have placed any rule
+        return ()
+    return tuple(f"host rules: {change}" for change in rules.remove())
 
 
 def _remove_link(ipr: Any, name: str) -> bool:

@@ -170,6 +170,24 @@ def _discovery(doc: Doc) -> str:
     return text + ")"
 
 
+def _host_rules(doc: Doc) -> str:
+    """One line on the host rules (docs/egress.md): in place or not, and what they did."""
+    rules = _map(doc, "host_rules")
+    if rules.get("last_check") is None:
+        return "pending (the first reconcile pass has not finished)"
+    if not rules.get("present"):
+        return "NOT in place: " + "; ".join(str(e) for e in rules.get("errors") or ("?",))
+    masquerade = "on" if rules.get("masquerade") else "OFF"
+    exceptions = rules.get("no_masq_cidrs") or ()
+    if rules.get("masquerade") and exceptions:
+        masquerade += f" (except {', '.join(str(n) for n in exceptions)})"
+    accepts = ", ".join(str(a) for a in rules.get("accepts_in") or ()) or "none needed"
+    return (f"in place, masquerade {masquerade}, forward accepts: {accepts}; "
+            f"{_text(rules.get('masqueraded_packets'))} packets "
+            f"({_text(rules.get('masqueraded_bytes'))} bytes) masqueraded, "
+            f"{_text(rules.get('restorations'))} restorations")
+
+
 def render_summary(doc: Doc) -> Output:
     """`weavepy status`: one line per concern."""
     ipam = _map(doc, "ipam")
@@ -204,6 +222,8 @@ def render_summary(doc: Doc) -> Output:
     lines.append(f"  data path:    {_text(dataplane.get('path'))} device "
                  f"{_text(dataplane.get('device'))} mtu {_text(dataplane.get('mtu'))}, last pass "
                  + ("pending" if not last else "ok" if last.get("ok") else "with errors"))
+    if "host_rules" in doc:
+        lines.append(f"  host rules:   {_host_rules(doc)}")
     return lines
 
 

@@ -132,3 +132,65 @@ def test_peers() -> None:
     for bad in ["198.18.0.1:0", "198.18.0.1:x", ":80", "bad host!", "[fd00::1"]:
         with pytest.raises(ValueError):
             parse_peer(bad)
+
+
+def test_masquerade_is_on_unless_a_flag_a_variable_or_the_file_says_no(tmp_path: Path) -> None:
+    assert load_config({}, {}).masquerade is True
+    assert load_config({"masquerade": True}, {}).masquerade is False  # --no-masquerade
+    assert load_config({}, {"WEAVEPY_NO_MASQUERADE": "1"}).masquerade is False
+    assert load_config({}, {"WEAVEPY_NO_MASQUERADE": "false"}).masquerade is True
+    assert load_config({}, {"EXTRA_ARGS": "--no-masquerade"}).masquerade is False
+    file = tmp_path / "weavepy.yaml"
+    file.write_text("masquerade: false\n")
+    assert load_config({}, {}, file).masquerade is False
+    file.write_text("masquerade: true\n")
+    assert load_config({}, {"WEAVEPY_NO_MASQUERADE": "yes"}, file).masquerade is False
+    assert load_config({}, {}, file).to_public_dict()["masquerade"] is True
+    with pytest.raises(ConfigError, match=r"^\$WEAVEPY_NO_MASQUERADE: must be true or false"):
+        load_config({}, {"WEAVEPY_NO_MASQUERADE": "sometimes"})
+
+
+def test_no_masq_cidrs_from_flags_environment_and_file(tmp_path: Path) -> None:
+    assert load_config({}, {}).no_masq_cidrs == ()
+    flagged = load_config({"no_masq_cidrs": "10.0.0.0/8, 192.0.2.7 10.0.0.0/8"}, {})
+    assert flagged.no_masq_cidrs == (IPv4Network("10.0.0.0/8"), IPv4Network("192.0.2.7/32"))
+    assert flagged.to_public_dict()["no_masq_cidrs"] == ["10.0.0.0/8", "192.0.2.7/32"]
+    env = load_config({}, {"WEAVEPY_NO_MASQ_CIDRS": "172.16.0.0/12"})
+    assert env.no_masq_cidrs == (IPv4Network("172.16.0.0/12"),)
+    file = tmp_path / "weavepy.yaml"
+    file.write_text("no-masq-cidrs: [10.96.0.0/12, 203.0.113.0/24]\n")
+    assert load_config({}, {}, file).no_masq_cidrs == (IPv4Network("10.96.0.0/12"),
+                                                        IPv4Network("203.0.113.0/24"))
+
+
+def test_every_bad_no_masq_cidr_is_its_own_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config({"no_masq_cidrs": "10.0.0.1/8,fd00::/64, nonsense,0.0.0.0/0,10.1.0.0/16"},
+                    {})
+    assert caught.value.problems == [
+        "--no-masq-cidrs: not a CIDR range: '10.0.0.1/8': host bits are set (did you mean "
+        "10.0.0.0/8?)",
+        "--no-masq-cidrs: fd00::/64 is IPv6; weavepy's pod network is IPv4 only",
+        "--no-masq-cidrs: not a CIDR range: 'nonsense': 'nonsense' does not appear to be an "
+        "IPv4 or IPv6 network",
+        "--no-masq-cidrs: 0.0.0.0/0 would exclude every destination; use --no-masquerade to "
+        "switch masquerading off",
+    ]
+    file = tmp_path / "weavepy.yaml"
+    file.write_text("no_masq_cidrs: [10.0.0.0/8, 300.0.0.0/8]\n")
+    with pytest.raises(ConfigError) as from_file:
+        load_config({}, {}, file)
+    assert from_file.value.problems == [
+        f"{file}: no_masq_cidrs: not a CIDR range: '300.0.0.0/8': '300.0.0.0/8' does not "
+        "appear to be an IPv4 or IPv6 network"]
+
+
+def test_launch_has_the_egress_flags() -> None:
+    from click.testing import CliRunner
+
+    from weavepy.cli import main
+
+    shown = CliRunner().invoke(main, ["launch", "--help"])
+    assert shown.exit_code == 0
+    assert "--no-masquerade" in shown.output and "$WEAVEPY_NO_MASQUERADE" in shown.output
+    assert "--no-masq-cidrs CIDR,..." in shown.output and "$WEAVEPY_NO_MASQ_CIDRS" in shown.output

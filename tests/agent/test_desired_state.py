@@ -14,12 +14,15 @@ from tunnel.vxlan import Peer
 from weavepy.cluster import ClusterView, DataPlaneIdentity, encode_tags_for
 from weavepy.hostnet import HostRoute, overlapping_routes
 from weavepy.reconcile import (
+    DesiredDataPlane,
     desired_data_plane,
     load_programmed,
+    peer_node_addresses,
     save_programmed,
     with_retained,
 )
 from weavepy.targets import TargetSchedule, TargetState
+from weavepy.wgpath import ExternalPeer, WgPeer
 
 N = IPv4Network
 
@@ -111,3 +114,19 @@ def test_overlap_with_host_routes() -> None:
     clashes = overlapping_routes(cluster, routes, ["weavepy.1", "weavepy0"])
     assert [(c.network, c.device) for c in clashes] == [(N("198.0.0.0/8"), "eth1"),
                                                         (N("198.19.9.0/24"), "docker0")]
+
+
+def test_peer_nodes_for_the_host_rules_are_every_routed_node_and_external_endpoint() -> None:
+    """The nodes pods reach as their node (docs/egress.md, reverse-path filtering): VXLAN and
+    WireGuard peers by underlay address, external WireGuard hosts by endpoint, if known."""
+    desired = DesiredDataPlane(
+        peers=(Peer("n2", IPv4Address("198.18.0.12"), "02:00:00:00:00:12",
+                    (N("198.19.1.0/24"),)),),
+        local_blocks=(N("198.19.0.0/24"),),
+        wg_peers=(WgPeer("n3", bytes(32), ("198.18.0.13", 51820), (N("198.19.2.0/24"),)),
+                  ExternalPeer("laptop", bytes(32), (N("198.18.9.0/32"),),
+                               ("198.18.0.50", 51820)).wg_peer(),
+                  ExternalPeer("roaming", bytes(32), (N("198.18.9.1/32"),)).wg_peer()))
+    assert peer_node_addresses(desired) == {
+        IPv4Address("198.18.0.12"), IPv4Address("198.18.0.13"), IPv4Address("198.18.0.50")}
+    assert peer_node_addresses(DesiredDataPlane((), ())) == frozenset()

@@ -20,7 +20,8 @@ EXPECTED_FAMILIES = {
     "weavepy_gossip_probe_failures", "weavepy_gossip_suspicions", "weavepy_ipam_state",
     "weavepy_ipam_blocks", "weavepy_pod_ips", "weavepy_reconcile_duration_seconds",
     "weavepy_reconcile_errors", "weavepy_cni_request_duration_seconds", "weavepy_cni_requests",
-    "weavepy_tunnel_bytes", "weavepy_tunnel_packets",
+    "weavepy_tunnel_bytes", "weavepy_tunnel_packets", "weavepy_host_rules_present",
+    "weavepy_host_rules_restorations", "weavepy_masqueraded_packets", "weavepy_masqueraded_bytes",
 }
 # Weave Net's series, as alerts written for Weave name them; the IPAM ones need a range.
 WEAVE_FAMILIES = {"weave_connections", "weave_ips", "weave_max_ips",
@@ -217,3 +218,21 @@ def test_ipam_states_match_the_ipam_enum() -> None:
     from weavepy.ipam.status import IpamState
 
     assert set(IPAM_STATES) == {s.value for s in IpamState}
+
+
+def test_host_rules_show_presence_restorations_and_what_was_masqueraded() -> None:
+    metrics = AgentMetrics()
+    doc = status_doc()
+    metrics.update_from_status(doc)
+    assert value(scrape(metrics), "weavepy_host_rules_present") == 0  # none reported yet
+    doc["host_rules"] = {"present": True, "restorations": 2, "masqueraded_packets": 12,
+                         "masqueraded_bytes": 3400}
+    metrics.update_from_status(doc)
+    samples = scrape(metrics)
+    assert value(samples, "weavepy_host_rules_present") == 1
+    assert value(samples, "weavepy_host_rules_restorations_total") == 2
+    assert value(samples, "weavepy_masqueraded_packets_total") == 12
+    assert value(samples, "weavepy_masqueraded_bytes_total") == 3400
+    doc["host_rules"].update(present=False, errors=["nftables: Operation not permitted"])
+    metrics.update_from_status(doc)
+    assert value(scrape(metrics), "weavepy_host_rules_present") == 0

@@ -1,42 +1,49 @@
-"""Pods reach the world (issue 13), with real packets in a 3-node sandbox.
+"""Pods reach the world (issue 13), with real agents and real packets in a 3-node sandbox.
 
 Agents run on n1 and n2 with one pod each; n3 is a host outside the cluster on the same
-underlay, with no route to the pod range. The host rules are applied in each agent node's
-namespace through the `HostRules` shell (the agent does not call it yet), and removed after
-each test. Every node, pod and the outside host runs a small server that answers with, and
-logs, the source address it saw over TCP, UDP and ICMP: so "the outside host sees the node's
-address" and "the receiving pod sees the pod's address" are read where the packets arrive.
+underlay, with no route to the pod range. The agents place and keep the host rules themselves
+(`--reconcile-interval 2s`, so that a host turning strict or a flushed table is noticed
+soon); the tests only change the host around them (strict forward chains, rp_filter, a
+flush) and relaunch the agents with other flags. Every node, pod and the outside host runs a
+small server that answers with, and logs, the source address it saw over TCP, UDP and ICMP:
+so "the outside host sees the node's address" and "the receiving pod sees the pod's address"
+are read where the packets arrive (the server in a pod binds in the pod's namespace, so what
+it logs is what arrived on the pod's eth0: nothing rewrites addresses inside a pod).
 """
 
 from __future__ import annotations
 
-import contextlib
+import http.client
+import json
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from glob import glob
-from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.agent.traffic import tcp_echo, udp_echo
 from tests.conftest import require_binary, require_root
-from tests.hostrules.hostsetup import STRICT_KINDS, make_strict, relax, rulesets
-from weavepy.devtools.agentbox import BRIDGE, DEVICE, WG_DEVICE, AgentBox
+from tests.hostrules.hostsetup import STRICT_KINDS, make_strict, relax
+from weavepy.devtools.agentbox import AgentBox
 from weavepy.devtools.sandbox import ManagedProcess, Sandbox, SandboxNode, call_in_netns
-from weavepy.hostrules import HostRules, HostRulesSpec, HostRulesState
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 PORT = 7100
+METRICS_PORT = 6782
+AGENT_FLAGS = ("--reconcile-interval", "2s")
+WHERE = {"iptables-legacy": "iptables-legacy filter FORWARD",
+         "iptables-nft": "iptables-nft filter FORWARD", "nft": "nft inet filter forward"}
 WHOAMI_SERVER = r"""
 import socket, sys, threading, time
 host, port = sys.argv[1], int(sys.argv[2])
-deadline = time.monotonic() + 900  # bounded: the sandbox stops it sooner
+deadline = time.monotonic() + 1800  # bounded: the sandbox stops it sooner
 def saw(proto, peer):
     print(proto, peer, flush=True)
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -82,6 +89,7 @@ class Rig:
     box: Sandbox
     pods: dict[str, tuple[str, str]]  # agent node name -> (pod netns, pod address)
     servers: dict[str, ManagedProcess]  # "n1", "n2", "n3", "pod-n1", "pod-n2"
+    flags: tuple[str, ...] = field(default=())  # the agents' flags beyond AGENT_FLAGS
 
     @property
     def cluster(self) -> list[SandboxNode]:
@@ -90,6 +98,9 @@ class Rig:
     @property
     def outside(self) -> SandboxNode:
         return self.box.nodes[2]
+
+    def other(self, node: SandboxNode) -> SandboxNode:
+        return next(n for n in self.cluster if n is not node)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +111,7 @@ def rig() -> Iterator[Rig]:
         require_binary(tool, package)
     box = Sandbox.create(nodes=3)
     try:
-        agents = AgentBox(box, pod_range=str(box.pod_range))
+        agents = AgentBox(box, pod_range=str(box.pod_range), extra_args=AGENT_FLAGS)
         agents.launch_all(box.nodes[:2])
         agents.wait_mesh(box.nodes[:2], timeout=60)
         from weavepy.cni.install import install_cni
@@ -127,35 +138,66 @@ def _listening(server: ManagedProcess) -> bool:
     return "listening" in server.log_text()
 
 
-# -- the host rules in the agent nodes -------------------------------------------------------
+# -- the agents and their host rules ---------------------------------------------------------
 
 
-def _ensure(spec: HostRulesSpec) -> HostRulesState:
-    return HostRules().ensure(spec)
+def host_rules(rig: Rig, node: SandboxNode) -> dict[str, Any]:
+    doc = rig.agents.status(node)
+    assert doc is not None, f"the agent in {node.name} does not answer"
+    rules: dict[str, Any] = doc["host_rules"]
+    return rules
 
 
-def _remove() -> tuple[str, ...]:
-    return HostRules().remove()
+def wait_rules(rig: Rig, what: str, check: Callable[[dict[str, Any]], bool],
+               timeout: float = 30) -> dict[str, dict[str, Any]]:
+    """Wait until `check` holds for the host rules both agents report; those reports."""
+    def probe() -> dict[str, dict[str, Any]] | None:
+        found = {node.name: host_rules(rig, node) for node in rig.cluster}
+        return found if all(check(rules) for rules in found.values()) else None
+
+    return rig.agents.wait(what, probe, timeout, interval=0.5)
 
 
-def _spec_for(rig: Rig, node: SandboxNode, peers: bool = True, **kwargs: Any) -> HostRulesSpec:
-    addresses = frozenset(IPv4Address(n.underlay_ip) for n in rig.cluster if n is not node)
-    return HostRulesSpec(IPv4Network(str(rig.box.pod_range)), (BRIDGE, DEVICE, WG_DEVICE),
-                         peer_node_addresses=addresses if peers else frozenset(), **kwargs)
+def with_flags(rig: Rig, *flags: str) -> None:
+    """Make both agents run with `flags` (beyond AGENT_FLAGS): relaunch them if they run with
+    others (SIGTERM: they do not leave; kernel state, pods and state directories stay)."""
+    if rig.flags != flags:
+        for node in rig.cluster:
+            rig.agents.stop(node)
+            rig.agents.launch(node, [rig.other(node)], extra=flags)
+            rig.agents.wait_api(node)
+        rig.flags = flags
+        rig.agents.wait_mesh(rig.cluster, timeout=60)
+    masquerade = "--no-masquerade" not in flags
+    wait_rules(rig, f"host rules in place with masquerade={masquerade}",
+               lambda r: r["present"] and r["masquerade"] is masquerade)
 
 
-@contextlib.contextmanager
-def host_rules(rig: Rig, **kwargs: Any) -> Iterator[dict[str, HostRulesState]]:
-    """The host rules on both agent nodes for the body of the `with`, removed afterwards."""
-    states: dict[str, HostRulesState] = {}
+def pause_agents(rig: Rig) -> None:
+    for node in rig.cluster:
+        rig.agents.agents[node.name].pause()
+
+
+def resume_agents(rig: Rig) -> None:
+    for node in rig.cluster:
+        rig.agents.agents[node.name].resume()
+
+
+def _scrape() -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", METRICS_PORT, timeout=5)
     try:
-        for node in rig.cluster:
-            states[node.name] = node.call(_ensure, _spec_for(rig, node, **kwargs))
-            assert states[node.name].present, states[node.name].errors
-        yield states
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
     finally:
-        for node in rig.cluster:
-            node.call(_remove)
+        conn.close()
+
+
+def metric(node: SandboxNode, name: str) -> float | None:
+    for family in text_string_to_metric_families(node.call(_scrape)):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
 
 
 # -- traffic --------------------------------------------------------------------------------
@@ -218,80 +260,77 @@ def check_egress_and_pod_to_pod(rig: Rig) -> list[str]:
     problems = []
     for node in rig.cluster:
         problems += check_reaches(rig, node, "n3", rig.outside.underlay_ip, node.underlay_ip)
-        other = next(n for n in rig.cluster if n is not node)
+        other = rig.other(node)
         problems += check_reaches(rig, node, f"pod-{other.name}", rig.pods[other.name][1],
                                   rig.pods[node.name][1])
     return problems
 
 
-# -- tests ------------------------------------------------------------------------------------
+def check_pods_reach_other_nodes_as_their_node(rig: Rig) -> list[str]:
+    problems = []
+    for node in rig.cluster:
+        other = rig.other(node)
+        problems += check_reaches(rig, node, other.name, other.underlay_ip, node.underlay_ip)
+    return problems
 
 
-def _count_across_a_replaced_table(spec: HostRulesSpec) -> tuple[HostRulesState, ...]:
-    rules = HostRules()
-    counted = rules.ensure(spec)
-    subprocess.run(["nft", "delete", "table", "ip", "weavepy"], check=True, timeout=10)
-    return counted, rules.ensure(spec)
+# -- tests: default flags (masquerade on) ---------------------------------------------------
 
 
-@pytest.mark.timeout(240)
-def test_pods_reach_an_outside_host_that_sees_their_node_address(rig: Rig) -> None:
+@pytest.mark.timeout(300)
+def test_pods_reach_an_outside_host_as_their_node_and_each_other_as_themselves(rig: Rig
+                                                                               ) -> None:
+    with_flags(rig)
     first = rig.cluster[0]
-    # without host rules the pod's address leaves the node and nothing routes it back
-    assert answers(rig, first, rig.outside.underlay_ip, attempts=1) == (b"", b"")
-    with host_rules(rig) as states:
-        assert all(s.changes == ("table ip weavepy: missing",) for s in states.values())
-        problems = []
-        for node in rig.cluster:
-            problems += check_reaches(rig, node, "n3", rig.outside.underlay_ip,
-                                      node.underlay_ip)
-        assert not problems, problems
-        pod_addresses = {address for _, address in rig.pods.values()}
-        assert not pod_addresses & seen_since(rig.servers["n3"], 0, "tcp")
-        counted, replaced = first.call(_count_across_a_replaced_table,
-                                       _spec_for(rig, first))
-        assert counted.masqueraded_packets >= 6 and counted.masqueraded_bytes > 0
-        # the counts survive a table that was deleted and put back
-        assert replaced.restored == ("table ip weavepy: missing",)
-        assert (replaced.masqueraded_packets, replaced.masqueraded_bytes) == (
-            counted.masqueraded_packets, counted.masqueraded_bytes)
-
-
-@pytest.mark.timeout(180)
-def test_pod_to_pod_traffic_across_nodes_keeps_the_pod_address(rig: Rig) -> None:
-    with host_rules(rig):
-        problems = []
-        for node in rig.cluster:
-            other = next(n for n in rig.cluster if n is not node)
-            problems += check_reaches(rig, node, f"pod-{other.name}", rig.pods[other.name][1],
-                                      rig.pods[node.name][1])
-        assert not problems, problems
+    before = host_rules(rig, first)
+    assert before["peer_nodes"] == [rig.cluster[1].underlay_ip]
+    assert before["api_guard_port"] == 6784 and before["errors"] == []
+    assert before["accepts_in"] == []  # nothing here drops forwarded traffic
+    problems = check_egress_and_pod_to_pod(rig)
+    assert not problems, problems
+    pod_addresses = {address for _, address in rig.pods.values()}
+    assert not pod_addresses & seen_since(rig.servers["n3"], 0, "tcp")
+    # what was masqueraded shows in the report and the metrics (TCP, UDP and ICMP packets)
+    report = rig.agents.cli(first, "report", "--json")
+    assert report.returncode == 0, report.stderr
+    after = json.loads(report.stdout)["host_rules"]
+    assert after["masqueraded_packets"] >= before["masqueraded_packets"] + 6
+    assert after["masqueraded_bytes"] > before["masqueraded_bytes"]
+    assert (metric(first, "weavepy_masqueraded_packets_total") or 0) >= after[
+        "masqueraded_packets"]
+    assert (metric(first, "weavepy_masqueraded_bytes_total") or 0) > 0
+    assert metric(first, "weavepy_host_rules_present") == 1
+    status = rig.agents.cli(first, "status")
+    assert "  host rules:   in place, masquerade on, forward accepts: none needed; " in (
+        status.stdout), status.stdout
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strict", [*STRICT_KINDS, "all"])
 def test_hosts_that_drop_forwarded_traffic_still_carry_pod_traffic(rig: Rig, strict: str
                                                                    ) -> None:
+    with_flags(rig)
     kinds: Sequence[str] = STRICT_KINDS if strict == "all" else (strict,)
-    wheres = {"iptables-legacy": "iptables-legacy filter FORWARD",
-              "iptables-nft": "iptables-nft filter FORWARD", "nft": "nft inet filter forward"}
-    for node in rig.cluster:
-        node.call(make_strict, kinds)
+    first, second = rig.cluster
+    pause_agents(rig)  # the drop arrives while the agents cannot react yet
     try:
-        first, second = rig.cluster
+        for node in rig.cluster:
+            node.call(make_strict, kinds)
         # the drop bites: without weavepy's accepts, pods reach neither each other nor the world
         assert answers(rig, first, rig.pods[second.name][1], attempts=1) == (b"", b"")
-        before = {node.name: node.call(rulesets, True) for node in rig.cluster}
-        with host_rules(rig) as states:
-            for state in states.values():
-                assert sorted(state.accepts_in) == sorted(wheres[k] for k in kinds)
-            problems = check_egress_and_pod_to_pod(rig)
-            assert not problems, problems
-        after = {node.name: node.call(rulesets, True) for node in rig.cluster}
-        assert after == before
+    finally:
+        resume_agents(rig)
+    try:
+        wanted = sorted(WHERE[k] for k in kinds)
+        wait_rules(rig, f"the agents' accepts in {wanted}",
+                   lambda r: r["present"] and sorted(r["accepts_in"]) == wanted)
+        problems = check_egress_and_pod_to_pod(rig)
+        assert not problems, problems
     finally:
         for node in rig.cluster:
             node.call(relax, kinds)
+    # the drop is gone: the agents take their accepts out again
+    wait_rules(rig, "no accepts", lambda r: r["present"] and r["accepts_in"] == [])
 
 
 def _set_rp_filter(mode: int) -> None:
@@ -299,48 +338,124 @@ def _set_rp_filter(mode: int) -> None:
         Path(path).write_text(f"{mode}\n")
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", [1, 2])
-def test_pods_reach_other_nodes_under_reverse_path_filtering(rig: Rig, mode: int) -> None:
+@pytest.fixture(params=[1, 2], ids=["rp_filter=1", "rp_filter=2"])
+def rp_filter(rig: Rig, request: pytest.FixtureRequest) -> Iterator[int]:
+    mode: int = request.param
     for node in rig.box.nodes:
         node.call(_set_rp_filter, mode)
     try:
-        first, second = rig.cluster
-        with host_rules(rig):
-            problems = check_egress_and_pod_to_pod(rig)
-            for node, other in ((first, second), (second, first)):
-                problems += check_reaches(rig, node, other.name, other.underlay_ip,
-                                          node.underlay_ip)
-            assert not problems, problems
-        # with masquerading off, a pod still reaches the other node, as its node
-        with host_rules(rig, masquerade=False):
-            problems = []
-            for node, other in ((first, second), (second, first)):
-                problems += check_reaches(rig, node, other.name, other.underlay_ip,
-                                          node.underlay_ip)
-            assert not problems, problems
-        # that is the peer-node rule's doing: without it the answer to the pod's own address
-        # comes back over the overlay, which loose filtering lets through and strict drops
-        with host_rules(rig, masquerade=False, peers=False):
-            pod_address = rig.pods[first.name][1]
-            expected = ((f"tcp:{pod_address}".encode(), f"udp:{pod_address}".encode())
-                        if mode == 2 else (b"", b""))
-            assert answers(rig, first, second.underlay_ip, attempts=1) == expected
+        yield mode
     finally:
         for node in rig.box.nodes:
             node.call(_set_rp_filter, 0)
 
 
-@pytest.mark.timeout(180)
-def test_operator_exclusions_keep_the_pod_address_but_not_towards_peer_nodes(rig: Rig) -> None:
-    first, second = rig.cluster
+@pytest.mark.timeout(300)
+def test_pods_reach_everything_under_reverse_path_filtering(rig: Rig, rp_filter: int) -> None:
+    with_flags(rig)
+    problems = check_egress_and_pod_to_pod(rig) + check_pods_reach_other_nodes_as_their_node(rig)
+    assert not problems, problems
+
+
+@pytest.mark.timeout(240)
+def test_a_flushed_table_is_put_back_and_reported(rig: Rig) -> None:
+    with_flags(rig)
+    first = rig.cluster[0]
+    before = host_rules(rig, first)["restorations"]
+    log_mark = len(rig.agents.log(first))
+    first.run(["nft", "flush", "table", "ip", "weavepy"])
+
+    def put_back() -> dict[str, Any] | None:
+        rules = host_rules(rig, first)
+        return rules if rules["restorations"] > before and rules["present"] else None
+
+    rules = rig.agents.wait("the agent putting its table back", put_back, timeout=30)
+    assert rules["restorations"] == before + 1
+    assert "table ip weavepy: chain egress was flushed" in rules["last_restored"]
+    assert "host rules restored: table ip weavepy: chain egress was flushed" in (
+        rig.agents.log(first)[log_mark:])
+    assert metric(first, "weavepy_host_rules_restorations_total") == before + 1
+    problems = check_reaches(rig, first, "n3", rig.outside.underlay_ip, first.underlay_ip)
+    assert not problems, problems
+
+
+# -- tests: --no-masquerade -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_no_masquerade_lets_the_pod_address_out(rig: Rig) -> None:
+    with_flags(rig, "--no-masquerade")
+    first = rig.cluster[0]
     pod_address = rig.pods[first.name][1]
     outside = rig.servers["n3"]
-    with host_rules(rig, no_masq_cidrs=(IPv4Network(str(rig.box.underlay)),)):
-        start = mark(outside)
-        answers(rig, first, rig.outside.underlay_ip, attempts=1)  # no way back: no answer
-        assert seen_since(outside, start, "udp") == {pod_address}
-        assert seen_since(outside, start, "tcp") == set()  # the SYN-ACK had no route back
-        # a peer node is in the excluded range, and still sees the node's address
-        assert answers(rig, first, second.underlay_ip) == (
-            f"tcp:{first.underlay_ip}".encode(), f"udp:{first.underlay_ip}".encode())
+    start = mark(outside)
+    # nothing outside routes the pod range back: the packets arrive, no answer returns
+    assert answers(rig, first, rig.outside.underlay_ip, attempts=1) == (b"", b"")
+    assert not pings(rig, first, rig.outside.underlay_ip)
+    assert seen_since(outside, start, "udp") == {pod_address}
+    assert seen_since(outside, start, "icmp") == {pod_address}
+    assert seen_since(outside, start, "tcp") == set()  # the SYN-ACK had no route back
+    status = rig.agents.cli(first, "status")
+    assert "  host rules:   in place, masquerade OFF, " in status.stdout, status.stdout
+    problems = []
+    for node in rig.cluster:
+        other = rig.other(node)
+        problems += check_reaches(rig, node, f"pod-{other.name}", rig.pods[other.name][1],
+                                  rig.pods[node.name][1])
+    assert not problems, problems
+
+
+def _flush_peer_set() -> None:
+    subprocess.run(["nft", "flush", "set", "ip", "weavepy", "peer_nodes"], check=True,
+                   timeout=10)
+
+
+def _peer_set() -> str:
+    return subprocess.run(["nft", "list", "set", "ip", "weavepy", "peer_nodes"], check=True,
+                          capture_output=True, text=True, timeout=10).stdout
+
+
+@pytest.mark.timeout(300)
+def test_without_masquerade_pods_still_reach_other_nodes_as_their_node(rig: Rig,
+                                                                       rp_filter: int) -> None:
+    with_flags(rig, "--no-masquerade")
+    problems = check_pods_reach_other_nodes_as_their_node(rig)
+    assert not problems, problems
+    # that is the peer-node rule's doing: without it the answer to the pod's own address
+    # comes back over the overlay, which loose filtering lets through and strict drops
+    first, second = rig.cluster
+    pause_agents(rig)
+    try:
+        for node in rig.cluster:
+            node.call(_flush_peer_set)
+        pod_address = rig.pods[first.name][1]
+        expected = ((f"tcp:{pod_address}".encode(), f"udp:{pod_address}".encode())
+                    if rp_filter == 2 else (b"", b""))
+        assert answers(rig, first, second.underlay_ip, attempts=1) == expected
+    finally:
+        resume_agents(rig)
+    # the agents refresh the set (a routine change: the table was not damaged)
+    rig.agents.wait("the peer set refreshed", lambda: all(
+        rig.other(node).underlay_ip in node.call(_peer_set) for node in rig.cluster), 30)
+    problems = check_pods_reach_other_nodes_as_their_node(rig)
+    assert not problems, problems
+
+
+# -- tests: --no-masq-cidrs -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_operator_exclusions_keep_the_pod_address_but_not_towards_peer_nodes(rig: Rig) -> None:
+    underlay = str(rig.box.underlay)
+    with_flags(rig, "--no-masq-cidrs", underlay)
+    first, second = rig.cluster
+    assert host_rules(rig, first)["no_masq_cidrs"] == [underlay]
+    pod_address = rig.pods[first.name][1]
+    outside = rig.servers["n3"]
+    start = mark(outside)
+    answers(rig, first, rig.outside.underlay_ip, attempts=1)  # no way back: no answer
+    assert seen_since(outside, start, "udp") == {pod_address}
+    assert seen_since(outside, start, "tcp") == set()  # the SYN-ACK had no route back
+    # a peer node is in the excluded range, and still sees the node's address
+    assert answers(rig, first, second.underlay_ip) == (
+        f"tcp:{first.underlay_ip}".encode(), f"udp:{first.underlay_ip}".encode())

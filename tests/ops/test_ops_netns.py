@@ -103,6 +103,7 @@ def test_readiness_metrics_report_cli_logs(agent_box: Any, monkeypatch: pytest.M
     assert (value(before, "weavepy_gossip_packets_total", direction="in") or 0) > 0
     assert (value(before, "weavepy_gossip_bytes_total", direction="out") or 0) > 0
     assert value(before, "weavepy_tunnel_bytes_total", path="vxlan", direction="tx") is not None
+    assert value(before, "weavepy_host_rules_present") == 1
     # Weave Net's names, for alerts written for Weave (n1 founded alone: no join targets)
     assert {state: value(before, "weave_connections", state=state) for state in (
         "established", "pending", "retrying", "failed", "connecting")} == {
@@ -140,6 +141,7 @@ def test_readiness_metrics_report_cli_logs(agent_box: Any, monkeypatch: pytest.M
     assert [c["state"] for c in doc["connections"]] == ["established", "established"]
     assert doc["cni"]["conflist_installed"] is True
     assert doc["ipam"]["fix"] is None
+    assert doc["host_rules"]["present"] is True and doc["host_rules"]["errors"] == []
     conns = json.loads(rig.cli(n1, "status", "connections", "--json").stdout)
     assert {c["peer"] for c in conns} == {"n2", "n3"}
     assert all(c["path"] == "vxlan" and c["encrypted"] is False and c["mtu"] == 1450

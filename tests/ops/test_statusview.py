@@ -52,6 +52,33 @@ def test_schema_rejects_a_wrong_shape() -> None:
     del doc["ipam"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, SCHEMA)
+    doc = stored_report()
+    doc["host_rules"]["restorations"] = -1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, SCHEMA)
+    del doc["host_rules"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, SCHEMA)
+
+
+def test_the_host_rules_line() -> None:
+    doc = stored_report()
+    rules = doc["host_rules"]
+    rules.update(no_masq_cidrs=["10.0.0.0/8", "192.0.2.7/32"], restorations=2,
+                 accepts_in=["iptables-legacy filter FORWARD", "nft inet filter forward"],
+                 masqueraded_packets=12, masqueraded_bytes=3400)
+    jsonschema.validate(doc, SCHEMA)
+    assert render_summary(doc)[-1] == (
+        "  host rules:   in place, masquerade on (except 10.0.0.0/8, 192.0.2.7/32), forward "
+        "accepts: iptables-legacy filter FORWARD, nft inet filter forward; 12 packets (3400 "
+        "bytes) masqueraded, 2 restorations")
+    rules["masquerade"] = False
+    assert "masquerade OFF, forward accepts" in render_summary(doc)[-1]
+    rules.update(last_check=None, present=False)
+    assert render_summary(doc)[-1] == (
+        "  host rules:   pending (the first reconcile pass has not finished)")
+    del doc["host_rules"]  # an agent from before host rules
+    assert not any("host rules" in line for line in render_summary(doc))
 
 
 @pytest.mark.parametrize("name, render", [
@@ -73,6 +100,8 @@ def test_views_of_a_node_in_trouble() -> None:
     for member in ipam["members"]:
         member["alive"] = member["name"] != "n3"
     doc["connections"][1].update(state="failed", reason="belongs to cluster x, we are y")
+    doc["host_rules"].update(present=False, errors=[
+        "iptables-legacy-save did not finish within 15 s"])
     jsonschema.validate(doc, SCHEMA)
     assert_snapshot("stored-trouble.txt", plain(render_summary(doc) + render_ipam(doc)
                                                 + render_connections(doc)))
