@@ -99,7 +99,7 @@ class PodPair:
                 "peers": [{
                     "public_key": keys[other - 1].public_key.to_base64(),
                     "allowed_ips": [pod_subnet(other)],
-                    "endpoint": f"{self.nodes[other - 1].underlay_ip}:{port}",
+                    "endpoint": [self.nodes[other - 1].underlay_ip, port],
                     "extension_ok": extension,
                 }],
                 **(extra or {}),
