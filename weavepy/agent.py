@@ -19,7 +19,12 @@ Data flows one way::
 starts, and raises `AgentError` with one readable line: not root, a bad or renamed state
 directory, a corrupt identity or IPAM file, an unreadable keyring, no usable underlay, a
 cluster range that overlaps the host's routes, an API port already taken, an API token file
-that holds no token. It creates the API token on the first launch (weavepy.apitoken).
+that holds no token. It creates the API token on the first launch (weavepy.apitoken), and
+switches on `net.bridge.bridge-nf-call-iptables` wherever br_netfilter exists (on plain hosts
+too, not only through the DaemonSet's init container): traffic between two pods of one node
+is bridged, and only then does it pass the netfilter IP hooks that kube-proxy's Services and
+NetworkPolicy rules live on. Where it is absent or cannot be set, the agent still starts and
+its status says so (`dataplane.bridge_netfilter`).
 
 `Agent.run()` then runs, as children of one nursery: the gossip service, the membership task
 (events -> view -> reconciler and IPAM), the IPAM link, the join loop and the end of start-up
@@ -77,6 +82,7 @@ from weavepy.hostnet import (
     find_underlay,
     range_conflicts,
 )
+from weavepy.hostrules import HostRulesError, enable_bridge_netfilter
 from weavepy.identity import Identity, IdentityError, load_or_create
 from weavepy.ipam_link import IpamLink, IpamLinkError
 from weavepy.joiner import Joiner
@@ -125,6 +131,7 @@ class Prepared:
     mtu: int
     gossip: GossipConfig
     api_token: str  # what the API asks of requests that change the node (weavepy.apitoken)
+    bridge_netfilter: str  # "on", "absent" or "off" (see `_switch_on_bridge_netfilter`)
 
 
 def _gossip_profile(name: str) -> GossipConfig:
@@ -199,10 +206,33 @@ def prepare(config: AgentConfig) -> Prepared:
         raise AgentError(str(exc)) from None
     if config.install_cni:
         _install_cni(config)
+    bridge_netfilter = _switch_on_bridge_netfilter()
     log.info("underlay %s %s (mtu %d, chosen by %s); overlay mtu %d; advertising %s:%d",
              underlay.iface, underlay.local_ip, underlay.mtu, underlay.how, mtu, *advertise)
     return Prepared(config, identity, keyring, underlay, advertise, mtu,
-                    _gossip_profile(config.profile), api_token)
+                    _gossip_profile(config.profile), api_token, bridge_netfilter)
+
+
+def _switch_on_bridge_netfilter() -> str:
+    """Make bridged pod traffic pass the netfilter IP hooks in this namespace: "on" (it was,
+    or is now), "absent" (no br_netfilter here) or "off" (it is off and cannot be switched on,
+    e.g. a read-only /proc/sys); the last two are logged as a warning, never fatal."""
+    consequence = ("traffic between pods of this node bypasses iptables and nftables, so "
+                   "Services with endpoints on this node and NetworkPolicy between its pods "
+                   "fail")
+    try:
+        found = enable_bridge_netfilter()
+    except HostRulesError as exc:
+        log.warning("%s: %s; run `sysctl -w net.bridge.bridge-nf-call-iptables=1`",
+                    exc, consequence)
+        return "off"
+    if found == "absent":
+        log.warning("br_netfilter is not loaded: %s; run `modprobe br_netfilter` and restart "
+                    "the agent", consequence)
+        return "absent"
+    if found == "enabled":
+        log.info("switched on net.bridge.bridge-nf-call-iptables")
+    return "on"
 
 
 def encryption_configured(config: AgentConfig) -> bool:

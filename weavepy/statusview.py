@@ -31,6 +31,15 @@ __all__ = [
 ]
 
 REPORT_VERSION = 1  # bump on an incompatible change of the report's shape
+_BRIDGED = ("traffic between pods of this node bypasses iptables and nftables (Services with "
+            "endpoints here, NetworkPolicy)")
+# The one line `weavepy status` adds when bridged pod traffic skips the netfilter IP hooks.
+_BRIDGE_NETFILTER_WARNINGS = {
+    "absent": f"br_netfilter is not loaded: {_BRIDGED}; run `modprobe br_netfilter` and "
+              f"restart the agent",
+    "off": f"net.bridge.bridge-nf-call-iptables is 0 and the agent cannot set it: {_BRIDGED}; "
+           f"run `sysctl -w net.bridge.bridge-nf-call-iptables=1`",
+}
 Doc = Mapping[str, Any]
 Output = list["str | Table"]
 
@@ -204,6 +213,9 @@ def render_summary(doc: Doc) -> Output:
     lines.append(f"  data path:    {_text(dataplane.get('path'))} device "
                  f"{_text(dataplane.get('device'))} mtu {_text(dataplane.get('mtu'))}, last pass "
                  + ("pending" if not last else "ok" if last.get("ok") else "with errors"))
+    warning = _BRIDGE_NETFILTER_WARNINGS.get(str(dataplane.get("bridge_netfilter")))
+    if warning is not None:
+        lines.append(f"  warning:      {warning}")
     return lines
 
 

@@ -139,3 +139,15 @@ def test_malformed_documents_render_without_tracebacks() -> None:
                 {"gossip": {"members": {"alive": 2}}, "dataplane": None}):
         text = plain(render_report(doc))
         assert "weavepy - on node -" in text
+
+
+@pytest.mark.parametrize("state, fix", [("absent", "modprobe br_netfilter"),
+                                        ("off", "sysctl -w net.bridge.bridge-nf-call-iptables=1")])
+def test_status_warns_in_one_line_when_bridged_pod_traffic_skips_netfilter(
+        state: str, fix: str) -> None:
+    doc = stored_report()
+    assert not [line for line in plain(render_summary(doc)).splitlines() if "warning" in line]
+    doc["dataplane"]["bridge_netfilter"] = state
+    jsonschema.validate(doc, SCHEMA)
+    warnings = [line for line in plain(render_summary(doc)).splitlines() if "warning" in line]
+    assert len(warnings) == 1 and fix in warnings[0], warnings
