@@ -318,6 +318,7 @@ class Agent:
             cluster_id=self.ipam.cluster_id,
             wg_port=self.config.wg_port,
             encrypt=encrypt_tag(self.config.encrypt_all, self.config.encrypt_peers),
+            mtu=self.prepared.mtu,
         )
 
     def desired(self) -> tuple[DesiredDataPlane, set[str]]:

@@ -134,6 +134,19 @@ def test_wireguard_connection_states_come_from_the_encrypted_path() -> None:
     assert "retrying every 10 s" in plain(render_connections({"connections": got}))
 
 
+def test_a_connection_mtu_is_the_smaller_of_this_path_and_the_peers_pods() -> None:
+    peers: list[dict[str, Any]] = [
+        {"name": "small", "state": "alive", "path": "vxlan", "programmed": True,
+         "blocks": ["b"], "mtu": 1370},
+        {"name": "large", "state": "alive", "path": "vxlan", "programmed": True,
+         "blocks": ["c"], "mtu": 8950},
+        {"name": "old", "state": "alive", "path": "wireguard", "programmed": True,
+         "blocks": ["d"], "mtu": None},
+    ]
+    got = connection_entries(peers, {}, 1400, {"old": ("established", None)}, 1370)
+    assert {c["peer"]: c["mtu"] for c in got} == {"small": 1370, "large": 1400, "old": 1370}
+
+
 def test_malformed_documents_render_without_tracebacks() -> None:
     for doc in ({}, {"ipam": [], "peers": "x", "connections": [1, None]},
                 {"gossip": {"members": {"alive": 2}}, "dataplane": None}):
