@@ -188,10 +188,12 @@ def prepare(config: AgentConfig) -> Prepared:
         advertise = (str(underlay.local_ip), config.gossip_port)
     overhead = WG_OVERHEAD if encryption_configured(config) else ENCAP_OVERHEAD
     mtu = config.mtu if config.mtu is not None else underlay.mtu - overhead
-    if mtu + ENCAP_OVERHEAD > underlay.mtu:
-        log.warning("--mtu %d plus %d bytes of VXLAN overhead exceeds the underlay MTU %d of "
-                    "%s: large packets will be fragmented or dropped", mtu, ENCAP_OVERHEAD,
-                    underlay.mtu, underlay.iface)
+    if mtu + overhead > underlay.mtu:
+        log.warning("--mtu %d plus %d bytes of %s overhead exceeds the underlay MTU %d of %s: "
+                    "larger packets will be fragmented, dropped or refused with ICMP "
+                    "fragmentation needed", mtu, overhead,
+                    "WireGuard" if overhead == WG_OVERHEAD else "VXLAN", underlay.mtu,
+                    underlay.iface)
     from weavepy.api import check_bindable
 
     try:
