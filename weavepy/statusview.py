@@ -120,8 +120,9 @@ def connection_entries(peers: Sequence[Doc], fallbacks: Mapping[str, str], mtu: 
                        encrypted_mtu: int | None = None) -> list[dict[str, Any]]:
     """One connection per live peer: {peer, path, encrypted, mtu, state, reason}.
 
-    `mtu` is the largest packet pods can send over the connection: this node's path MTU (`mtu`,
-    or `encrypted_mtu` on the WireGuard path), or the peer's pod MTU (its `mtu`) if smaller.
+    `mtu` is the largest packet pods can send over the connection: the smallest of this node's
+    pod MTU (`mtu`, also its VXLAN device's), the WireGuard TUN's (`encrypted_mtu`, on that
+    path) and the peer's pod MTU (its `mtu`).
     `state` is established (routes programmed; on the WireGuard path also a fresh
     handshake), failed (the data plane left it out, or the handshake went unanswered; the
     reason says why) or pending (not programmed yet, e.g. no block yet, or handshaking).
@@ -146,7 +147,7 @@ def connection_entries(peers: Sequence[Doc], fallbacks: Mapping[str, str], mtu: 
             state = "pending"
             reason = ("no block yet" if not peer.get("blocks") else "waiting for the next "
                       "reconcile pass") if path else "waiting for its data-plane tags"
-        path_mtu = encrypted_mtu if path == "wireguard" and encrypted_mtu else mtu
+        path_mtu = min(mtu, encrypted_mtu) if path == "wireguard" and encrypted_mtu else mtu
         peer_mtu = peer.get("mtu")
         if isinstance(peer_mtu, int) and 0 < peer_mtu < path_mtu:
             path_mtu = peer_mtu

@@ -145,6 +145,9 @@ def test_a_connection_mtu_is_the_smaller_of_this_path_and_the_peers_pods() -> No
     ]
     got = connection_entries(peers, {}, 1400, {"old": ("established", None)}, 1370)
     assert {c["peer"]: c["mtu"] for c in got} == {"small": 1370, "large": 1400, "old": 1370}
+    # pods smaller than the TUN (--mtu): the pods' MTU is what they can send
+    got = connection_entries(peers, {}, 1300, {"old": ("established", None)}, 1370)
+    assert {c["peer"]: c["mtu"] for c in got} == {"small": 1300, "large": 1300, "old": 1300}
 
 
 def test_malformed_documents_render_without_tracebacks() -> None:
