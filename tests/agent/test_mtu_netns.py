@@ -26,6 +26,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
@@ -192,12 +193,14 @@ def test_full_size_df_packets_cross_and_one_byte_more_does_not(rig: Rig, src: st
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("src, dst", [("n2", "n1"), ("n3", "n1")], ids=["vxlan", "wireguard"])
-def test_oversized_df_packets_get_fragmentation_needed_with_the_path_mtu(rig: Rig, src: str,
-                                                                         dst: str) -> None:
+@pytest.mark.parametrize("src, dst, answered_by", [("n2", "n1", "n1"), ("n3", "n1", "n3")],
+                         ids=["vxlan", "wireguard"])
+def test_oversized_df_packets_get_fragmentation_needed_with_the_path_mtu(
+        rig: Rig, src: str, dst: str, answered_by: str) -> None:
     """src's pods have underlay - 50, dst's underlay - 80: the first oversized DF packet is
     answered with ICMP "fragmentation needed" (by dst's node over VXLAN, where its bridge is
-    smaller; by src's node over WireGuard, where its TUN is), and src's pod learns the MTU."""
+    smaller; by src's own node over WireGuard, whose kernel checks the TUN's MTU before the
+    packet reaches the userspace path), and src's pod learns the MTU."""
     u = rig.underlay_mtu
     pod, _ = rig.pods[src]
     pod.run(["ip", "route", "flush", "cache"])
@@ -208,6 +211,11 @@ def test_oversized_df_packets_get_fragmentation_needed_with_the_path_mtu(rig: Ri
     assert not crossed, out
     reported = {int(m) for m in re.findall(r"mtu ?= ?(\d+)", out)}
     assert reported == {path_mtu}, out
+    senders = {IPv4Address(a) for a in re.findall(r"From (\S+) .*Frag needed", out)}
+    blocks = [IPv4Network(b) for b in rig.agents.blocks_of([rig.agents.box.node(answered_by)])
+              [answered_by]]
+    assert senders and all(any(a in b for b in blocks) for a in senders), (
+        f"the ICMP should come from {answered_by} ({blocks}):\n{out}")
     assert rig.cached_mtu(src, dst) == path_mtu, "the pod did not receive the ICMP"
     crossed, out = rig.ping(src, dst, path_mtu, count=2)
     assert crossed, out
