@@ -333,3 +333,16 @@ def test_extra_namespaces_belong_to_the_run(sandbox_factory) -> None:
     box.destroy()
     assert _namespaces(box.prefix) == []
     assert not proc.alive()
+
+
+def test_the_underlay_mtu_holds_on_every_link(sandbox_factory) -> None:
+    box = sandbox_factory(nodes=2, mtu=1450)
+    first, second = box.nodes
+    link = json.loads(first.run(["ip", "-j", "link", "show", "eth0"]).stdout)[0]
+    assert link["mtu"] == 1450
+    full = first.run(["ping", "-M", "do", "-c", "1", "-W", "2", "-s", "1422",
+                      second.underlay_ip], check=False)
+    assert full.returncode == 0, full.stdout + full.stderr
+    over = first.run(["ping", "-M", "do", "-c", "1", "-W", "2", "-s", "1423",
+                      second.underlay_ip], check=False)
+    assert over.returncode != 0 and "mtu=1450" in over.stdout + over.stderr

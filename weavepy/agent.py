@@ -19,7 +19,12 @@ Data flows one way::
 starts, and raises `AgentError` with one readable line: not root, a bad or renamed state
 directory, a corrupt identity or IPAM file, an unreadable keyring, no usable underlay, a
 cluster range that overlaps the host's routes, an API port already taken, an API token file
-that holds no token. It creates the API token on the first launch (weavepy.apitoken).
+that holds no token. It creates the API token on the first launch (weavepy.apitoken), and
+switches on `net.bridge.bridge-nf-call-iptables` wherever br_netfilter exists (on plain hosts
+too, not only through the DaemonSet's init container): traffic between two pods of one node
+is bridged, and only then does it pass the netfilter IP hooks that kube-proxy's Services and
+NetworkPolicy rules live on. Where it is absent or cannot be set, the agent still starts and
+its status says so (`dataplane.bridge_netfilter`).
 
 `Agent.run()` then runs, as children of one nursery: the gossip service, the membership task
 (events -> view -> reconciler and IPAM), the IPAM link, the join loop and the end of start-up
@@ -79,7 +84,7 @@ from weavepy.hostnet import (
     find_underlay,
     range_conflicts,
 )
-from weavepy.hostrules import HostRulesSpec
+from weavepy.hostrules import HostRulesError, HostRulesSpec, enable_bridge_netfilter
 from weavepy.identity import Identity, IdentityError, load_or_create
 from weavepy.ipam_link import IpamLink, IpamLinkError
 from weavepy.joiner import Joiner
@@ -128,6 +133,7 @@ class Prepared:
     mtu: int
     gossip: GossipConfig
     api_token: str  # what the API asks of requests that change the node (weavepy.apitoken)
+    bridge_netfilter: str  # "on", "absent" or "off" (see `_switch_on_bridge_netfilter`)
 
 
 def _gossip_profile(name: str) -> GossipConfig:
@@ -184,10 +190,12 @@ def prepare(config: AgentConfig) -> Prepared:
         advertise = (str(underlay.local_ip), config.gossip_port)
     overhead = WG_OVERHEAD if encryption_configured(config) else ENCAP_OVERHEAD
     mtu = config.mtu if config.mtu is not None else underlay.mtu - overhead
-    if mtu + ENCAP_OVERHEAD > underlay.mtu:
-        log.warning("--mtu %d plus %d bytes of VXLAN overhead exceeds the underlay MTU %d of "
-                    "%s: large packets will be fragmented or dropped", mtu, ENCAP_OVERHEAD,
-                    underlay.mtu, underlay.iface)
+    if mtu + overhead > underlay.mtu:
+        log.warning("--mtu %d plus %d bytes of %s overhead exceeds the underlay MTU %d of %s: "
+                    "larger packets will be fragmented, dropped or refused with ICMP "
+                    "fragmentation needed", mtu, overhead,
+                    "WireGuard" if overhead == WG_OVERHEAD else "VXLAN", underlay.mtu,
+                    underlay.iface)
     from weavepy.api import check_bindable
 
     try:
@@ -202,10 +210,33 @@ def prepare(config: AgentConfig) -> Prepared:
         raise AgentError(str(exc)) from None
     if config.install_cni:
         _install_cni(config)
+    bridge_netfilter = _switch_on_bridge_netfilter()
     log.info("underlay %s %s (mtu %d, chosen by %s); overlay mtu %d; advertising %s:%d",
              underlay.iface, underlay.local_ip, underlay.mtu, underlay.how, mtu, *advertise)
     return Prepared(config, identity, keyring, underlay, advertise, mtu,
-                    _gossip_profile(config.profile), api_token)
+                    _gossip_profile(config.profile), api_token, bridge_netfilter)
+
+
+def _switch_on_bridge_netfilter() -> str:
+    """Make bridged pod traffic pass the netfilter IP hooks in this namespace: "on" (it was,
+    or is now), "absent" (no br_netfilter here) or "off" (it is off and cannot be switched on,
+    e.g. a read-only /proc/sys); the last two are logged as a warning, never fatal."""
+    consequence = ("traffic between pods of this node bypasses iptables and nftables, so "
+                   "Services with endpoints on this node and NetworkPolicy between its pods "
+                   "fail")
+    try:
+        found = enable_bridge_netfilter()
+    except HostRulesError as exc:
+        log.warning("%s: %s; run `sysctl -w net.bridge.bridge-nf-call-iptables=1`",
+                    exc, consequence)
+        return "off"
+    if found == "absent":
+        log.warning("br_netfilter is not loaded: %s; run `modprobe br_netfilter` and restart "
+                    "the agent", consequence)
+        return "absent"
+    if found == "enabled":
+        log.info("switched on net.bridge.bridge-nf-call-iptables")
+    return "on"
 
 
 def encryption_configured(config: AgentConfig) -> bool:
@@ -292,6 +323,7 @@ class Agent:
             cluster_id=self.ipam.cluster_id,
             wg_port=self.config.wg_port,
             encrypt=encrypt_tag(self.config.encrypt_all, self.config.encrypt_peers),
+            mtu=self.prepared.mtu,
         )
 
     def desired(self) -> tuple[DesiredDataPlane, set[str]]:

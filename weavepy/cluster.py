@@ -5,9 +5,10 @@ This module owns two things:
 * the **tags** a weavepy node publishes in its memberlist `Meta` (serf-style, so `serf members`
   shows them), which say how to reach the node's pods: the underlay address its VXLAN packets
   come from, its VTEP MAC, its VXLAN VNI and port, its WireGuard public key and port, its
-  capabilities, which peers it wants encrypted, and its cluster ID. `encode_tags` keeps them
-  within memberlist's 512 bytes of meta; `decode_identity` turns a peer's tags back into a
-  `DataPlaneIdentity` or a `TagProblem`;
+  capabilities, which peers it wants encrypted, its cluster ID, and its pods' MTU (the largest
+  packet it delivers to them, which a peer's status shows as the limit of its connection).
+  `encode_tags` keeps them within memberlist's 512 bytes of meta; `decode_identity` turns a
+  peer's tags back into a `DataPlaneIdentity` or a `TagProblem`;
 * the `ClusterView`: a pure state machine fed `MemberEvent`s (or a full member list) that keeps
   one `PeerView` per known member and answers "which peers are live, and how do I reach them".
 
@@ -57,6 +58,8 @@ T_CAPS = "caps"  # comma-separated: vxlan, wireguard, wgx (the super-packet exte
 T_CLUSTER = "cid"
 T_WG_PORT = "wgp"  # the WireGuard UDP port (with the wireguard capability)
 T_ENCRYPT = "enc"  # the peers this node wants encrypted: "*" or a comma list of names
+T_MTU = "mtu"  # the node's pod MTU (its bridge's): what reaches its pods unfragmented
+MIN_MTU, MAX_MTU = 68, 65535  # what an IPv4 link's MTU can be
 
 
 class PeerState(enum.Enum):
@@ -99,6 +102,7 @@ class DataPlaneIdentity:
     cluster_id: str | None = None
     wg_port: int | None = None
     encrypt: str = ""  # the `enc` tag: "*", "n2,n3" or "" (see weavepy.wgpath)
+    mtu: int | None = None  # the pod MTU (None from agents that do not announce it)
 
     def to_tags(self) -> dict[str, str]:
         tags = {
@@ -117,6 +121,8 @@ class DataPlaneIdentity:
             tags[T_WG_PORT] = str(self.wg_port)
         if self.encrypt:
             tags[T_ENCRYPT] = self.encrypt
+        if self.mtu is not None:
+            tags[T_MTU] = str(self.mtu)
         return tags
 
 
@@ -130,7 +136,7 @@ class TagProblem:
     """Why a member's tags do not describe a usable weavepy data plane.
 
     reason is a short stable label (for counters): not-weavepy, bad-version, bad-underlay-ip,
-    bad-mac, bad-vxlan, bad-wg-key, bad-wg-port.
+    bad-mac, bad-vxlan, bad-wg-key, bad-wg-port, bad-mtu.
     """
 
     reason: str
@@ -190,6 +196,12 @@ def decode_identity(tags: Mapping[str, str]) -> DataPlaneIdentity | TagProblem:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             return TagProblem("bad-wg-port", f"{port_text!r} is not a UDP port")
         wg_port = int(port_text)
+    mtu: int | None = None
+    if T_MTU in tags:
+        mtu_text = tags[T_MTU]
+        if not mtu_text.isdigit() or not MIN_MTU <= int(mtu_text) <= MAX_MTU:
+            return TagProblem("bad-mtu", f"{mtu_text!r} is not an MTU")
+        mtu = int(mtu_text)
     return DataPlaneIdentity(
         underlay_ip=underlay,
         vtep_mac=mac,
@@ -200,6 +212,7 @@ def decode_identity(tags: Mapping[str, str]) -> DataPlaneIdentity | TagProblem:
         cluster_id=tags.get(T_CLUSTER) or None,
         wg_port=wg_port,
         encrypt=tags.get(T_ENCRYPT, ""),
+        mtu=mtu,
     )
 
 
@@ -233,6 +246,7 @@ class PeerView:
             "vtep_mac": ident.vtep_mac if ident else None,
             "capabilities": sorted(ident.capabilities) if ident else [],
             "cluster_id": ident.cluster_id if ident else None,
+            "mtu": ident.mtu if ident else None,
             "problem": str(self.problem) if self.problem else None,
             "tags": dict(self.tags),
         }

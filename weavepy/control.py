@@ -193,6 +193,7 @@ class NodeControl:
                 "port": config.vxlan_port,
                 "mtu": prepared.mtu,
                 "bridge": config.bridge,
+                "bridge_netfilter": prepared.bridge_netfilter,
                 "local_blocks": [str(b) for b in reconciler.local_blocks],
                 "underlay": {"iface": prepared.underlay.iface,
                              "address": str(prepared.underlay.local_ip),

@@ -31,6 +31,15 @@ __all__ = [
 ]
 
 REPORT_VERSION = 1  # bump on an incompatible change of the report's shape
+_BRIDGED = ("traffic between pods of this node bypasses iptables and nftables (Services with "
+            "endpoints here, NetworkPolicy)")
+# The one line `weavepy status` adds when bridged pod traffic skips the netfilter IP hooks.
+_BRIDGE_NETFILTER_WARNINGS = {
+    "absent": f"br_netfilter is not loaded: {_BRIDGED}; run `modprobe br_netfilter` and "
+              f"restart the agent",
+    "off": f"net.bridge.bridge-nf-call-iptables is 0 and the agent cannot set it: {_BRIDGED}; "
+           f"run `sysctl -w net.bridge.bridge-nf-call-iptables=1`",
+}
 Doc = Mapping[str, Any]
 Output = list["str | Table"]
 
@@ -111,6 +120,9 @@ def connection_entries(peers: Sequence[Doc], fallbacks: Mapping[str, str], mtu: 
                        encrypted_mtu: int | None = None) -> list[dict[str, Any]]:
     """One connection per live peer: {peer, path, encrypted, mtu, state, reason}.
 
+    `mtu` is the largest packet pods can send over the connection: the smallest of this node's
+    pod MTU (`mtu`, also its VXLAN device's), the WireGuard TUN's (`encrypted_mtu`, on that
+    path) and the peer's pod MTU (its `mtu`).
     `state` is established (routes programmed; on the WireGuard path also a fresh
     handshake), failed (the data plane left it out, or the handshake went unanswered; the
     reason says why) or pending (not programmed yet, e.g. no block yet, or handshaking).
@@ -135,9 +147,12 @@ def connection_entries(peers: Sequence[Doc], fallbacks: Mapping[str, str], mtu: 
             state = "pending"
             reason = ("no block yet" if not peer.get("blocks") else "waiting for the next "
                       "reconcile pass") if path else "waiting for its data-plane tags"
+        path_mtu = min(mtu, encrypted_mtu) if path == "wireguard" and encrypted_mtu else mtu
+        peer_mtu = peer.get("mtu")
+        if isinstance(peer_mtu, int) and 0 < peer_mtu < path_mtu:
+            path_mtu = peer_mtu
         entry = {"peer": name, "path": str(path) if path else "none",
-                 "encrypted": path == "wireguard",
-                 "mtu": encrypted_mtu if path == "wireguard" and encrypted_mtu else mtu,
+                 "encrypted": path == "wireguard", "mtu": path_mtu,
                  "state": state, "reason": reason}
         if peer.get("external"):
             entry["external"] = True
@@ -224,6 +239,9 @@ def render_summary(doc: Doc) -> Output:
                  + ("pending" if not last else "ok" if last.get("ok") else "with errors"))
     if "host_rules" in doc:
         lines.append(f"  host rules:   {_host_rules(doc)}")
+    warning = _BRIDGE_NETFILTER_WARNINGS.get(str(dataplane.get("bridge_netfilter")))
+    if warning is not None:
+        lines.append(f"  warning:      {warning}")
     return lines
 
 

@@ -36,7 +36,8 @@ def test_tags_round_trip_and_fit_in_memberlist_meta() -> None:
     assert decode_identity(decode_tags(meta)) == ident
     assert decode_tags(meta)["role"] == "weavepy"  # what `serf members` shows
     worst = DataPlaneIdentity(IPv4Address("255.255.255.254"), "02:ff:ff:ff:ff:ff", 16777215,
-                              65535, bytes(32), frozenset({"vxlan", "wg"}), "f" * 64)
+                              65535, bytes(32), frozenset({"vxlan", "wg"}), "f" * 64,
+                              mtu=65535)
     assert len(encode_tags_for(worst)) < META_MAX_SIZE // 2
     with_ipam = {**worst.to_tags(), "ipam": "f" * 64 + "/" + "9" * 19}  # the agent adds it
     assert len(encode_tags(with_ipam)) < META_MAX_SIZE - 150  # room for later data paths
@@ -55,6 +56,9 @@ def test_tags_round_trip_and_fit_in_memberlist_meta() -> None:
     ({"vx": "99999999:8472"}, "bad-vxlan"),
     ({"wg": "!!!"}, "bad-wg-key"),
     ({"wg": "AAAA"}, "bad-wg-key"),
+    ({"mtu": "1400.5"}, "bad-mtu"),
+    ({"mtu": "67"}, "bad-mtu"),
+    ({"mtu": "65536"}, "bad-mtu"),
 ])
 def test_bad_tags_become_problems(change: dict[str, str], reason: str) -> None:
     tags = {**identity().to_tags(), **change}

@@ -152,7 +152,7 @@ def make_agent(tmp_path: Path) -> Agent:
     underlay = Underlay(iface="eth0", ifindex=2, local_ip=IPv4Address("198.18.0.11"), mtu=1500,
                         how="stand-in for the fuzz test")
     prepared = Prepared(config, identity, None, underlay, ("198.18.0.11", config.gossip_port),
-                        1450, GossipConfig.lan(), load_or_create(state))
+                        1450, GossipConfig.lan(), load_or_create(state), "on")
     return Agent(prepared)
 
 

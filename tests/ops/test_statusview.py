@@ -163,8 +163,36 @@ def test_wireguard_connection_states_come_from_the_encrypted_path() -> None:
     assert "retrying every 10 s" in plain(render_connections({"connections": got}))
 
 
+def test_a_connection_mtu_is_the_smaller_of_this_path_and_the_peers_pods() -> None:
+    peers: list[dict[str, Any]] = [
+        {"name": "small", "state": "alive", "path": "vxlan", "programmed": True,
+         "blocks": ["b"], "mtu": 1370},
+        {"name": "large", "state": "alive", "path": "vxlan", "programmed": True,
+         "blocks": ["c"], "mtu": 8950},
+        {"name": "old", "state": "alive", "path": "wireguard", "programmed": True,
+         "blocks": ["d"], "mtu": None},
+    ]
+    got = connection_entries(peers, {}, 1400, {"old": ("established", None)}, 1370)
+    assert {c["peer"]: c["mtu"] for c in got} == {"small": 1370, "large": 1400, "old": 1370}
+    # pods smaller than the TUN (--mtu): the pods' MTU is what they can send
+    got = connection_entries(peers, {}, 1300, {"old": ("established", None)}, 1370)
+    assert {c["peer"]: c["mtu"] for c in got} == {"small": 1300, "large": 1300, "old": 1300}
+
+
 def test_malformed_documents_render_without_tracebacks() -> None:
     for doc in ({}, {"ipam": [], "peers": "x", "connections": [1, None]},
                 {"gossip": {"members": {"alive": 2}}, "dataplane": None}):
         text = plain(render_report(doc))
         assert "weavepy - on node -" in text
+
+
+@pytest.mark.parametrize("state, fix", [("absent", "modprobe br_netfilter"),
+                                        ("off", "sysctl -w net.bridge.bridge-nf-call-iptables=1")])
+def test_status_warns_in_one_line_when_bridged_pod_traffic_skips_netfilter(
+        state: str, fix: str) -> None:
+    doc = stored_report()
+    assert not [line for line in plain(render_summary(doc)).splitlines() if "warning" in line]
+    doc["dataplane"]["bridge_netfilter"] = state
+    jsonschema.validate(doc, SCHEMA)
+    warnings = [line for line in plain(render_summary(doc)).splitlines() if "warning" in line]
+    assert len(warnings) == 1 and fix in warnings[0], warnings

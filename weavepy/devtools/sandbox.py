@@ -427,7 +427,8 @@ class Sandbox:
             ip = str(self.underlay.network_address + 10 + i)
             self.nodes.append(SandboxNode(self, i, f"n{i}", netns, ip, port))
             hub_batch += [
-                f"link add {port} mtu {self.mtu} type veth peer name {NODE_IFACE} netns {netns}",
+                f"link add {port} mtu {self.mtu} type veth peer name {NODE_IFACE} mtu {self.mtu} "
+                f"netns {netns}",
                 f"link set {port} master {self.bridge} up",
             ]
         self._hub_batch(hub_batch)
