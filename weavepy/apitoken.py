@@ -62,6 +62,7 @@ def load_or_create(state_dir: Path) -> str:
     if not path.exists():
         token = secrets.token_urlsafe(TOKEN_BYTES)
         try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             atomic_write(path, f"{token}\n".encode())
         except OSError as exc:
             raise TokenError(f"cannot write the API token {path}: {exc.strerror or exc}"

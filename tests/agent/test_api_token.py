@@ -70,7 +70,7 @@ def test_every_request_that_is_not_a_get_needs_the_token(tmp_path: Path) -> None
     assert sorted(changing) == [
         ("DELETE", "/external-peers/other"), ("DELETE", "/peer/other"),
         ("POST", "/connect"), ("POST", "/external-peers"), ("POST", "/forget"),
-        ("POST", "/stop")]
+        ("POST", "/keyring/reload"), ("POST", "/stop")]
     body = {"peers": ["198.18.0.12"]}
     with TestClient(app, backend="trio", raise_server_exceptions=False,
                     base_url="http://127.0.0.1:6784") as client:
