@@ -153,12 +153,11 @@ def run(args: Sequence[str]) -> str:
             verdict = "" if goal is None else (
                 f"{goal:.0f} s ({'met' if stats['median'] <= goal else 'MISSED'}, "
                 f"{stats['median'] / goal:.2f}x)")
-            tail_text = (f"{tail(results[key]):.3f} ({tail_label(int(stats['n']))})"
-                         if stats["n"] else "-")
+            tail_text = (f"{tail(results[key]):.3f}" if tail_label(int(stats["n"])) == "p99"
+                         else "n/a (n < 100: see max)")
             rows.append([size, label, stats["n"], f"{stats['median']:.3f}", tail_text,
                          f"{stats['min']:.3f}", f"{stats['max']:.3f}", verdict or "-"])
-    header = ["nodes", "latency", "trials", "median s", "tail s (p99 from 100 trials, else max)",
-              "min s", "max s", "goal"]
+    header = ["nodes", "latency", "trials", "median s", "p99 s", "min s", "max s", "goal"]
     notes = ("Gossip profile LAN (probe 1 s). Death is *declared* by SWIM (suspicion "
              "timeout, about 5 s at these sizes) before this clock starts; join includes the "
              "IPAM quorum decisions (join, claim). Timestamps: agent logs (ms) and "
