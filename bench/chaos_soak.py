@@ -14,7 +14,7 @@ import secrets
 from collections import Counter
 from collections.abc import Sequence
 
-from bench.common import summary, table
+from bench.common import no_anchor, summary, table, tail_label
 from weavepy.devtools.chaos.runner import RunOptions, run_chaos
 from weavepy.devtools.chaos.schedule import SOAK_DURATION, generate
 
@@ -45,9 +45,10 @@ def run(args: Sequence[str]) -> str:
         ["run length", f"{span / 60:.1f} min of faults and checks"
          + ("" if options.duration >= SOAK_DURATION else
             f" (SHORTER than the 30-minute soak: --duration {options.duration:g})")],
-        ["convergence s (n / min / median / p99 / max)",
-         f"{stats['n']} / {stats['min']:.2f} / {stats['median']:.2f} / {stats['p99']:.2f} / "
-         f"{stats['max']:.2f}"],
+        [f"convergence s (n / min / median / {tail_label(int(stats['n']))} / max)"
+         if stats["n"] >= 100 else "convergence s (n / min / median / max)",
+         f"{stats['n']} / {stats['min']:.2f} / {stats['median']:.2f} / "
+         + (f"{stats['p99']:.2f} / " if stats["n"] >= 100 else "") + f"{stats['max']:.2f}"],
         ["superseded before converging", str(len(report.unconverged))],
         ["probes between healthy pods", f"{report.probes_judged} judged, "
          f"{report.probes_failed_judged} failed"
@@ -57,7 +58,8 @@ def run(args: Sequence[str]) -> str:
          f"({report.probes_failed_unjudged} failed)"],
         ["checks run", ", ".join(f"{k} x{v}" for k, v in sorted(doc["checks"].items()))],
     ]
-    out = table(["", "value"], rows)
+    out = no_anchor("The soak checks weavepy's invariants under faults; no other system runs "
+                    "the same schedule.") + "\n\n" + table(["", "value"], rows)
     if report.violations:
         shown = report.violations[:20]
         out += "\n\nViolations (time since start, invariant, message, evidence):\n\n" + "\n".join(

@@ -318,7 +318,7 @@ def run(args: list[str]) -> str:
         raise SystemExit(f"Error: unknown fuzz target(s) {', '.join(unknown)} "
                          f"(have: {', '.join(TARGETS)})")
     results = [fuzz_target(n, options.seconds, None, WORKDIR) for n in names]
-    from bench.common import table
+    from bench.common import no_anchor, table
 
     rows = [
         [r.target, f"{r.executions:,}", f"{r.seconds:.0f}",
@@ -327,6 +327,8 @@ def run(args: list[str]) -> str:
         for r in results
     ]
     out = [
+        no_anchor("The numbers are executions, coverage and crashes of weavepy's decoders."),
+        "",
         f"atheris (libFuzzer) for {options.seconds:g} s per target, one process each; corpora "
         f"kept in {WORKDIR}/corpus (seeded with serf captures and encoded messages), so a "
         "rerun continues from there. Rule: only the decoder's documented error, whatever "

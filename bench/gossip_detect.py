@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import summary, table
+from bench.common import anchor_version, ratio_interval, summary, table
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -39,6 +39,9 @@ from tests.gossip.serf import SerfAgent, serf_binary  # noqa: E402
 
 CONVERGE_TIMEOUT = 60.0
 DETECT_TIMEOUT = 60.0
+# Earlier recorded ratios of medians weavepy / serf (first detection), to judge against this
+# run's spread: bench/RESULTS.md of 2026-11-21 (7 trials) and issue 16 (2026-12-07, 5 trials).
+EARLIER_RATIOS = {"2026-11-21": 0.91, "2026-12-07": 1.04}
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,18 +196,40 @@ def report(opts: argparse.Namespace, systems: Sequence[str], trials: Sequence[Tr
                      fmt(alls)])
     lines = [
         f"Failure detection after SIGKILL, {opts.nodes} agents on 127.0.0.1, "
-        f"profile `{opts.profile}`, {opts.settle:g} s settle; seconds, min / median / max.",
+        f"profile `{opts.profile}`, {opts.settle:g} s settle; seconds, min / median / max. "
+        "weavepy is the gossip library's agent (`python -m gossip agent`): detection is its "
+        "job alone in the full agent too.",
+        anchor_version("Anchor serf", ["serf", "version"], "serf") + ".",
         "",
         table(["system", "trials", "first local suspicion", "first survivor declares failed",
                "all survivors agree"], rows),
     ]
     if "weavepy" in medians and "serf" in medians:
         w, s = medians["weavepy"], medians["serf"]
+        ours = [t for t in trials if t.system == "weavepy"]
+        theirs = [t for t in trials if t.system == "serf"]
+        first = ratio_interval([t.first for t in ours], [t.first for t in theirs])
+        agree = ratio_interval([t.all_agree for t in ours], [t.all_agree for t in theirs])
+        paired = [a.first / b.first for a, b in zip(ours, theirs, strict=False) if b.first > 0]
         verdict = "met" if w[0] <= s[0] else "NOT met"
+        inside = [f"{day} {ratio:.2f}" for day, ratio in EARLIER_RATIOS.items()
+                  if first[0] <= ratio <= first[1]]
+        outside = [f"{day} {ratio:.2f}" for day, ratio in EARLIER_RATIOS.items()
+                   if not first[0] <= ratio <= first[1]]
+        if not outside:
+            judgement = (f"the earlier ratios ({', '.join(inside)}) both lie inside it: their "
+                         "difference is within noise")
+        else:
+            judgement = (f"earlier ratios outside it ({', '.join(outside)}) are not explained "
+                         "by this run's noise alone" + (f"; inside it: {', '.join(inside)}"
+                                                        if inside else ""))
         lines += [
             "",
-            f"Ratio of medians weavepy / serf: first detection **{w[0] / s[0]:.2f}**, all agree "
-            f"**{w[1] / s[1]:.2f}**. Goal (weavepy median no worse than serf's): {verdict}.",
+            f"Ratio of medians weavepy / serf: first detection **{w[0] / s[0]:.2f}** (90 % "
+            f"bootstrap interval {first[0]:.2f}-{first[1]:.2f}; per-trial pairs "
+            f"{min(paired):.2f}-{max(paired):.2f}), all agree **{w[1] / s[1]:.2f}** "
+            f"({agree[0]:.2f}-{agree[1]:.2f}). Goal (weavepy median no worse than serf's): "
+            f"{verdict}. Spread: with {len(ours)} trials a side, {judgement}.",
         ]
     lines += [
         "",

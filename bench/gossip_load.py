@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import table
+from bench.common import no_anchor, table
 from bench.gossip_idle import WeavepyCluster, cpu_seconds, namespace, rss_mib, udp_in_datagrams
 
 
@@ -100,7 +100,10 @@ def run(args: Sequence[str]) -> str:
          f"{verdicts['suspect']} / {verdicts['failed']}"],
         ["all agents running at the end", "yes" if all_running else "NO"],
     ]
-    return (table(["", "value"], rows)
-            + "\n\nNo faults are injected: every suspect or failed event is a false positive. "
-            "Serf is not run side by side here (bench/gossip_idle.py compares the same 50-member "
-            "cluster with serf).\n")
+    return (no_anchor("Serf is not run side by side here: bench/gossip_idle.py compares the "
+                      "same cluster sizes with serf, and bench/scale_agents.py runs full "
+                      "agents.") + "\n\n"
+            + table(["", "value"], rows)
+            + "\n\nThis is the gossip library alone (`python -m gossip agent`), a component "
+            "figure. No faults are injected: every suspect or failed event is a false "
+            "positive.\n")

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import summary, table
+from bench.common import no_anchor, summary, table
 from weavepy.devtools.agentbox import AgentBox
 from weavepy.devtools.sandbox import Sandbox
 
@@ -164,7 +164,9 @@ def run(args: Sequence[str]) -> str:
         ["suspicions / probe failures raised during the run, per node",
          ", ".join(f"{n} {s}/{p}" for n, (s, p) in sorted(false_failures.items()))],
     ]
-    return (f"{options.nodes} weavepy agents in a sandbox (encrypted gossip); junk from "
+    return (no_anchor("The figures are bounds on weavepy alone (memory stays bounded, no "
+                      "false failure); serf is not flooded beside it.") + "\n\n"
+            f"{options.nodes} weavepy agents in a sandbox (encrypted gossip); junk from "
             f"{flooder.name} at {target.name}:{GOSSIP_PORT}/udp, seed {options.seed}.\n\n"
             + table(["", "value"], rows)
             + "\n\nEvery junk datagram that reaches the agent's socket is either counted as a "

@@ -1,23 +1,35 @@
-"""bench.wireguard: encrypted pod-to-pod throughput, CPU and latency, against wireguard-go.
+"""bench.wireguard: encrypted pod-to-pod throughput, CPU and latency, through real agents and
+through the standalone device, against VXLAN and wireguard-go in the same run.
 
-One 2-node sandbox; on each node a "pod" namespace sits behind a bridge (198.19.<i>.2 behind
-198.19.<i>.1/24), so the measured traffic is forwarded, as pod traffic is. Every path exists at
-once; a path is chosen by replacing the nodes' route to the other pod subnet and setting the pod
-MTU (and, for our TUN paths, the pod veth's gso_max_size to the TUN's, the rule from
-docs/dataplane-facts.md). The paths, interleaved within each repetition and rotated
-between repetitions:
+**Through agents (the product, first table).** Each agent path is a 2-node sandbox running two
+real agents (`weavepy launch`), with one pod per node created by CNI ADD through the installed
+plugin, so the MTU, gso_max_size, routes and tunnel are whatever the agent chose:
 
-- wireguard-go: Debian's wireguard-go + wg, MTU 1420 (the anchor);
-- weavepy standard: our device with stock WireGuard transport messages, MTU 1420;
-- weavepy to wireguard-go: our device (standard transport) on node 1, Debian's wireguard-go on
+- agents-vxlan: no flag (kernel VXLAN, the default);
+- agents-standard: `--encrypt --wg-standard-only` (stock WireGuard transport messages);
+- agents-wgx: `--encrypt` (the super-packet extension `wgx`, weavepy to weavepy);
+- agents-vxlan-again: a second VXLAN pair, the A/A control for the noise.
+
+**Standalone devices (second table).** One more 2-node sandbox; on each node a "pod" namespace
+sits behind a bridge (198.19.<i>.2 behind 198.19.<i>.1/24), so the traffic is forwarded, as pod
+traffic is. Every path exists at once; a path is chosen by replacing the nodes' route to the
+other pod subnet and setting the pod MTU (and, for our TUN paths, the pod veth's gso_max_size
+to the TUN's, the rule from research/dataplane-forwarded.md):
+
+- wireguard-go: Debian's wireguard-go + wg, MTU 1420 (the anchor of both tables);
+- weavepy-standard: our device alone with stock WireGuard transport messages, MTU 1420;
+- weavepy-to-wireguard-go: our device (standard transport) on node 1, Debian's wireguard-go on
   node 2, so pod 1 -> pod 2 is weavepy sending to a stock receiver (port 51823);
-- weavepy extension: our device with the super-packet extension (peers flagged extension_ok);
+- weavepy-extension: our device alone with the super-packet extension;
 - vxlan: kernel VXLAN, flannel-style by hand (VNI 1, port 8472), unencrypted, MTU 1450;
 - plain: routing over the underlay, MTU 1500 (the physical limit).
 
-iperf3 TCP runs from pod 1 to pod 2 with 1 and 4 streams; ping runs between the pods when the
-link is idle. Tunnel CPU is the user+system time of the tunnel processes (wireguard-go, or our
-control process and its two workers, on both nodes) over the run, per Gbit transferred.
+Every path of both tables is interleaved within each repetition, the order rotated between
+repetitions. iperf3 TCP runs from pod 1 to pod 2 with 1 and 4 streams; ping runs between the
+pods on the idle link in every repetition. CPU is the user+system time of the tunnel processes
+(the agents, wireguard-go, or our device and its workers, on both nodes) per Gbit transferred.
+The report prints wireguard-go's version: Debian's predates its 2023 TUN offloads, and every
+ratio against it says so.
 
 `run(args)` returns the markdown report; `PodNetwork` is also used by the tests.
 """
@@ -27,16 +39,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import table
+from bench.common import anchor_version, table
 from tunnel.wireguard.keys import PrivateKey
+from weavepy.cni.install import install_cni
+from weavepy.devtools.agentbox import AgentBox
 from weavepy.devtools.sandbox import ManagedProcess, Sandbox, SandboxNode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -386,40 +403,10 @@ class PodNetwork:
 
     def iperf(self, streams: int, seconds: float, pids: Sequence[int]) -> dict[str, float]:
         """pod 1 -> pod 2 TCP; Gbit/s, retransmits and tunnel CPU seconds over the run."""
-        server = _start_in(
-            self.box, self.pods[1], "iperf-server", ["iperf3", "-s", "-1", "-B", pod_ip(2)]
-        )
-        try:
-            time.sleep(0.3)
-            cpu_before = sum(_cpu_seconds(pid) for pid in pids)
-            result = _run_in(
-                self.pods[0],
-                ["iperf3", "-c", pod_ip(2), "-t", str(seconds), "-P", str(streams), "-J"],
-                timeout=seconds + 30,
-            )
-            cpu_after = sum(_cpu_seconds(pid) for pid in pids)
-        finally:
-            server.stop(timeout=2)
-        report = json.loads(result)
-        end = report["end"]
-        gbits = end["sum_received"]["bits_per_second"] / 1e9
-        return {
-            "gbps": gbits,
-            "retransmits": float(end["sum_sent"].get("retransmits", 0)),
-            "cpu_seconds": cpu_after - cpu_before,
-            "seconds": float(end["sum_received"]["seconds"]),
-        }
+        return iperf(self.box, self.pods[0], self.pods[1], pod_ip(2), streams, seconds, pids)
 
     def ping(self, count: int = 20) -> float:
-        out = _run_in(
-            self.pods[0],
-            ["ping", "-c", str(count), "-i", "0.05", "-q", pod_ip(2)],
-            timeout=count + 10,
-        )
-        for line in out.splitlines():
-            if "min/avg/max" in line:
-                return float(line.split("=")[1].split("/")[1])
-        raise RuntimeError(f"no ping summary: {out}")
+        return ping(self.pods[0], pod_ip(2), count)["avg"]
 
     def tunnel_pids(self, kind: str) -> list[int]:
         tunnel = self.tunnels.get(kind)
@@ -467,6 +454,42 @@ def _start_in(box: Sandbox, netns: str, label: str, argv: list[str]) -> ManagedP
     return box.namespace(netns).start(label, argv)
 
 
+def iperf(box: Sandbox, client: str, server: str, server_ip: str, streams: int,
+          seconds: float, pids: Sequence[int]) -> dict[str, float]:
+    """TCP from the `client` namespace to `server_ip` in the `server` namespace: Gbit/s,
+    retransmits, and the CPU seconds of `pids` (with their children) over the run."""
+    process = _start_in(box, server, "iperf-server", ["iperf3", "-s", "-1", "-B", server_ip])
+    try:
+        time.sleep(0.3)
+        cpu_before = sum(_cpu_seconds(pid) for pid in pids)
+        result = _run_in(
+            client,
+            ["iperf3", "-c", server_ip, "-t", str(seconds), "-P", str(streams), "-J"],
+            timeout=seconds + 30,
+        )
+        cpu_after = sum(_cpu_seconds(pid) for pid in pids)
+    finally:
+        process.stop(timeout=2)
+    end = json.loads(result)["end"]
+    return {
+        "gbps": end["sum_received"]["bits_per_second"] / 1e9,
+        "retransmits": float(end["sum_sent"].get("retransmits", 0)),
+        "cpu_seconds": cpu_after - cpu_before,
+        "seconds": float(end["sum_received"]["seconds"]),
+    }
+
+
+def ping(client: str, address: str, count: int) -> dict[str, float]:
+    """`count` pings 50 ms apart from the `client` namespace: min / avg / max RTT in ms."""
+    out = _run_in(client, ["ping", "-c", str(count), "-i", "0.05", "-q", address],
+                  timeout=count + 10)
+    for line in out.splitlines():
+        if "min/avg/max" in line:
+            low, avg, high = (float(x) for x in line.split("=")[1].split("/")[:3])
+            return {"min": low, "avg": avg, "max": high}
+    raise RuntimeError(f"no ping summary: {out}")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value: dict[str, Any] = json.loads(path.read_text())
@@ -494,58 +517,278 @@ def _children(pid: int) -> list[int]:
 # ---------------------------------------------------------------------------- the benchmark
 
 
+AGENT_PATHS: dict[str, tuple[str, ...]] = {
+    "agents-vxlan": (),
+    "agents-standard": ("--encrypt", "--wg-standard-only"),
+    "agents-wgx": ("--encrypt",),
+    "agents-vxlan-again": (),  # the A/A control: a second, identical pair on VXLAN
+}
+CONTROL = "agents-vxlan-again"
+ANCHOR = "wireguard-go"
+THROUGHPUT_GOAL = 0.35  # of VXLAN through agents, 1 and 4 streams (issue 16)
+OFFLOADS_RELEASE = 20230000  # wireguard-go's TUN offloads (GSO/GRO) landed in 2023
+
+
+@dataclass
+class AgentPair:
+    """Two real agents (`weavepy launch FLAGS`) in a 2-node sandbox, one pod behind each,
+    created by CNI ADD through the installed weavepy-cni plugin."""
+
+    kind: str
+    box: Sandbox
+    rig: AgentBox
+    pods: list[str] = field(default_factory=list)
+    pod_ips: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, kind: str, flags: Sequence[str], plugin: Path) -> AgentPair:
+        box = Sandbox.create(nodes=2)
+        try:
+            rig = AgentBox(box, pod_range=str(box.pod_range), extra_args=flags)
+            rig.launch_all()
+            rig.wait_mesh(timeout=120)
+            pair = cls(kind, box, rig)
+            for index, node in enumerate(box.nodes, start=1):
+                pod = box.add_netns(f"pod{index}").netns
+                pair.pod_ips.append(rig.cni_add(node, plugin, pod))
+                pair.pods.append(pod)
+            pair.wait_reachable()
+            return pair
+        except BaseException:
+            box.destroy()
+            raise
+
+    def wait_reachable(self, timeout: float = 60) -> None:
+        """Until pod 1 pings pod 2 (the encrypted path needs its first handshake)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ping(self.pods[0], self.pod_ips[1], 1)
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.kind}: pod 1 cannot reach pod 2 "
+                                       f"({self.pod_ips[1]}) after {timeout:g} s\n"
+                                       f"{self.rig.logs_tail()}") from None
+                time.sleep(0.5)
+
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.rig.agents.values()]
+
+    def wireguard_stats(self) -> dict[str, int]:
+        """The WireGuard data-plane counters of both agents, summed."""
+        total: dict[str, int] = {}
+        for node in self.box.nodes:
+            doc = self.rig.status(node) or {}
+            stats = doc.get("dataplane", {}).get("wireguard", {}).get("stats", {})
+            for key, value in stats.items():
+                total[key] = total.get(key, 0) + int(value)
+        return total
+
+    def close(self) -> None:
+        for node in self.box.nodes:
+            if node.name in self.rig.agents:
+                self.rig.stop(node)
+        self.box.destroy()
+
+
+def wireguard_go_note() -> str:
+    """The anchor's version, and what its age means for every ratio against it."""
+    line = anchor_version("Anchor wireguard-go", ["wireguard-go", "--version"], "wireguard-go")
+    match = re.search(r"0\.0\.(\d{8})", line)
+    if match and int(match.group(1)) < OFFLOADS_RELEASE:
+        line += (f". This release ({match.group(1)}) predates wireguard-go's 2023 TUN offloads "
+                 "(GSO/GRO batching): every ratio against it is against that older release, "
+                 "and a current wireguard-go would be faster")
+    return line + "."
+
+
 def run(args: list[str]) -> str:
     parser = argparse.ArgumentParser(prog="python -m bench wireguard")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--paths", default=",".join([*AGENT_PATHS, *PATHS]),
+                        help="paths to measure: agents-* (real agents) and the standalone "
+                        f"ones ({', '.join(PATHS)})")
+    parser.add_argument("--pings", type=int, default=20, help="pings per path and repetition")
     parser.add_argument(
-        "--in-process",
+        "--workers",
         action="store_true",
-        help="run our devices' engines inside the control process (the agent's default) "
-        "instead of one worker process per direction",
+        help="standalone devices: one worker process per direction instead of the engines "
+        "inside the control process (the agent's way)",
     )
     options = parser.parse_args(args)
     paths = [p for p in options.paths.split(",") if p]
-    workdir = Path("/tmp/weavepy-bench-wireguard")
-    workdir.mkdir(parents=True, exist_ok=True)
-    box = Sandbox.create(nodes=2)
-    network: PodNetwork | None = None
+    unknown = sorted(set(paths) - set(AGENT_PATHS) - set(PATHS))
+    if unknown:
+        parser.error(f"unknown paths: {', '.join(unknown)}")
+    agent_paths = [p for p in paths if p in AGENT_PATHS]
+    device_paths = [p for p in paths if p in PATHS]
+    workdir = Path(tempfile.mkdtemp(prefix="weavepy-bench-wireguard-"))
     results: dict[str, dict[int, list[dict[str, float]]]] = {p: {1: [], 4: []} for p in paths}
-    latency: dict[str, float] = {}
+    rtts: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
+    pairs: dict[str, AgentPair] = {}
+    network: PodNetwork | None = None
+    box: Sandbox | None = None
     try:
-        network = PodNetwork(box, workdir)
-        if "vxlan" in paths:
-            network.add_vxlan()
-        if "wireguard-go" in paths:
-            network.add_wireguard_go()
-        if "weavepy-standard" in paths:
-            network.add_weavepy(
-                "weavepy-standard", extension=False, port=STD_PORT, workers=not options.in_process
-            )
-        if "weavepy-to-wireguard-go" in paths:
-            network.add_weavepy_to_wireguard_go(workers=not options.in_process)
-        if "weavepy-extension" in paths:
-            network.add_weavepy(
-                "weavepy-extension", extension=True, port=EXT_PORT, workers=not options.in_process
-            )
+        if agent_paths:
+            plugin = install_cni(workdir / "bin", workdir / "net.d").plugin
+            for kind in agent_paths:
+                pairs[kind] = AgentPair.start(kind, AGENT_PATHS[kind], plugin)
+        if device_paths:
+            box = Sandbox.create(nodes=2)
+            network = _standalone(box, workdir, device_paths, workers=options.workers)
         for rep in range(options.reps):
-            order = paths[rep % len(paths) :] + paths[: rep % len(paths)]
-            for path in order:
-                network.use(path)
-                network.ping(count=3)  # warm up: handshakes, neighbours
-                pids = network.tunnel_pids(path)
+            shift = rep % len(paths)
+            for path in paths[shift:] + paths[:shift]:
+                if path in pairs:
+                    pair = pairs[path]
+                    ends = (pair.box, pair.pods[0], pair.pods[1], pair.pod_ips[1])
+                    pids = pair.pids()
+                else:
+                    assert network is not None
+                    network.use(path)
+                    ends = (network.box, network.pods[0], network.pods[1], pod_ip(2))
+                    pids = network.tunnel_pids(path)
+                ping(ends[1], ends[3], 3)  # warm up: handshakes, neighbours
+                rtts[path].append(ping(ends[1], ends[3], options.pings))
                 for streams in (1, 4):
-                    results[path][streams].append(network.iperf(streams, options.seconds, pids))
-        for path in paths:
-            network.use(path)
-            latency[path] = network.ping(count=40)
-        statuses = {p: network.status(p) for p in paths if p.startswith("weavepy")}
+                    results[path][streams].append(
+                        iperf(*ends, streams, options.seconds, pids))
+        transports = {kind: pair.wireguard_stats() for kind, pair in pairs.items()
+                      if "--encrypt" in AGENT_PATHS[kind]}
+        statuses = ({p: network.status(p) for p in device_paths if p.startswith("weavepy")}
+                    if network is not None else {})
     finally:
         if network is not None:
             network.close()
-        box.destroy()
-    return _report(paths, results, latency, statuses, options)
+        if box is not None:
+            box.destroy()
+        for pair in pairs.values():
+            pair.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    sections = [wireguard_go_note() if ANCHOR in paths else
+                "Anchor: wireguard-go was not in --paths, so no ratio against it.",
+                anchor_version("Load generator iperf3", ["iperf3", "--version"], "iperf3") + "."]
+    if agent_paths:
+        sections.append(_agents_report(agent_paths, results, rtts, transports, options))
+    if device_paths:
+        latency = {p: statistics.median(r["avg"] for r in rtts[p]) for p in device_paths}
+        sections.append(_report(device_paths, results, latency, statuses, options))
+    return "\n\n".join(sections)
+
+
+def _standalone(box: Sandbox, workdir: Path, paths: Sequence[str], *, workers: bool
+                ) -> PodNetwork:
+    network = PodNetwork(box, workdir)
+    if "vxlan" in paths:
+        network.add_vxlan()
+    if "wireguard-go" in paths:
+        network.add_wireguard_go()
+    if "weavepy-standard" in paths:
+        network.add_weavepy("weavepy-standard", extension=False, port=STD_PORT, workers=workers)
+    if "weavepy-to-wireguard-go" in paths:
+        network.add_weavepy_to_wireguard_go(workers=workers)
+    if "weavepy-extension" in paths:
+        network.add_weavepy("weavepy-extension", extension=True, port=EXT_PORT, workers=workers)
+    return network
+
+
+def _paired(results: dict[str, dict[int, list[dict[str, float]]]], path: str, base: str,
+            streams: int) -> list[float]:
+    """path / base within each repetition (both measured minutes apart at most)."""
+    return [a["gbps"] / b["gbps"] for a, b in
+            zip(results[path][streams], results[base][streams], strict=True) if b["gbps"] > 0]
+
+
+def _percent_spread(ratios: Sequence[float]) -> str:
+    if not ratios:
+        return "-"
+    return (f"{100 * statistics.median(ratios):.1f} % "
+            f"({100 * min(ratios):.0f}-{100 * max(ratios):.0f})")
+
+
+def _agents_report(
+    agent_paths: list[str],
+    results: dict[str, dict[int, list[dict[str, float]]]],
+    rtts: dict[str, list[dict[str, float]]],
+    transports: dict[str, dict[str, int]],
+    options: argparse.Namespace,
+) -> str:
+    base = "agents-vxlan" if "agents-vxlan" in agent_paths else None
+    anchor = ANCHOR if ANCHOR in results else None
+    rows = []
+    for path in [*agent_paths, *([anchor] if anchor else [])]:
+        cells: list[str] = [path + (" (anchor, standalone)" if path == anchor else "")]
+        for streams in (1, 4):
+            runs = [r["gbps"] for r in results[path][streams]]
+            cells.append(f"**{statistics.median(runs):.2f}** "
+                         f"({' / '.join(f'{v:.2f}' for v in runs)})")
+        cells.append(" / ".join(_percent_spread(_paired(results, path, base, s)) for s in (1, 4))
+                     if base else "-")
+        cells.append(" / ".join(
+            f"{statistics.median(_paired(results, path, anchor, s)):.1f}x" for s in (1, 4))
+            if anchor else "-")
+        avgs = [r["avg"] for r in rtts[path]]
+        cells.append(f"{statistics.median(avgs):.3f} ({min(r['min'] for r in rtts[path]):.3f}-"
+                     f"{max(r['max'] for r in rtts[path]):.3f})")
+        kernel = path.startswith("agents-vxlan")
+        cpu = statistics.median(r["cpu_seconds"] / max(r["gbps"] * r["seconds"], 1e-9)
+                                for r in results[path][1])
+        cells.append("- (kernel)" if kernel else f"{cpu:.2f}")
+        cells.append(f"{statistics.median(r['retransmits'] for r in results[path][1]):.0f}")
+        rows.append(cells)
+    header = ["path", "1 stream Gbit/s (runs)", "4 streams Gbit/s (runs)",
+              "of agents on VXLAN, 1 / 4 (min-max)", "vs wireguard-go, 1 / 4",
+              "ping RTT ms, median of reps (min-max ping)",
+              "CPU s per Gbit, 1 stream (agents / wireguard-go)", "retransmits, 1 stream"]
+    lines = [
+        f"**Pods through real agents.** Each path is a 2-node sandbox with two `weavepy launch` "
+        f"agents and one pod per node created by CNI ADD through the installed plugin, so MTU, "
+        f"gso_max_size, routes and the tunnel are the agent's own; `agents-standard` runs "
+        f"`--encrypt --wg-standard-only`, `agents-wgx` `--encrypt` (the super-packet "
+        f"extension), the VXLAN pairs no flag. iperf3 -t {options.seconds:g} from pod 1 to pod "
+        f"2, {options.reps} repetitions with every path (here and in the table below) "
+        f"interleaved and the order rotated; {options.pings} pings per path and repetition "
+        f"on the idle link. Ratios are medians of per-repetition ratios (min-max over "
+        f"repetitions). Both nodes, both agents and iperf3 share the machine's cores.",
+        "",
+        table(header, rows),
+        "",
+    ]
+    notes = []
+    if CONTROL in agent_paths and base:
+        notes.append(f"A/A control: `{CONTROL}` (a second, identical pair on VXLAN) reached "
+                     + " / ".join(_percent_spread(_paired(results, CONTROL, base, s))
+                                  for s in (1, 4))
+                     + " of `agents-vxlan` (1 / 4 streams): differences of that size are noise.")
+    for kind in ("agents-standard", "agents-wgx"):
+        if kind not in agent_paths or not base:
+            continue
+        shares = [statistics.median(_paired(results, kind, base, s)) for s in (1, 4)]
+        met = all(share >= THROUGHPUT_GOAL for share in shares)
+        notes.append(f"Goal, encrypted throughput >= {THROUGHPUT_GOAL:.0%} of VXLAN through "
+                     f"agents, `{kind}`: {100 * shares[0]:.1f} % / {100 * shares[1]:.1f} % "
+                     f"({'met' if met else 'NOT met'}).")
+    if anchor:
+        theirs = statistics.median(r["avg"] for r in rtts[anchor])
+        for kind in ("agents-standard", "agents-wgx"):
+            if kind in agent_paths:
+                ours = statistics.median(r["avg"] for r in rtts[kind])
+                notes.append(f"Goal, encrypted latency <= wireguard-go's, `{kind}`: "
+                             f"{ours:.3f} ms against {theirs:.3f} ms ({ours / theirs:.2f}x, "
+                             f"{'met' if ours <= theirs else 'NOT met'}).")
+    for kind, stats in transports.items():
+        standard, extension = stats.get("messages_sent", 0), stats.get(
+            "extension_messages_sent", 0)
+        wanted_extension = "--wg-standard-only" not in AGENT_PATHS[kind]
+        ok = (extension > 0) == wanted_extension
+        notes.append(f"Transport check, `{kind}`: {standard} standard and {extension} extension "
+                     f"messages sent by both agents"
+                     + (" (as intended)." if ok else
+                        " (NOT as intended: these agents did not honour --wg-standard-only, "
+                        "so this row measures the extension)."))
+    return "\n".join(lines + [f"- {note}" for note in notes])
 
 
 def _report(
@@ -598,13 +841,15 @@ def _report(
         "retransmits (1 stream)",
     ]
     lines = [
-        f"Pod to pod through bridges, iperf3 -t {options.seconds:g}, {options.reps} interleaved "
-        "repetitions (medians). Both nodes, both tunnel ends and iperf3 share the machine's "
-        "cores, so each number is sender + receiver together. Our devices ran "
+        f"**Standalone devices** (no agent: our device started alone by "
+        f"`python -m tunnel.wireguard.device`, routes and pods set by hand): pod to pod through "
+        f"bridges, iperf3 -t {options.seconds:g}, {options.reps} interleaved repetitions "
+        "(medians). Both nodes, both tunnel ends and iperf3 share the machine's cores, so each "
+        "number is sender + receiver together. Our devices ran "
         + (
-            "their engines inside the control process (--in-process)."
-            if options.in_process
-            else "one worker process per direction."
+            "one worker process per direction (--workers)."
+            if options.workers
+            else "their engines inside the control process, as the agent does."
         ),
         "",
         table(header, rows),

@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.common import no_anchor
 from bench.wireguard import EXT_PORT, STD_PORT, PodNetwork
 from weavepy.devtools.sandbox import Sandbox
 
@@ -97,7 +98,8 @@ def run(args: list[str]) -> str:
             network.close()
         box.destroy()
     return (
-        "perf record -F 999 -g on each node's device process (in-process engines, as in the "
+        no_anchor("bench.wireguard has the side-by-side numbers; this says where ours go.")
+        + "\n\nperf record -F 999 -g on each node's device process (in-process engines, as in the "
         f"agent), {options.seconds:g} s each during a 1-stream iperf3; shares of that "
         "process's samples by shared object (below 1.5 % left out).\n\n"
         + "\n\n".join(sections)

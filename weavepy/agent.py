@@ -319,7 +319,8 @@ class Agent:
             vxlan_vni=self.config.vxlan_vni,
             vxlan_port=self.config.vxlan_port,
             wg_public_key=self.identity.wg_public_key,
-            capabilities=frozenset({"vxlan", CAP_WIREGUARD, CAP_EXTENSION}),
+            capabilities=frozenset({"vxlan", CAP_WIREGUARD} | (
+                set() if self.config.wg_standard_only else {CAP_EXTENSION})),
             cluster_id=self.ipam.cluster_id,
             wg_port=self.config.wg_port,
             encrypt=encrypt_tag(self.config.encrypt_all, self.config.encrypt_peers),

@@ -482,6 +482,9 @@ SETTINGS: tuple[Setting, ...] = (
             "WireGuard UDP port", ("WEAVEPY_WG_PORT",), "PORT"),
     Setting("wg_device", _ifname, _const("weavepy.wg"), "name of the WireGuard TUN device",
             ("WEAVEPY_WG_DEVICE",), "IFNAME"),
+    Setting("wg_standard_only", _bool, _const(False), "do not announce the WireGuard "
+            "super-packet extension (wgx): encrypted peers get standard transport messages only",
+            ("WEAVEPY_WG_STANDARD_ONLY",), is_flag=True),
     Setting("external_peers", _external_peers, _const(()), "hosts with stock WireGuard that "
             "join the pod network (file: a list of {name, public_key, allowed_ips, endpoint}; "
             "environment: the same as JSON)", ("WEAVEPY_EXTERNAL_PEERS",), "LIST", flag=False),
@@ -565,6 +568,7 @@ class AgentConfig:
     encrypt_peers: tuple[str, ...] = ()
     wg_port: int = DEFAULT_WG_PORT
     wg_device: str = "weavepy.wg"
+    wg_standard_only: bool = False
     external_peers: tuple[Any, ...] = ()  # weavepy.wgpath.ExternalPeer
     ipalloc_init: IpallocInit | None = None
     masquerade: bool = True

@@ -17,6 +17,8 @@ This module owns the agent's side of `tunnel.wireguard`:
   without a session every `retry_interval`, and says per peer how the connection stands.
 
 The rules it keeps: a peer is configured with `extension_ok` only if it announced `wgx`;
+the data plane (`tunnel.wireguard.device`, and numpy with it) is imported only when the
+interface first starts, so an agent without encryption never loads it;
 routes through the TUN device are only ever those of configured peers' allowed IPs, and a
 route on another device is never touched; the interface is started once and lives as long as
 the agent (the TUN device, and with it every encrypted route, goes when the agent stops: the
@@ -34,15 +36,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, ip_network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from gossip.hostport import HostPortError, parse_host_port
 from tunnel.wireguard.core import HandshakeCompleted, HandshakeGaveUp, PeerConfig
-from tunnel.wireguard.device import InterfaceConfig, WireGuardInterface
 from tunnel.wireguard.keys import PrivateKey, PublicKey
 from tunnel.wireguard.plane import HandshakeNeeded
+
+if TYPE_CHECKING:  # the data plane (and numpy with it) loads when the interface first starts
+    from tunnel.wireguard.device import WireGuardInterface
 
 __all__ = [
     "CAP_EXTENSION",
@@ -340,6 +344,8 @@ class EncryptedPath:
         If the interface fails (the TUN device deleted, a worker died), the error shows in
         `connection()` and the interface is started again after `retry_interval`."""
         await self._wanted.wait()
+        from tunnel.wireguard.device import InterfaceConfig, WireGuardInterface
+
         while True:
             config = InterfaceConfig(name=self.device, private_key=PrivateKey(self.private_key),
                                      listen_port=self.listen_port, mtu=self.mtu,

@@ -1,0 +1,168 @@
+"""Scale: 100 real agents in one sandbox for 10 minutes - CPU and RSS per agent, datagrams per
+member, false positives.
+
+`python -m bench scale_agents [--agents 100] [--duration 600] [--settle 30] [--sample 60]`
+
+`--agents` full agents (`weavepy launch`, encrypted gossip, profile lan) run in the nodes of one
+sandbox (one network namespace per node on the sandbox's underlay bridge). The first founds the
+cluster; the others join it a few at a time (their start-up is CPU-bound). Once every agent
+holds a block and a route to every other agent's block, and after `--settle` seconds, the
+cluster is watched for `--duration` seconds: CPU per agent (utime + stime from /proc) over the
+whole window and per `--sample` window, RSS at the start and the end, UDP datagrams in and out
+of every node's namespace, and each agent's cumulative gossip counters (suspicions raised,
+probe failures) from its API. Nobody is killed or impaired, so every suspicion and every peer
+not alive at the end is a false positive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import no_anchor, table
+from bench.gossip_idle import cpu_seconds, rss_mib
+from weavepy.devtools.agentbox import AgentBox
+from weavepy.devtools.sandbox import Sandbox, SandboxNode
+
+LAUNCH_BATCH = 4
+MESH_POLL = 5.0  # seconds between checks of the full mesh (two calls into every node each)
+
+
+def udp_counters(pid: int) -> tuple[int, int]:
+    """(InDatagrams, OutDatagrams) of the network namespace `pid` lives in."""
+    lines = [line.split() for line in Path(f"/proc/{pid}/net/snmp").read_text().splitlines()
+             if line.startswith("Udp:")]
+    header, values = lines[0], lines[1]
+    return int(values[header.index("InDatagrams")]), int(values[header.index("OutDatagrams")])
+
+
+def _gossip_view(rig: AgentBox, nodes: Sequence[SandboxNode]) -> dict[str, dict[str, int]]:
+    """Per node: suspicions, probe failures (cumulative) and peers it sees alive."""
+    found: dict[str, dict[str, int]] = {}
+    for node in nodes:
+        doc: dict[str, Any] | None = rig.status(node)
+        if doc is None:
+            continue
+        found[node.name] = {
+            "suspicions": int(doc["gossip"]["suspicions"]),
+            "probe_failures": int(doc["gossip"]["probe_failures"]),
+            "alive": sum(1 for peer in doc["peers"] if peer["state"] == "alive"),
+        }
+    return found
+
+
+def _spread(values: Sequence[float], digits: int) -> str:
+    if not values:
+        return "n/a"
+    return (f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f} / "
+            f"{max(values):.{digits}f}")
+
+
+def run(args: Sequence[str]) -> str:
+    parser = argparse.ArgumentParser(prog="python -m bench scale_agents")
+    parser.add_argument("--agents", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=600.0, help="seconds watched")
+    parser.add_argument("--settle", type=float, default=30.0)
+    parser.add_argument("--sample", type=float, default=60.0, help="CPU sample window, s")
+    parser.add_argument("--profile", choices=["lan", "wan", "local"], default="lan")
+    opts = parser.parse_args(list(args))
+    if not 2 <= opts.agents <= 200:
+        parser.error("--agents must be within 2..200 (one sandbox)")
+    if os.geteuid() != 0:
+        raise SystemExit("scale_agents needs root (it builds a sandbox of network namespaces)")
+    n = opts.agents
+    box = Sandbox.create(nodes=n)
+    try:
+        rig = AgentBox(box, pod_range=str(box.pod_range), profile=opts.profile,
+                       log_level="warning")
+        launched = time.monotonic()
+        founder, others = box.nodes[0], box.nodes[1:]
+        rig.launch(founder)
+        rig.wait_api(founder, timeout=60)
+        for batch in range(0, len(others), LAUNCH_BATCH):
+            for node in others[batch:batch + LAUNCH_BATCH]:
+                rig.launch(node, [founder])
+            for node in others[batch:batch + LAUNCH_BATCH]:
+                rig.wait_api(node, timeout=120)
+        all_started = time.monotonic() - launched
+        rig.wait(f"a block and routes everywhere in {n} nodes",
+                 lambda: rig.mesh_complete(box.nodes), timeout=120 + 10 * n,
+                 interval=MESH_POLL)
+        meshed = time.monotonic() - launched
+        time.sleep(opts.settle)
+
+        pids = [rig.agents[node.name].pid for node in box.nodes]
+        before = _gossip_view(rig, box.nodes)
+        started = time.monotonic()
+        cpu_start = [cpu_seconds(pid) for pid in pids]
+        rss_start = [rss_mib(pid) for pid in pids]
+        udp_start = [udp_counters(pid) for pid in pids]
+        windows: list[float] = []  # median CPU % per sample window
+        previous, previous_t = cpu_start, started
+        while (now := time.monotonic()) - started < opts.duration:
+            time.sleep(min(opts.sample, opts.duration - (now - started)))
+            if not all(process.alive() for process in rig.agents.values()):
+                break
+            sample_t = time.monotonic()
+            current = [cpu_seconds(pid) for pid in pids]
+            windows.append(statistics.median(
+                100 * (b - a) / (sample_t - previous_t)
+                for a, b in zip(previous, current, strict=True)))
+            previous, previous_t = current, sample_t
+            print(f"{sample_t - started:6.0f} s: median CPU {windows[-1]:.2f} % per agent",
+                  file=sys.stderr, flush=True)
+        elapsed = time.monotonic() - started
+        running = [process.alive() for process in rig.agents.values()]
+        live = [pid for pid, alive in zip(pids, running, strict=True) if alive]
+        cpu = [100 * (cpu_seconds(pid) - a) / elapsed
+               for pid, a, alive in zip(pids, cpu_start, running, strict=True) if alive]
+        rss_end = [rss_mib(pid) for pid in live]
+        udp_end = [udp_counters(pid) if alive else start
+                   for pid, start, alive in zip(pids, udp_start, running, strict=True)]
+        after = _gossip_view(rig, box.nodes)
+    finally:
+        box.destroy()
+
+    udp_in = sum(e[0] - s[0] for s, e in zip(udp_start, udp_end, strict=True))
+    udp_out = sum(e[1] - s[1] for s, e in zip(udp_start, udp_end, strict=True))
+    suspicions = {name: after[name]["suspicions"] - before[name]["suspicions"]
+                  for name in after if name in before}
+    failures = {name: after[name]["probe_failures"] - before[name]["probe_failures"]
+                for name in after if name in before}
+    alive_seen = [view["alive"] for view in after.values()]
+    rows = [
+        ["agents", f"{n} (`weavepy launch`, profile {opts.profile}, encrypted gossip), one "
+         "sandbox node each"],
+        ["all started (API up) / a block and routes everywhere",
+         f"{all_started:.0f} s / {meshed:.0f} s after the first launch"],
+        ["window", f"{elapsed / 60:.1f} min after {opts.settle:g} s of settling"],
+        ["CPU % of one core per agent (min / median / max)", _spread(cpu, 2)],
+        ["total CPU % (all agents)", f"{sum(cpu):.1f}"],
+        ["median CPU % per agent, per sample window (min / max)",
+         f"{min(windows):.2f} / {max(windows):.2f}" if windows else "n/a"],
+        ["RSS MiB per agent at start (min / median / max)", _spread(rss_start, 1)],
+        ["RSS MiB per agent at end (min / median / max)", _spread(rss_end, 1)],
+        ["UDP datagrams per member per s, in / out",
+         f"{udp_in / n / elapsed:.2f} / {udp_out / n / elapsed:.2f}"],
+        ["false positives: suspicions raised (sum / worst node)",
+         f"{sum(suspicions.values())} / {max(suspicions.values(), default=0)}"],
+        ["false positives: probe failures (sum / worst node)",
+         f"{sum(failures.values())} / {max(failures.values(), default=0)}"],
+        ["peers seen alive at the end, per node (min / max; all others = "
+         f"{n - 1})", f"{min(alive_seen, default=0)} / {max(alive_seen, default=0)}"],
+        ["agents running at the end", f"{sum(running)} of {n}"],
+    ]
+    return (no_anchor("serf's idle cost per member is measured beside the agent's in "
+                      f"bench/gossip_idle.py; this run asks whether {n} full agents hold up on "
+                      "one machine, with nothing to compare but 0 false positives.")
+            + "\n\n" + table(["", "value"], rows)
+            + "\n\nUDP counters are each node's own namespace (gossip, and IPAM over gossip; "
+            "no pod traffic runs). Suspicions and probe failures are the agents' cumulative "
+            "gossip counters, end minus start of the window. All agents share the machine's "
+            f"{os.cpu_count()} cores.\n")
