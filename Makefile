@@ -1,5 +1,5 @@
 # Convenience targets; each calls .ci/bootstrap, which installs what is missing first.
-.PHONY: demo test bench env lint
+.PHONY: demo test bench env lint image
 demo:
 	bash .ci/bootstrap demo
 test:
@@ -10,3 +10,5 @@ env:
 	bash .ci/bootstrap env
 lint:
 	.venv/bin/ruff check . && .venv/bin/mypy
+image:
+	bash deploy/build-image.sh
