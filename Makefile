@@ -1,4 +1,4 @@
-# Convenience targets; each calls .ci/bootstrap, which installs what is missing first.
+# Convenience targets; each installs what is missing first (.ci/bootstrap, deploy/build-image.sh).
 .PHONY: demo test bench env lint image
 demo:
 	bash .ci/bootstrap demo
