@@ -114,11 +114,13 @@ def pod_ip(runtime: Any, sandbox_id: str) -> str:
     return str(status.network.ip)
 
 
-def exec_sync(runtime: Any, container_id: str, argv: Sequence[str]) -> tuple[int, str, str]:
+def exec_sync(runtime: Any, container_id: str, argv: Sequence[str],
+              timeout: int = 20) -> tuple[int, str, str]:
+    """Run `argv` in the container (the runtime kills it after `timeout` seconds)."""
     from cri_api.v1 import api_pb2
 
     reply = runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=container_id, cmd=list(argv),
-                                                     timeout=20), timeout=40)
+                                                     timeout=timeout), timeout=timeout + 20)
     return (reply.exit_code, reply.stdout.decode(errors="replace"),
             reply.stderr.decode(errors="replace"))
 
