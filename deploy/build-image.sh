@@ -14,7 +14,7 @@
 #      lists, the mirrors, this script's base recipe); --refresh-base rebuilds them;
 #   3. downloads the wheels pinned in deploy/requirements*.lock (hash-checked) into a directory;
 #   4. builds deploy/Containerfile from the committed tree (`git archive`; with uncommitted
-#      changes, `git stash create`'s snapshot of them, and the tag says -dirty) with
+#      changes, `git stash create`'s snapshot of them, tagged ...-dirty-TREEHASH) with
 #      --network none, the bases as DEBIAN and DEBIAN_BUILD, and the wheels as its only index;
 #   5. tags it localhost/weavepy:VERSION-COMMIT, prints its size, and saves an OCI archive for
 #      airgapped nodes: build/image/weavepy-VERSION-COMMIT.oci.tar (`podman load -i` it, or

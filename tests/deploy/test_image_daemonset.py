@@ -100,7 +100,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
                            capture_output=True, text=True, timeout=1800, check=False)
     assert built.returncode == 0, built.stderr[-3000:]
     tag = built.stdout.strip().splitlines()[-1]
-    archive = REPO / "build" / "image" / f"weavepy-{tag.split(':', 1)[1]}.oci.tar"
+    out = Path(os.environ.get("WEAVEPY_IMAGE_OUT", REPO / "build" / "image"))
+    archive = out / f"weavepy-{tag.split(':', 1)[1]}.oci.tar"
     assert archive.is_file(), (archive, built.stderr[-2000:])
     store = tmp_path_factory.mktemp("image-store")
     loaded = podman_store(store, "load", "-i", str(archive))  # what an airgapped node does
