@@ -1,5 +1,5 @@
-# Convenience targets; each calls .ci/bootstrap, which installs what is missing first.
-.PHONY: demo test bench env lint
+# Convenience targets; each installs what is missing first (.ci/bootstrap, deploy/build-image.sh).
+.PHONY: demo test bench env lint image
 demo:
 	bash .ci/bootstrap demo
 test:
@@ -10,3 +10,5 @@ env:
 	bash .ci/bootstrap env
 lint:
 	.venv/bin/ruff check . && .venv/bin/mypy && .venv/bin/lint-imports --no-cache && bash .ci/deadcode
+image:
+	bash deploy/build-image.sh

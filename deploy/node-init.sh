@@ -13,12 +13,23 @@
 #      one, so a plugin that is running during an upgrade keeps its interpreter; only the two
 #      newest are kept;
 #   4. install weavepy-cni and the network configuration list, pointing at that runtime.
+#
+# With --uninstall it does the reverse (the init container of `weavepy manifest --uninstall`):
+# removes the network configuration list, then the plugin, then every runtime it copied; with
+# --state-dir (and --run-dir), `weavepy reset` also removes the node's weavepy devices, pod
+# veths and state. Sysctls and modules stay as they are (other software may rely on them).
 set -eu
 
 cni_bin_dir=/opt/cni/bin
 cni_conf_dir=/etc/cni/net.d
 runtime_dir=/opt/weavepy
 socket=/run/weavepy/cni.sock
+uninstall=0
+state_dir=
+run_dir=
+# the names `weavepy install-cni` writes (weavepy/cni/install.py; tests/deploy checks they agree)
+plugin_name=weavepy-cni
+conflist_name=10-weavepy.conflist
 bundled=${WEAVEPY_HOST_RUNTIME:-/usr/lib/weavepy/host-python}  # built by host-python.py
 
 log() { echo "node-init: $*" >&2; }
@@ -29,9 +40,26 @@ while [ $# -gt 0 ]; do
         --cni-conf-dir) cni_conf_dir=$2; shift 2 ;;
         --runtime-dir) runtime_dir=$2; shift 2 ;;
         --socket) socket=$2; shift 2 ;;
+        --uninstall) uninstall=1; shift ;;
+        --state-dir) state_dir=$2; shift 2 ;;
+        --run-dir) run_dir=$2; shift 2 ;;
         *) log "unknown argument: $1"; exit 2 ;;
     esac
 done
+
+if [ "$uninstall" = 1 ]; then
+    # the runtime stops calling the plugin once its configuration is gone
+    for file in "$cni_conf_dir/$conflist_name" "$cni_bin_dir/$plugin_name"; do
+        if [ -e "$file" ]; then rm -f "$file" && log "removed $file"; fi
+    done
+    for old in "$runtime_dir"/python-*; do
+        if [ -e "$old" ]; then rm -rf "$old" && log "removed the runtime $old"; fi
+    done
+    if [ -n "$state_dir" ]; then
+        weavepy reset --force --state-dir "$state_dir" --run-dir "${run_dir:-/run/weavepy}"
+    fi
+    exit 0
+fi
 
 for module in vxlan tun br_netfilter; do
     modprobe "$module" 2>/dev/null || log "note: could not load module $module (built in?)"

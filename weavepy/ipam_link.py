@@ -41,7 +41,7 @@ from gossip.transport import GossipService
 from weavepy.config import AgentConfig, IpallocInit
 from weavepy.identity import Identity
 from weavepy.ipam.allocator import Allocation, PodAllocator, Unavailable
-from weavepy.ipam.core import TAG_KEY, IpamCore
+from weavepy.ipam.core import TAG_KEY, Bootstrap, IpamCore
 from weavepy.ipam.errors import ConfigError, CorruptStateError, IpamDecodeError, RmpeerError
 from weavepy.ipam.report import status_document
 from weavepy.ipam.status import (
@@ -79,6 +79,9 @@ INBOX_SIZE = 4096
 BATCH = 256
 ADDRESS_WAIT = 8.0  # seconds a CNI ADD waits for a block before answering "try again later"
 SERF_MAX_TYPE = 0x3F  # serf's message types are small integers
+# With --kube-peers and no static peers, a node that has heard from no peer for this long
+# founds the cluster alone (a one-node cluster); a start of many nodes elects a founder first.
+KUBE_FOUND_ALONE_AFTER = 20.0
 
 
 class IpamLinkError(Exception):
@@ -124,6 +127,22 @@ class IpamDelegate:
             self._link.drops["foreign_push_pull_state"] += 1
 
 
+def bootstrap_for(config: AgentConfig) -> tuple[Bootstrap, float | None]:
+    """How a node without IPAM state enters a cluster: (bootstrap, found alone after).
+
+    Launched with peers, it joins their cluster. With --kube-peers its peers are the other
+    Kubernetes nodes, which the API names only after the start, and every node of a new
+    cluster starts at once (a DaemonSet): founding at start would make each node its own
+    cluster, which never merge. So it joins too: nodes that meet without state elect the
+    founder (the lowest name), and a node alone for KUBE_FOUND_ALONE_AFTER founds by itself.
+    Launched with neither, it founds the cluster at once."""
+    if config.peers:
+        return "join", None
+    if config.kube_peers:
+        return "join", KUBE_FOUND_ALONE_AFTER
+    return "found", None
+
+
 class IpamLink:
     """Owns the IPAM core and the pod allocator on the trio loop (see the module docstring)."""
 
@@ -146,6 +165,7 @@ class IpamLink:
             config.ipalloc_init.mode == "observer"
         self.core_file = StateFile(config.state_dir / CORE_FILE, "ipam-core")
         self.pods_file = StateFile(config.state_dir / PODS_FILE, "ipam-pods")
+        bootstrap, found_alone_after = bootstrap_for(config)
         try:
             core_snapshot = self.core_file.load()
             pods_snapshot = self.pods_file.load()
@@ -153,7 +173,7 @@ class IpamLink:
                 config.name, config.ipalloc_range, config.block_prefix,
                 rng=random.Random(), reclaim_after=config.reclaim_after,
                 lease=min(config.ipam_lease, config.reclaim_after),
-                bootstrap="join" if config.peers else "found",
+                bootstrap=bootstrap, found_alone_after=found_alone_after,
                 **founding(config.ipalloc_init), snapshot=core_snapshot)
             self.allocator = PodAllocator(self.core, snapshot=pods_snapshot)
         except CorruptStateError as exc:

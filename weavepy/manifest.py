@@ -50,6 +50,7 @@ __all__ = [
     "manifest_command",
     "render_files",
     "render_objects",
+    "render_uninstall_objects",
     "render_yaml",
 ]
 
@@ -359,6 +360,72 @@ def render_objects(settings: ManifestSettings) -> list[dict[str, Any]]:
     return objects
 
 
+def render_uninstall_objects(settings: ManifestSettings) -> list[dict[str, Any]]:
+    """The DaemonSet that removes weavepy from every node, once weavepy's own objects are
+    deleted: its init container runs `node-init.sh --uninstall` (the conflist, the plugin, the
+    plugin's runtimes, then `weavepy reset`: devices, pod veths, state); then it idles, so
+    `kubectl rollout status` shows when every node is done. ManifestError if a setting is
+    wrong."""
+    problems = _check(settings)
+    if problems:
+        raise ManifestError(problems)
+    name = f"{APP}-uninstall"
+    labels = {"app.kubernetes.io/name": name}
+    mounts = [
+        {"name": "cni-bin", "mountPath": "/opt/cni/bin"},
+        {"name": "cni-conf", "mountPath": "/etc/cni/net.d"},
+        {"name": "host-runtime", "mountPath": HOST_RUNTIME_DIR},
+        {"name": "state", "mountPath": settings.state_dir},
+        {"name": "run", "mountPath": settings.run_dir},
+    ]
+    volumes = [
+        _host_path("cni-bin", settings.cni_bin_dir, "DirectoryOrCreate"),
+        _host_path("cni-conf", settings.cni_conf_dir, "DirectoryOrCreate"),
+        _host_path("host-runtime", HOST_RUNTIME_DIR, "DirectoryOrCreate"),
+        _host_path("state", settings.state_dir, "DirectoryOrCreate"),
+        _host_path("run", settings.run_dir, "DirectoryOrCreate"),
+    ]
+    pod_spec: dict[str, Any] = {
+        "hostNetwork": True,  # `weavepy reset` removes the node's devices
+        "tolerations": [{"operator": "Exists"}],
+        "terminationGracePeriodSeconds": 1,
+        "initContainers": [{
+            "name": "uninstall",
+            "image": settings.image,
+            "imagePullPolicy": settings.image_pull_policy,
+            "command": ["/usr/lib/weavepy/node-init.sh"],
+            "args": ["--uninstall", "--cni-bin-dir", "/opt/cni/bin", "--cni-conf-dir",
+                     "/etc/cni/net.d", "--runtime-dir", HOST_RUNTIME_DIR,
+                     "--state-dir", settings.state_dir, "--run-dir", settings.run_dir],
+            "securityContext": {"privileged": True},
+            "volumeMounts": mounts,
+        }],
+        "containers": [{
+            "name": "done",
+            "image": settings.image,
+            "imagePullPolicy": settings.image_pull_policy,
+            "command": ["sleep", "infinity"],
+            "securityContext": {"readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]}},
+            "resources": {"requests": {"cpu": "1m", "memory": "8Mi"}},
+        }],
+        "volumes": volumes,
+    }
+    objects: list[dict[str, Any]] = []
+    if settings.namespace != "kube-system":
+        objects.append({"apiVersion": "v1", "kind": "Namespace",
+                        "metadata": _meta(settings.namespace, settings, namespaced=False)})
+    objects.append({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": name, "namespace": settings.namespace,
+                     "labels": {**labels, "app.kubernetes.io/version": __version__}},
+        "spec": {"selector": {"matchLabels": dict(labels)},
+                 "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec}},
+    })
+    return objects
+
+
 def _dump(objects: Sequence[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False, width=100)
 
@@ -368,6 +435,13 @@ def render_yaml(settings: ManifestSettings) -> str:
     header = (f"# weavepy {__version__} on Kubernetes, rendered by `weavepy manifest`.\n"
               f"# Why each permission is needed: deploy/daemonset.yaml and docs/kubernetes.md.\n")
     return header + "---\n" + _dump(render_objects(settings))
+
+
+def render_uninstall_yaml(settings: ManifestSettings) -> str:
+    """The uninstall DaemonSet as YAML, for `kubectl apply -f -`."""
+    header = (f"# Removes weavepy {__version__} from every node (`weavepy manifest --uninstall`):"
+              f"\n# apply it after deleting weavepy's objects, delete it once its pods run.\n")
+    return header + "---\n" + _dump(render_uninstall_objects(settings))
 
 
 def render_files(settings: ManifestSettings) -> dict[str, str]:
@@ -430,6 +504,9 @@ def render_files(settings: ManifestSettings) -> dict[str, str]:
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               help="write rbac.yaml, configmap.yaml, daemonset.yaml (and secret.yaml) here "
               "instead of one document to stdout")
+@click.option("--uninstall", is_flag=True, help="render the DaemonSet that removes weavepy "
+              "from every node instead (its plugin, configuration, runtimes, devices and "
+              "state); apply it after deleting weavepy's objects")
 def manifest_command(ipalloc_range: str | None, block_prefix: str | None, image: str,
                      image_pull_policy: str, namespace: str, gossip_port: str | None,
                      vxlan_port: str | None, vxlan_vni: str | None, mtu: str | None,
@@ -437,7 +514,7 @@ def manifest_command(ipalloc_range: str | None, block_prefix: str | None, image:
                      metrics_addr: str, encrypt: bool, keyring_file: Path | None,
                      generate_key: bool, log_level: str, privileged: bool, host_pid: bool,
                      tun_device: bool, cni_bin_dir: str, cni_conf_dir: str,
-                     output_dir: Path | None) -> None:
+                     output_dir: Path | None, uninstall: bool) -> None:
     """Render the Kubernetes manifests: `weavepy manifest ... | kubectl apply -f -`."""
     if keyring_file is not None and generate_key:
         raise click.ClickException("--keyring-file and --generate-key both set the key; "
@@ -458,7 +535,10 @@ def manifest_command(ipalloc_range: str | None, block_prefix: str | None, image:
         log_level=log_level, privileged=privileged, host_pid=host_pid, tun_device=tun_device,
         cni_bin_dir=cni_bin_dir, cni_conf_dir=cni_conf_dir)
     try:
-        if output_dir is not None:
+        if uninstall:
+            text = render_uninstall_yaml(settings)
+            files = {"uninstall.yaml": text}
+        elif output_dir is not None:
             files = render_files(settings)
         else:
             text = render_yaml(settings)
@@ -466,7 +546,11 @@ def manifest_command(ipalloc_range: str | None, block_prefix: str | None, image:
         for problem in exc.problems[:-1]:
             click.echo(f"Error: {problem}", err=True)
         raise click.ClickException(exc.problems[-1]) from None
-    if encrypt and keyring is None:
+    if uninstall:
+        click.echo(f"note: delete weavepy's objects first; once every {APP}-uninstall pod runs, "
+                   f"the nodes are clean: then `kubectl -n {namespace} delete daemonset "
+                   f"{APP}-uninstall`", err=True)
+    elif encrypt and keyring is None:
         click.echo(f"note: the agents read their gossip key from the Secret {KEYRING_SECRET} "
                    f"in {namespace}; create it once, before the pods can start:\n"
                    f"  weavepy keygen > keyring && kubectl -n {namespace} create secret "

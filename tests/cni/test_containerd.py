@@ -21,8 +21,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,57 +29,14 @@ from typing import Any
 import pytest
 
 from tests.cni.conftest import REFERENCE_PLUGINS, REPO, wait_for_socket
+from tests.cni.cri import PAUSE_CMD, containerd_config, remove_pods, run_pod, wget
 from tests.cni.oci import build_image
 from tests.conftest import require, require_binary, require_root
 
 pytestmark = [pytest.mark.netns, pytest.mark.peer, pytest.mark.slow, pytest.mark.timeout(300)]
 
 IMAGE = "localhost/wpcni-busybox:1"
-PAUSE_CMD = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 1; done"]
 HOST_PORT = 18090
-
-CONTAINERD_CONFIG = """\
-version = 2
-root = "{dir}/root"
-state = "{dir}/state"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-                    "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
-                    "io.containerd.tracing.processor.v1.otlp"]
-
-[grpc]
-  address = "{dir}/containerd.sock"
-
-[ttrpc]
-  address = "{dir}/containerd.sock.ttrpc"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{dir}/opt"
-
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{image}"
-  restrict_oom_score_adj = true
-  disable_apparmor = true
-  netns_mounts_under_state_dir = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-        Root = "{dir}/runc"
-
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{dir}/cni-bin"
-    conf_dir = "{dir}/net.d"
-    max_conf_num = 1
-"""
-
 
 @dataclass
 class CriNode:
@@ -131,7 +86,9 @@ def _start_containerd(cri: CriNode, image_tar: Path) -> None:
     conf["plugins"][0]["capabilities"] = {"portMappings": True}
     installed.conflist.write_text(json.dumps(conf, indent=2))
     config = d / "containerd.toml"
-    config.write_text(CONTAINERD_CONFIG.format(dir=d, image=IMAGE))
+    config.write_text(containerd_config(
+        root=d / "root", state=d / "state", socket=cri.socket, runc_root=d / "runc",
+        bin_dir=bin_dir, conf_dir=d / "net.d", image=IMAGE, netns_under_state=True))
     # `ip netns exec` gives the process a fresh /sys without the cgroup mounts runc needs, so
     # containerd goes back to the test's mount namespace and takes a private copy of it
     # (mount propagation: slave): the real /sys/fs/cgroup, and its own mounts die with it.
@@ -159,16 +116,8 @@ def _launch_agent(rig: Any, cri: CriNode, peers: list[Any]) -> None:
 
 
 def _cleanup(cri: CriNode) -> None:
-    from cri_api.v1 import api_pb2
-
     if cri.runtime is not None:
-        with contextlib.suppress(Exception):
-            listed = cri.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30)
-            for item in listed.items:
-                cri.runtime.StopPodSandbox(
-                    api_pb2.StopPodSandboxRequest(pod_sandbox_id=item.id), timeout=60)
-                cri.runtime.RemovePodSandbox(
-                    api_pb2.RemovePodSandboxRequest(pod_sandbox_id=item.id), timeout=60)
+        remove_pods(cri.runtime)
     if cri.channel is not None:
         cri.channel.close()
     if cri.containerd is not None:
@@ -232,56 +181,16 @@ def cri_nodes(sandbox_factory: Callable[..., Any], busybox_image: Path
 
 
 def _run_pod(cri: CriNode, name: str) -> tuple[str, str, str]:
-    """RunPodSandbox + a busybox httpd container; returns (sandbox id, container id, pod IP)."""
-    from cri_api.v1 import api_pb2
-
-    sandbox_config = api_pb2.PodSandboxConfig(
-        metadata=api_pb2.PodSandboxMetadata(name=name, namespace="default",
-                                            uid=str(uuid.uuid4()), attempt=0),
-        hostname=name,
-        log_directory=str(cri.dir / "logs" / name),
-        port_mappings=[api_pb2.PortMapping(protocol=api_pb2.TCP, container_port=8080,
-                                           host_port=HOST_PORT)],
-        linux=api_pb2.LinuxPodSandboxConfig(cgroup_parent=cri.cgroup_parent),
-    )
-    sandbox_id = cri.runtime.RunPodSandbox(
-        api_pb2.RunPodSandboxRequest(config=sandbox_config), timeout=120).pod_sandbox_id
+    """A busybox httpd pod with a hostPort; returns (sandbox id, container id, pod IP)."""
+    sandbox_id, container_id, ip = run_pod(
+        cri.runtime, name, image=IMAGE, command=["/bin/httpd", "-f", "-p", "8080", "-h", "/etc"],
+        log_dir=cri.dir / "logs", cgroup_parent=cri.cgroup_parent, host_port=HOST_PORT)
     cri.sandboxes.append(sandbox_id)
-    status = cri.runtime.PodSandboxStatus(
-        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id), timeout=30).status
-    container_config = api_pb2.ContainerConfig(
-        metadata=api_pb2.ContainerMetadata(name="web", attempt=0),
-        image=api_pb2.ImageSpec(image=IMAGE),
-        command=["/bin/httpd", "-f", "-p", "8080", "-h", "/etc"],
-        log_path="web.log",
-    )
-    container_id = cri.runtime.CreateContainer(api_pb2.CreateContainerRequest(
-        pod_sandbox_id=sandbox_id, config=container_config, sandbox_config=sandbox_config),
-        timeout=120).container_id
-    cri.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=container_id),
-                               timeout=60)
-    return sandbox_id, container_id, status.network.ip
+    return sandbox_id, container_id, ip
 
 
-def _exec(cri: CriNode, container_id: str, argv: list[str]) -> tuple[int, str, str]:
-    from cri_api.v1 import api_pb2
-
-    reply = cri.runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=container_id, cmd=argv,
-                                                         timeout=20), timeout=40)
-    return (reply.exit_code, reply.stdout.decode(errors="replace"),
-            reply.stderr.decode(errors="replace"))
-
-
-def _wget(cri: CriNode, container_id: str, url: str, attempts: int = 10) -> str:
-    """HTTP GET from inside a pod (busybox wget; its -T option crashes this static build, so
-    ExecSync's timeout bounds it instead)."""
-    err = ""
-    for _ in range(attempts):  # httpd may take a moment to listen after StartContainer
-        code, out, err = _exec(cri, container_id, ["wget", "-q", "-O", "-", url])
-        if code == 0:
-            return out
-        time.sleep(0.3)
-    raise AssertionError(f"wget {url} failed: {err}")
+def _wget(cri: CriNode, container_id: str, url: str) -> str:
+    return wget(cri.runtime, container_id, url)
 
 
 def test_containerd_pods_on_two_nodes_talk_over_tcp(cri_nodes: list[CriNode]) -> None:

@@ -119,8 +119,9 @@ class ReplayApi:
         return [s for s in self.seen if s.method == method and s.path == path]
 
 
-def make_ca_and_server_cert(directory: Path) -> tuple[Path, Path, Path]:
-    """A throw-away CA and a server certificate for 127.0.0.1: (ca.crt, server.crt, key)."""
+def make_ca_and_server_cert(directory: Path, address: str = "127.0.0.1"
+                            ) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for `address`: (ca.crt, server.crt, key)."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weavepy-test-ca")])
@@ -142,7 +143,7 @@ def make_ca_and_server_cert(directory: Path) -> tuple[Path, Path, Path]:
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(hours=1))
             .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]), critical=False)
+                [x509.IPAddress(ipaddress.IPv4Address(address))]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([x509.OID_SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     ca_path, cert_path, key_path = (directory / "ca.crt", directory / "server.crt",
@@ -155,14 +156,15 @@ def make_ca_and_server_cert(directory: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
-async def serve_replay(api: ReplayApi, cert: Path, key: Path, *,
+async def serve_replay(api: ReplayApi, cert: Path, key: Path, *, bind: str = "127.0.0.1:0",
                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `api` over HTTPS on 127.0.0.1 (a free port, given to task_status) until cancelled."""
+    """Serve `api` over HTTPS on `bind` (by default 127.0.0.1 and a free port; the port is
+    given to task_status) until cancelled."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
     config = Config()
-    config.bind = ["127.0.0.1:0"]
+    config.bind = [bind]
     config.certfile = str(cert)
     config.keyfile = str(key)
     config.accesslog = None

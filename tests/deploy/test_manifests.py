@@ -27,6 +27,7 @@ from weavepy.manifest import (
     manifest_command,
     render_files,
     render_objects,
+    render_uninstall_yaml,
     render_yaml,
 )
 
@@ -76,6 +77,28 @@ def test_rendered_manifests_pass_strict_validation(tmp_path: Path) -> None:
         path.write_text(render_yaml(settings))
         paths.append(path)
     validate(paths)
+
+
+def test_uninstall_manifest_passes_strict_validation(tmp_path: Path) -> None:
+    paths = []
+    for name, settings in {"default": ManifestSettings(), **NON_DEFAULT}.items():
+        path = tmp_path / f"uninstall-{name}.yaml"
+        path.write_text(render_uninstall_yaml(settings))
+        paths.append(path)
+    validate(paths)
+    objects = list(yaml.safe_load_all(paths[0].read_text()))
+    init = daemonset(objects)["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["command"] == ["/usr/lib/weavepy/node-init.sh"]
+    assert init["args"][0] == "--uninstall" and "--state-dir" in init["args"]
+
+
+def test_manifest_uninstall_flag_prints_only_the_uninstall_daemonset() -> None:
+    result = CliRunner().invoke(manifest_command, ["--uninstall"])
+    assert result.exit_code == 0, result.output
+    objects = [o for o in yaml.safe_load_all(result.stdout) if o]
+    assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
+        ("DaemonSet", "weavepy-uninstall")]
+    assert "delete weavepy's objects first" in result.stderr
 
 
 def test_deploy_files_pass_strict_validation() -> None:

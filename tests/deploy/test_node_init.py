@@ -39,7 +39,8 @@ install_cni(a.bin_dir, a.conf_dir, interpreter=a.interpreter, socket_path=a.sock
 """
 
 
-def node_init(tmp_path: Path, bundled: Path, runtime_dir: Path) -> subprocess.CompletedProcess[str]:
+def node_init(tmp_path: Path, bundled: Path, runtime_dir: Path, *extra: str
+              ) -> subprocess.CompletedProcess[str]:
     tools = tmp_path / "tools"
     tools.mkdir(exist_ok=True)
     (tools / "modprobe").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/modprobe.log\n")
@@ -49,7 +50,7 @@ def node_init(tmp_path: Path, bundled: Path, runtime_dir: Path) -> subprocess.Co
         tool.chmod(0o755)
     script = (f"{REPO}/deploy/node-init.sh --cni-bin-dir {tmp_path}/cni-bin "
               f"--cni-conf-dir {tmp_path}/net.d --runtime-dir {runtime_dir} "
-              f"--socket {tmp_path}/cni.sock && "
+              f"--socket {tmp_path}/cni.sock {' '.join(extra)} && "
               f"echo forward=$(cat /proc/sys/net/ipv4/ip_forward)")
     env = {"PATH": f"{tools}:/usr/sbin:/usr/bin:/sbin:/bin", "WEAVEPY_HOST_RUNTIME": str(bundled)}
     return subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True,
@@ -95,6 +96,44 @@ def test_node_init_installs_runtime_and_plugin(tmp_path: Path) -> None:
     again = node_init(tmp_path, bundled, runtime_dir)  # every agent restart runs it again
     assert again.returncode == 0, again.stderr
     assert "installed the CNI plugin's Python runtime" not in again.stderr
+
+
+def test_node_init_uninstall_removes_what_it_installed(tmp_path: Path) -> None:
+    """`node-init.sh --uninstall` (the init container of `weavepy manifest --uninstall`) removes
+    the conflist, the plugin and every runtime, and leaves other plugins and configurations."""
+    require_root()
+    require_binary("unshare", "util-linux")
+    require_binary("patchelf")
+    require(DEBIAN_PYTHON.exists(), "needs Debian's python3 (package python3)")
+    runtime_dir = tmp_path / "opt-weavepy"
+    bundled = tmp_path / "image-host-python"
+    built = subprocess.run([str(DEBIAN_PYTHON), str(REPO / "deploy" / "host-python.py"),
+                            "--plugin", str(REPO / "weavepy" / "cni" / "plugin.py"),
+                            "--install-root", str(runtime_dir), "--out", str(bundled)],
+                           capture_output=True, text=True, timeout=100)
+    assert built.returncode == 0, built.stderr
+    installed = node_init(tmp_path, bundled, runtime_dir)
+    assert installed.returncode == 0, installed.stderr
+    (runtime_dir / "python-older").mkdir()  # a runtime an earlier version left
+    (tmp_path / "cni-bin" / "portmap").write_text("another plugin\n")
+    (tmp_path / "net.d" / "20-other.conflist").write_text("{}\n")
+
+    removed = node_init(tmp_path, bundled, runtime_dir, "--uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert sorted(p.name for p in (tmp_path / "cni-bin").iterdir()) == ["portmap"]
+    assert sorted(p.name for p in (tmp_path / "net.d").iterdir()) == ["20-other.conflist"]
+    assert list(runtime_dir.iterdir()) == []
+    assert "removed the runtime" in removed.stderr
+    again = node_init(tmp_path, bundled, runtime_dir, "--uninstall")  # nothing left: fine
+    assert again.returncode == 0 and "removed" not in again.stderr
+
+
+def test_node_init_names_agree_with_install_cni() -> None:
+    from weavepy.cni.install import CONFLIST_NAME, PLUGIN_NAME
+
+    script = (REPO / "deploy" / "node-init.sh").read_text()
+    assert f"\nplugin_name={PLUGIN_NAME}\n" in script
+    assert f"\nconflist_name={CONFLIST_NAME}\n" in script
 
 
 def test_node_init_refuses_unknown_arguments(tmp_path: Path) -> None:
