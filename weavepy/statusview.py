@@ -103,6 +103,12 @@ def ipam_advice(ipam: Doc, node: str) -> str | None:
             return "reclaim their blocks: " + "; ".join(
                 f"`weavepy rmpeer {name}`" for name in unreachable)
         return "wait for the quarantine of released blocks to end, or `weavepy rmpeer NAME`"
+    if state == "waiting_for_pod_cidr":
+        return ("the control plane allocates podCIDRs with kube-controller-manager "
+                "--allocate-node-cidrs (kubeadm --pod-network-cidr)")
+    if state == "pod_cidr_refused":
+        return ("make --ipalloc-range contain the cluster's pod network (kube-controller-manager "
+                "--cluster-cidr, kubeadm --pod-network-cidr) on every node")
     return None
 
 
