@@ -246,3 +246,19 @@ async def test_the_ipam_section_matches_the_report_schema(tmp_path: Path) -> Non
         del ready["pod_cidr"]
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(ready, section)
+
+
+async def test_the_metrics_read_this_mode_as_the_other(tmp_path: Path) -> None:
+    from weavepy.metrics import AgentMetrics
+
+    async with running(config_for(tmp_path)) as ipam:
+        ipam.replace_nodes(nodes(n1=("198.19.1.0/24",)))
+        await adopted(ipam, IpamState.READY)
+        await ipam.allocate("c1", "eth0")
+        metrics = AgentMetrics()
+        metrics.update_from_status({"ready": True, "ipam": ipam.status_json(),
+                                    "config": {"ipalloc_range": "198.19.0.0/16"}})
+        text = metrics.render().decode()
+    assert 'weavepy_ipam_state{state="ready"} 1.0' in text
+    assert 'weavepy_ipam_blocks{state="owned"} 1.0' in text
+    assert 'weave_ips{state="local-used"} 1.0' in text
