@@ -10,8 +10,8 @@ Data flows one way::
     gossip (GossipService) --member events--> ClusterView --+
          |  user messages / push-pull state                  |
          v                                                   v
-    IpamLink (IpamCore, persisted) --block table--> Reconciler --> tunnel.vxlan + pod bridge
-         |
+    IPAM (persisted) --block table--> Reconciler --> tunnel.vxlan + pod bridge
+         |   IpamLink (weavepy's IPAM) or KubeIpam (the nodes' podCIDRs: --ipam kubernetes)
          +--> pod allocator --> CNI server (weavepy-cni clients)
     API (127.0.0.1) reads status; with the API token it asks for connect / forget / rmpeer / stop
 
@@ -27,14 +27,15 @@ NetworkPolicy rules live on. Where it is absent or cannot be set, the agent stil
 its status says so (`dataplane.bridge_netfilter`).
 
 `Agent.run()` then runs, as children of one nursery: the gossip service, the membership task
-(events -> view -> reconciler and IPAM), the IPAM link, the join loop and the end of start-up
-retention (weavepy.joiner), the reconciler (which also keeps the host rules of
+(events -> view -> reconciler and IPAM), the IPAM task (weavepy.ipam_mode picks it once:
+weavepy's own, or the nodes' podCIDRs with `--ipam kubernetes`), the join loop and the end of
+start-up retention (weavepy.joiner), the reconciler (which also keeps the host rules of
 weavepy.hostrules: egress masquerade, forward accepts, the API guard), the CNI server, the
 API over the node's answers (weavepy.api over weavepy.control), the metrics endpoint
 (`--metrics-addr`), the VXLAN counter sampler (weavepy.hostnet), the signal task and, with
-`--kube-peers`, the Kubernetes peer watch and the task that sets the node's
-NetworkUnavailable condition to False once the node is first ready (weavepy.kube's
-`KubeLink`).
+`--kube-peers`, the Kubernetes Node watch (peers, and the podCIDRs of `--ipam kubernetes`)
+and the task that sets the node's NetworkUnavailable condition to False once the node is
+first ready (weavepy.kube's `KubeLink`).
 
 A restart re-derives everything from the state directory (identity, IPAM, the peers of
 weavepy.peerstore), the run directory (peers programmed last time) and the kernel; the
@@ -86,7 +87,8 @@ from weavepy.hostnet import (
 )
 from weavepy.hostrules import HostRulesError, HostRulesSpec, enable_bridge_netfilter
 from weavepy.identity import Identity, IdentityError, load_or_create
-from weavepy.ipam_link import IpamLink, IpamLinkError
+from weavepy.ipam_link import IpamLinkError
+from weavepy.ipam_mode import NodeIpam, node_observers, open_ipam
 from weavepy.joiner import Joiner
 from weavepy.metrics import AgentMetrics
 from weavepy.peerstore import load_external_peers
@@ -272,9 +274,10 @@ class Agent:
         self.joiner = Joiner(self.config.name, self.config.gossip_port,
                              normalise_addresses(self.config.peers, self.config.gossip_port),
                              self.config.state_dir, self.rng)
-        self.ipam = IpamLink(self.config, self.identity, on_table_change=self._table_changed,
-                             on_cluster_id=self._cluster_id_learned,
-                             on_tag_change=self._publish_tags)
+        self.ipam: NodeIpam = open_ipam(self.config, self.identity,
+                                        on_table_change=self._table_changed,
+                                        on_cluster_id=self._cluster_id_learned,
+                                        on_tag_change=self._publish_tags)
         self.backend = VxlanBackend(VxlanConfig(
             vtep_mac=self.identity.vtep_mac,
             local_ip=prepared.underlay.local_ip,
@@ -538,9 +541,15 @@ def run_agent(config: AgentConfig) -> None:
     if config.kube_peers:
         from weavepy.kube import KubeError, KubeLink, KubePeerSource
 
+        exclude = [str(prepared.underlay.local_ip)]
+        observers = node_observers(agent.ipam)  # --ipam kubernetes: the podCIDRs
         try:
-            agent.kube = KubeLink(KubePeerSource.in_cluster(
-                config.name, exclude_addresses=[str(prepared.underlay.local_ip)]))
+            agent.kube = KubeLink(
+                KubePeerSource.from_kubeconfig(config.kubeconfig, config.name,
+                                               exclude_addresses=exclude, observers=observers)
+                if config.kubeconfig is not None
+                else KubePeerSource.in_cluster(config.name, exclude_addresses=exclude,
+                                               observers=observers))
         except KubeError as exc:
             raise AgentError(str(exc)) from None
     try:

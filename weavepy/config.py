@@ -59,6 +59,7 @@ DEFAULT_CNI_BIN_DIR = Path("/opt/cni/bin")
 DEFAULT_WG_PORT = 51820
 DEFAULT_RECLAIM_AFTER = 24 * 3600.0  # long enough that a reboot or an upgrade never triggers it
 PROFILES = ("lan", "wan", "local")
+IPAM_MODES = ("weavepy", "kubernetes")  # who owns pod address space (docs/ipam.md)
 MIN_MTU, MAX_MTU = 576, 9216
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-]{0,251}[A-Za-z0-9])?$")
@@ -372,6 +373,13 @@ def _profile(value: object) -> str:
     return text
 
 
+def _ipam_mode(value: object) -> str:
+    text = _text(value).lower()
+    if text not in IPAM_MODES:
+        raise ValueError(f"must be one of {', '.join(IPAM_MODES)}, got {text!r}")
+    return text
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
 
@@ -417,6 +425,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ipalloc_init", _ipalloc_init, _const(None), "how a node without IPAM state meets "
             "its cluster: consensus=N, seed=NAME,... or observer (default: weavepy's rules, "
             "docs/ipam.md)", ("WEAVEPY_IPALLOC_INIT", "IPALLOC_INIT"), "MODE"),
+    Setting("ipam", _ipam_mode, _const("weavepy"), "who owns pod address space: weavepy "
+            "(its own IPAM over gossip; works without Kubernetes) or kubernetes (each Node's "
+            "podCIDR; needs --kube-peers)", ("WEAVEPY_IPAM",), "MODE"),
     Setting("gossip_port", _int_between(1, 65535), _const(DEFAULT_GOSSIP_PORT),
             "gossip port (TCP and UDP)", ("WEAVEPY_GOSSIP_PORT", "WEAVE_PORT"), "PORT"),
     Setting("vxlan_vni", _int_between(0, (1 << 24) - 1), _const(1), "VXLAN network identifier",
@@ -465,6 +476,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kube_peers", _bool, _const(False), "take peers from the Kubernetes API (the "
             "nodes' InternalIPs) and set the node's NetworkUnavailable=False when ready",
             ("WEAVEPY_KUBE_PEERS",), is_flag=True),
+    Setting("kubeconfig", _optional_path, _const(None), "with --kube-peers: reach the API "
+            "server through this kubeconfig file instead of the pod's service account",
+            ("WEAVEPY_KUBECONFIG",), "FILE"),
     Setting("install_cni", _bool, _const(False), "install the weavepy-cni plugin and its "
             "conflist at start (else the init container or `weavepy install-cni` does)",
             ("WEAVEPY_INSTALL_CNI",), is_flag=True),
@@ -573,6 +587,8 @@ class AgentConfig:
     ipalloc_init: IpallocInit | None = None
     masquerade: bool = True
     no_masq_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    ipam: str = "weavepy"  # one of IPAM_MODES
+    kubeconfig: Path | None = None
     config_file: Path | None = None
     warnings: tuple[str, ...] = ()  # Weave variables and flags set but not taken (logged once)
 
@@ -801,6 +817,9 @@ def _cross_checks(values: Mapping[str, Any]) -> list[str]:
     if values["ipam_lease"] > values["reclaim_after"]:
         problems.append(f"--ipam-lease ({values['ipam_lease']:g}s) must not exceed "
                         f"--reclaim-after ({values['reclaim_after']:g}s)")
+    if values["ipam"] == "kubernetes" and not values["kube_peers"]:
+        problems.append("--ipam kubernetes takes each node's podCIDR from the Kubernetes API: "
+                        "add --kube-peers ($WEAVEPY_KUBE_PEERS=true)")
     if values["keyring_file"] is not None and values["encrypt"] is not None:
         problems.append("--keyring-file and $WEAVEPY_ENCRYPT both set a gossip key; use one")
     return problems

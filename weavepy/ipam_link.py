@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -61,6 +61,9 @@ from weavepy.ipam.status import (
 from weavepy.ipam.store import StateFile
 from weavepy.ipam.wire import is_ipam
 
+if TYPE_CHECKING:
+    from weavepy.ipam_mode import NodeIpam
+
 __all__ = [
     "CORE_FILE",
     "PODS_FILE",
@@ -68,6 +71,7 @@ __all__ = [
     "IpamDelegate",
     "IpamLink",
     "IpamLinkError",
+    "NoAddress",
     "corrupt_leftovers",
 ]
 
@@ -444,10 +448,10 @@ class IpamLink:
                        ) -> Allocation | Callable[[], Awaitable[None]]:
         """One attempt at the attachment's address: the allocation, or, while the node waits
         for a block it asked for, a wait to await before the next attempt (until the blocks
-        change, or `ADDRESS_WAIT` after the first attempt). Raises `_NoAddress` when there is
+        change, or `ADDRESS_WAIT` after the first attempt). Raises `NoAddress` when there is
         none to wait for, or no more waiting."""
         if self.observer:
-            raise _NoAddress(Unavailable(IpamState.OUT_OF_SPACE, (
+            raise NoAddress(Unavailable(IpamState.OUT_OF_SPACE, (
                 "this node is an IPAM observer (IPALLOC_INIT=observer): it owns no pod space; "
                 "run pods on other nodes, or relaunch it without --ipalloc-init observer")))
         key = (container_id, ifname)
@@ -457,9 +461,9 @@ class IpamLink:
             await self._flush()                  # the caller starts to wait
             if self.allocator.persist_needed:
                 self._address_waits.pop(key, None)
-                raise _NoAddress(Unavailable(self.core.status(trio.current_time()).state,
-                                             f"cannot save pod allocations in "
-                                             f"{self.pods_file.path}"))
+                raise NoAddress(Unavailable(self.core.status(trio.current_time()).state,
+                                            f"cannot save pod allocations in "
+                                            f"{self.pods_file.path}"))
         if isinstance(result, Allocation):
             self._address_waits.pop(key, None)
             return result
@@ -468,7 +472,7 @@ class IpamLink:
         if now >= deadline or result.state in (IpamState.OUT_OF_SPACE,
                                                IpamState.OWNED_BY_UNREACHABLE_PEERS):
             self._address_waits.pop(key, None)
-            raise _NoAddress(result)
+            raise NoAddress(result)
 
         async def wait_for_blocks() -> None:
             with trio.move_on_at(deadline):
@@ -502,16 +506,19 @@ def founding(init: IpallocInit | None) -> dict[str, Any]:
     return {"founders": frozenset()}  # observer
 
 
-class _NoAddress(Exception):
+class NoAddress(Exception):
+    """No address for a CNI ADD, and no more waiting for one (either IPAM mode)."""
+
     def __init__(self, unavailable: Unavailable) -> None:
         super().__init__(f"{unavailable.state.value}: {unavailable.detail}")
         self.unavailable = unavailable
 
 
 class CniAllocator:
-    """The CNI backend's `PodAllocator`, on the CNI worker thread, backed by `IpamLink`."""
+    """The CNI backend's `PodAllocator`, on the CNI worker thread, backed by the agent's IPAM
+    (`IpamLink` or `weavepy.kube_ipam.KubeIpam`)."""
 
-    def __init__(self, link: IpamLink, token: Any) -> None:
+    def __init__(self, link: NodeIpam, token: Any) -> None:
         self._link = link
         self._token = token
 
@@ -531,7 +538,7 @@ class CniAllocator:
         try:
             allocation = self._run(self._link.allocate, attachment.container_id,
                                    attachment.ifname)
-        except _NoAddress as exc:
+        except NoAddress as exc:
             raise AddressesExhausted(str(exc)) from None
         if not isinstance(allocation, Allocation):
             raise AnswerLater(allocation)

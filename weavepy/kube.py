@@ -41,6 +41,14 @@ The agent's side (`KubeLink`, run by the agent with `--kube-peers`) is two tasks
 targets and wakes the join loop; `mark_network_available` waits until the node is first ready,
 then sets the condition, retrying with exponential backoff until the API accepts it.
 
+With `--ipam kubernetes` the same list and watch also carry each Node's `spec.podCIDRs`
+(`NodeInfo.pod_cidrs`) to the agent's Kubernetes IPAM (weavepy.kube_ipam): every node the
+source lists and every watch event goes to its `observers` (`NodeObserver`), so there is one
+watch on Nodes whatever reads them.
+
+The client reads the pod's service account (`in_cluster`), or a kubeconfig file
+(`from_kubeconfig`, `--kubeconfig`) on a host that runs the agent outside a pod.
+
 The RBAC this needs, and no more: nodes get/list/watch, nodes/status patch (deploy/rbac.yaml).
 """
 
@@ -56,11 +64,12 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx2
 import msgspec
 import trio
+import yaml
 from lightkube import AsyncClient, KubeConfig
 from lightkube.core.exceptions import ApiError, ConfigError
 from lightkube.resources.core_v1 import Node
@@ -76,6 +85,7 @@ __all__ = [
     "KubePeer",
     "KubePeerSource",
     "NodeInfo",
+    "NodeObserver",
     "NodePeerTable",
     "follow_kube_peers",
     "mark_network_available",
@@ -114,6 +124,7 @@ class NodeInfo:
     addresses: tuple[tuple[str, str], ...] = ()  # (type, address) in the API's order
     deleting: bool = False
     resource_version: str | None = None
+    pod_cidrs: tuple[str, ...] = ()  # spec.podCIDRs (else spec.podCIDR), as the API spells them
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> NodeInfo:
@@ -128,9 +139,12 @@ class NodeInfo:
             for a in (raw if isinstance(raw, list) else ())
             if isinstance(a, Mapping) and a.get("type") and a.get("address"))
         version = metadata.get("resourceVersion")
+        spec = obj.get("spec")
         return cls(name=metadata["name"], addresses=addresses,
                    deleting=metadata.get("deletionTimestamp") is not None,
-                   resource_version=version if isinstance(version, str) else None)
+                   resource_version=version if isinstance(version, str) else None,
+                   pod_cidrs=_pod_cidrs(spec.get("podCIDRs"), spec.get("podCIDR"))
+                   if isinstance(spec, Mapping) else ())
 
     @classmethod
     def from_model(cls, node: Any) -> NodeInfo:
@@ -143,9 +157,12 @@ class NodeInfo:
         addresses = tuple((str(a.type), str(a.address))
                           for a in (getattr(status, "addresses", None) or ())
                           if getattr(a, "type", None) and getattr(a, "address", None))
+        spec = getattr(node, "spec", None)
         return cls(name=name, addresses=addresses,
                    deleting=getattr(metadata, "deletionTimestamp", None) is not None,
-                   resource_version=getattr(metadata, "resourceVersion", None))
+                   resource_version=getattr(metadata, "resourceVersion", None),
+                   pod_cidrs=_pod_cidrs(getattr(spec, "podCIDRs", None),
+                                        getattr(spec, "podCIDR", None)))
 
     def peer_address(self, preference: Iterable[str] = ADDRESS_PREFERENCE) -> str | None:
         """The first IPv4 address of the first preferred type that has one."""
@@ -160,6 +177,23 @@ class NodeInfo:
                 if isinstance(address, ipaddress.IPv4Address):
                     return str(address)
         return None
+
+
+def _pod_cidrs(many: object, one: object) -> tuple[str, ...]:
+    """`spec.podCIDRs`, else the older single `spec.podCIDR` (strings only)."""
+    if isinstance(many, list) and many:
+        return tuple(c for c in many if isinstance(c, str))
+    return (one,) if isinstance(one, str) and one else ()
+
+
+class NodeObserver(Protocol):
+    """Told every Node the source lists and every watch event (weavepy.kube_ipam)."""
+
+    def replace_nodes(self, nodes: list[NodeInfo]) -> None:
+        """A full list: these are all the nodes now."""
+
+    def apply_node(self, event: str, node: NodeInfo) -> None:
+        """One watch event (ADDED, MODIFIED, DELETED, BOOKMARK)."""
 
 
 class NodePeerTable:
@@ -260,9 +294,11 @@ class KubePeerSource:
     def __init__(self, client: AsyncClient, own_node: str, *,
                  exclude_addresses: Iterable[str] = (),
                  watch_timeout: int = DEFAULT_WATCH_TIMEOUT, watch_grace: float = WATCH_GRACE,
-                 backoff: Backoff | None = None) -> None:
+                 backoff: Backoff | None = None,
+                 observers: Iterable[NodeObserver] = ()) -> None:
         self.client = client
         self.own_node = own_node
+        self.observers = tuple(observers)
         self.exclude_addresses = tuple(exclude_addresses)
         self.watch_timeout = watch_timeout
         self.watch_grace = watch_grace
@@ -289,6 +325,21 @@ class KubePeerSource:
                             f"{detail}") from None
         return cls(client, own_node, **kwargs)
 
+    @classmethod
+    def from_kubeconfig(cls, path: Path, own_node: str, **kwargs: Any) -> KubePeerSource:
+        """A source that talks to the API server named by the kubeconfig file `path` (its
+        current context), for an agent that runs outside a pod (`--kubeconfig`)."""
+        try:
+            config = KubeConfig.from_file(path)
+            client = AsyncClient(config=config, timeout=httpx2.Timeout(REQUEST_TIMEOUT),
+                                 field_manager="weavepy")
+        except yaml.YAMLError as exc:
+            raise KubeError(f"--kubeconfig {path}: not valid YAML "
+                            f"({getattr(exc, 'problem', None) or type(exc).__name__})") from None
+        except (ConfigError, KeyError, OSError, TypeError, ValueError) as exc:
+            raise KubeError(f"--kubeconfig {path}: {exc}") from None
+        return cls(client, own_node, **kwargs)
+
     async def __aenter__(self) -> KubePeerSource:
         return self
 
@@ -312,6 +363,8 @@ class KubePeerSource:
             except ValueError:
                 table.skipped["malformed"] += 1
         self.lists += 1
+        for observer in self.observers:
+            observer.replace_nodes(nodes)
         return table.replace(nodes, listing.resourceVersion)
 
     async def list_peers(self) -> frozenset[KubePeer]:
@@ -355,6 +408,8 @@ class KubePeerSource:
                                 table.skipped["malformed"] += 1
                                 continue
                             table.apply(event, info)
+                            for observer in self.observers:
+                                observer.apply_node(event, info)
                             self._note(table)
                             if table.peers != announced:
                                 announced = table.peers

@@ -88,6 +88,7 @@ class ManifestSettings:
     profile: str | None = None
     peers: tuple[str, ...] = ()
     kube_peers: bool = True
+    ipam: str | None = None  # weavepy (the agent's default) or kubernetes
     metrics_addr: str = DEFAULT_METRICS_ADDR
     encrypt: bool = True
     keyring: str | None = field(default=None, repr=False)  # keyring file text to put in a Secret
@@ -109,6 +110,7 @@ _AGENT_ENV = (  # (settings field, agent setting, environment variable)
     ("vxlan_vni", "vxlan_vni", "WEAVEPY_VXLAN_VNI"),
     ("mtu", "mtu", "WEAVEPY_MTU"),
     ("profile", "profile", "WEAVEPY_PROFILE"),
+    ("ipam", "ipam", "WEAVEPY_IPAM"),
 )
 
 
@@ -122,6 +124,9 @@ def _check(settings: ManifestSettings) -> list[str]:
             SETTINGS_BY_NAME[setting].parse(value)
         except ValueError as exc:
             problems.append(f"--{attr.replace('_', '-')}: {exc}")
+    if settings.ipam == "kubernetes" and not settings.kube_peers:
+        problems.append("--ipam kubernetes takes each node's podCIDR from the Kubernetes API: "
+                        "drop --no-kube-peers")
     for peer in settings.peers:
         try:
             parse_peer(peer)
@@ -481,6 +486,10 @@ def render_files(settings: ManifestSettings) -> dict[str, str]:
               help="a peer outside the cluster to join as well (repeatable)")
 @click.option("--kube-peers/--no-kube-peers", default=True, show_default=True,
               help="find peers through the Kubernetes API (the nodes' InternalIPs)")
+@click.option("--ipam", type=click.Choice(["weavepy", "kubernetes"]),
+              help="who owns pod address space: weavepy's own IPAM, or each Node's podCIDR "
+              "(kube-controller-manager --allocate-node-cidrs; --ipalloc-range must contain "
+              "the cluster CIDR) [agent default weavepy]")
 @click.option("--metrics-addr", default=DEFAULT_METRICS_ADDR, show_default=True,
               metavar="IP:PORT", help="where the agent serves Prometheus metrics")
 @click.option("--encrypt/--no-encrypt", default=True, show_default=True,
@@ -511,7 +520,7 @@ def manifest_command(ipalloc_range: str | None, block_prefix: str | None, image:
                      image_pull_policy: str, namespace: str, gossip_port: str | None,
                      vxlan_port: str | None, vxlan_vni: str | None, mtu: str | None,
                      profile: str | None, peers: tuple[str, ...], kube_peers: bool,
-                     metrics_addr: str, encrypt: bool, keyring_file: Path | None,
+                     ipam: str | None, metrics_addr: str, encrypt: bool, keyring_file: Path | None,
                      generate_key: bool, log_level: str, privileged: bool, host_pid: bool,
                      tun_device: bool, cni_bin_dir: str, cni_conf_dir: str,
                      output_dir: Path | None, uninstall: bool) -> None:
@@ -531,9 +540,9 @@ def manifest_command(ipalloc_range: str | None, block_prefix: str | None, image:
         namespace=namespace, image=image, image_pull_policy=image_pull_policy,
         ipalloc_range=ipalloc_range, block_prefix=block_prefix, gossip_port=gossip_port,
         vxlan_port=vxlan_port, vxlan_vni=vxlan_vni, mtu=mtu, profile=profile, peers=peers,
-        kube_peers=kube_peers, metrics_addr=metrics_addr, encrypt=encrypt, keyring=keyring,
-        log_level=log_level, privileged=privileged, host_pid=host_pid, tun_device=tun_device,
-        cni_bin_dir=cni_bin_dir, cni_conf_dir=cni_conf_dir)
+        kube_peers=kube_peers, ipam=ipam, metrics_addr=metrics_addr, encrypt=encrypt,
+        keyring=keyring, log_level=log_level, privileged=privileged, host_pid=host_pid,
+        tun_device=tun_device, cni_bin_dir=cni_bin_dir, cni_conf_dir=cni_conf_dir)
     try:
         if uninstall:
             text = render_uninstall_yaml(settings)

@@ -98,7 +98,8 @@ CONNECTION_STATES = ("established", "pending", "failed")
 WEAVE_CONNECTION_STATES = ("established", "pending", "retrying", "failed", "connecting")
 # The values of weavepy.ipam.status.IpamState (a test keeps them equal).
 IPAM_STATES = ("waiting_for_cluster", "joining", "waiting_for_quorum", "minority_partition",
-               "ready", "out_of_space", "owned_by_unreachable_peers")
+               "ready", "out_of_space", "owned_by_unreachable_peers", "waiting_for_pod_cidr",
+               "pod_cidr_refused")
 CNI_COMMANDS = ("add", "del", "check", "gc", "status", "version")
 DATA_PATHS = ("vxlan", "wireguard", "none")
 DIRECTIONS = ("rx", "tx")

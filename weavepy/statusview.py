@@ -112,6 +112,12 @@ def ipam_advice(ipam: Doc, node: str) -> str | None:
             return "reclaim their blocks: " + "; ".join(
                 f"`weavepy rmpeer {name}`" for name in unreachable)
         return "wait for the quarantine of released blocks to end, or `weavepy rmpeer NAME`"
+    if state == "waiting_for_pod_cidr":
+        return ("the control plane allocates podCIDRs with kube-controller-manager "
+                "--allocate-node-cidrs (kubeadm --pod-network-cidr)")
+    if state == "pod_cidr_refused":
+        return ("make --ipalloc-range contain the cluster's pod network (kube-controller-manager "
+                "--cluster-cidr, kubeadm --pod-network-cidr) on every node")
     return None
 
 
@@ -228,9 +234,7 @@ def render_summary(doc: Doc) -> Output:
         f"  members:      {members}",
         f"  connections:  {_counts(conn_counts, ('established', 'pending', 'failed'))}"
         + (f" ({', '.join(paths)})" if paths else ""),
-        f"  IPAM:         {_text(ipam.get('state'))}: owns {owned} of "
-        f"{_text(ipam.get('total_blocks'))} blocks, {_text(ipam.get('free_blocks'))} free"
-        + (f" ({ipam['detail']})" if ipam.get("detail") else ""),
+        f"  IPAM:         {_ipam_line(ipam, owned)}",
     ]
     if ipam.get("fix"):
         lines.append(f"    fix:        {ipam['fix']}")
@@ -243,6 +247,18 @@ def render_summary(doc: Doc) -> Output:
     if warning is not None:
         lines.append(f"  warning:      {warning}")
     return lines
+
+
+def _ipam_line(ipam: Doc, owned: int) -> str:
+    if ipam.get("mode") == "kubernetes":
+        line = (f"{_text(ipam.get('state'))}: --ipam kubernetes, podCIDR "
+                f"{_text(ipam.get('pod_cidr'))}")
+        quiet = ipam.get("state") == "ready" and ipam.get("pod_cidr_source") == "api"
+    else:
+        line = (f"{_text(ipam.get('state'))}: owns {owned} of {_text(ipam.get('total_blocks'))}"
+                f" blocks, {_text(ipam.get('free_blocks'))} free")
+        quiet = False
+    return line + (f" ({ipam['detail']})" if ipam.get("detail") and not quiet else "")
 
 
 def render_peers(doc: Doc) -> Output:
@@ -273,6 +289,8 @@ def render_targets(doc: Doc) -> Output:
 def render_ipam(doc: Doc) -> Output:
     ipam = _map(doc, "ipam")
     pods = _map(ipam, "pods")
+    if ipam.get("mode") == "kubernetes":
+        return _render_kube_ipam(ipam, pods)
     out: Output = [
         f"IPAM {_text(ipam.get('state'))}" + (f": {ipam['detail']}" if ipam.get("detail")
                                              else ""),
@@ -297,6 +315,34 @@ def render_ipam(doc: Doc) -> Output:
                      _text(member.get("voter"))))
     out.append(Table("blocks per node", ("NODE", "BLOCKS", "USED", "FREE", "REACHABLE",
                                          "VOTER"), tuple(rows)))
+    return out
+
+
+def _render_kube_ipam(ipam: Doc, pods: Doc) -> Output:
+    """`weavepy status ipam` with `--ipam kubernetes`: the nodes' podCIDRs."""
+    source = {"api": "the Kubernetes API", "saved": "the state directory (the API has not "
+              "answered since the start)"}.get(str(ipam.get("pod_cidr_source")), "-")
+    out: Output = [
+        f"IPAM {_text(ipam.get('state'))}" + (f": {ipam['detail']}" if ipam.get("detail")
+                                             else ""),
+        f"  --ipam kubernetes: blocks are the nodes' podCIDRs, from {source}",
+        f"  this node's podCIDR: {_text(ipam.get('pod_cidr'))}",
+    ]
+    if ipam.get("fix"):
+        out.append(f"  fix: {ipam['fix']}")
+    refused = _map(ipam, "refused_pod_cidrs")
+    out.extend(f"  refused: {why}" for _, why in sorted(refused.items()))
+    rows = []
+    for member in _list(ipam, "members"):
+        blocks = [str(b) for b in member.get("blocks") or ()]
+        usage = [_map(pods, b) for b in blocks if b in pods]
+        used = sum(int(u.get("used", 0)) for u in usage)
+        capacity = sum(int(u.get("capacity", 0)) for u in usage)
+        rows.append((_text(member.get("name")), _text(blocks),
+                     str(used) if usage else "-", str(capacity - used) if usage else "-",
+                     "yes" if member.get("alive") else "NO"))
+    out.append(Table("podCIDRs per node", ("NODE", "POD CIDR", "USED", "FREE", "REACHABLE"),
+                     tuple(rows)))
     return out
 
 

@@ -194,3 +194,22 @@ def test_launch_has_the_egress_flags() -> None:
     assert shown.exit_code == 0
     assert "--no-masquerade" in shown.output and "$WEAVEPY_NO_MASQUERADE" in shown.output
     assert "--no-masq-cidrs CIDR,..." in shown.output and "$WEAVEPY_NO_MASQ_CIDRS" in shown.output
+
+
+def test_ipam_mode_is_weavepy_unless_set_and_kubernetes_needs_the_api(tmp_path: Path) -> None:
+    assert load_config({}, {}).ipam == "weavepy"
+    assert load_config({"ipam": "kubernetes", "kube_peers": True}, {}).ipam == "kubernetes"
+    environment = {"WEAVEPY_IPAM": "Kubernetes", "WEAVEPY_KUBE_PEERS": "true"}
+    assert load_config({}, environment).ipam == "kubernetes"
+    config_file = tmp_path / "weavepy.yaml"
+    config_file.write_text("ipam: kubernetes\nkube-peers: true\n")
+    assert load_config({}, {}, config_file).ipam == "kubernetes"
+    with pytest.raises(ConfigError) as refused:
+        load_config({"ipam": "kubernetes"}, {})
+    assert refused.value.problems == [
+        "--ipam kubernetes takes each node's podCIDR from the Kubernetes API: add --kube-peers "
+        "($WEAVEPY_KUBE_PEERS=true)"]
+    with pytest.raises(ConfigError) as bad:
+        load_config({}, {"WEAVEPY_IPAM": "calico"})
+    assert bad.value.problems == ["$WEAVEPY_IPAM: must be one of weavepy, kubernetes, got "
+                                  "'calico'"]

@@ -233,3 +233,64 @@ async def test_requests_stay_within_the_rbac_rules(cluster: Cluster) -> None:
             assert request.path.endswith("/status")
             need = ("nodes/status", request.method.lower())
         assert need in allowed, need
+
+
+# -- podCIDRs for --ipam kubernetes ------------------------------------------------------------
+
+
+def test_node_info_reads_pod_cidrs_of_either_field() -> None:
+    both = NodeInfo.from_dict({"metadata": {"name": "a"}, "spec": {
+        "podCIDR": "198.19.1.0/24", "podCIDRs": ["198.19.1.0/24", "fd00:1::/64"]}})
+    assert both.pod_cidrs == ("198.19.1.0/24", "fd00:1::/64")
+    legacy = NodeInfo.from_dict({"metadata": {"name": "b"}, "spec": {"podCIDR": "198.19.2.0/24"}})
+    assert legacy.pod_cidrs == ("198.19.2.0/24",)
+    assert NodeInfo.from_dict({"metadata": {"name": "c"}, "spec": {}}).pod_cidrs == ()
+    assert NodeInfo.from_dict({"metadata": {"name": "d"}}).pod_cidrs == ()
+
+
+class Recorder:
+    """A NodeObserver that keeps what it is told: ("list", {name: podCIDRs}) and
+    (event, name, podCIDRs)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, ...]] = []
+
+    def replace_nodes(self, nodes: list[NodeInfo]) -> None:
+        self.seen.append(("list", {n.name: n.pod_cidrs for n in nodes}))
+
+    def apply_node(self, event: str, node: NodeInfo) -> None:
+        self.seen.append((event, node.name, node.pod_cidrs))
+
+
+async def test_observers_get_every_nodes_pod_cidrs_from_the_one_watch(cluster: Cluster) -> None:
+    api = cluster.api
+    api.lists.append(recorded("nodes-list-podcidrs.json"))
+    api.watches.append(Watch(recorded("watch-podcidrs.jsonl"), hang=True))
+    observer = Recorder()
+    async with source_for(cluster, observers=[observer]) as source, \
+            source.watch_peers() as sets:
+        with trio.fail_after(20):
+            async for _ in sets:
+                if len(observer.seen) == 3:
+                    break
+    assert observer.seen == [
+        ("list", {"n1": ("198.19.1.0/24", "fd00:1::/64"), "n2": ("198.19.2.0/24",),
+                  "n3": ()}),
+        ("MODIFIED", "n3", ("198.19.3.0/24",)),
+        ("DELETED", "n2", ("198.19.2.0/24",)),
+    ]
+    assert len(api.requests()) == 2  # one list, one watch: peers and podCIDRs share them
+
+
+def test_a_bad_kubeconfig_is_a_readable_error(tmp_path: Path) -> None:
+    bad = tmp_path / "kubeconfig"
+    bad.write_text("clusters: [")
+    with pytest.raises(KubeError, match=r"^--kubeconfig .*kubeconfig: not valid YAML"):
+        KubePeerSource.from_kubeconfig(bad, "n1")
+    with pytest.raises(KubeError, match="--kubeconfig"):
+        KubePeerSource.from_kubeconfig(tmp_path / "missing", "n1")
+    for text in ("{}", "clusters: []\n", "current-context: nowhere\n"):
+        bad.write_text(text)
+        with pytest.raises(KubeError, match="--kubeconfig") as refused:
+            KubePeerSource.from_kubeconfig(bad, "n1")
+        assert "\n" not in str(refused.value)

@@ -45,7 +45,7 @@ NON_DEFAULT = {
         image_pull_policy="Always", ipalloc_range="198.19.0.0/16", block_prefix="26",
         gossip_port="7000", vxlan_port="4789", vxlan_vni="42", mtu="1400", profile="wan",
         peers=("198.18.7.1", "198.18.7.2:7000"), keyring=f"{KEY}\n", log_level="debug",
-        host_pid=True, tun_device=True, cni_bin_dir="/home/kubernetes/bin"),
+        host_pid=True, tun_device=True, cni_bin_dir="/home/kubernetes/bin", ipam="kubernetes"),
     "privileged-plain": ManifestSettings(
         ipalloc_range="198.19.128.0/17", kube_peers=False, peers=("198.18.9.9",),
         encrypt=False, privileged=True, metrics_addr="127.0.0.1:9100"),
@@ -182,6 +182,7 @@ def test_the_agent_accepts_the_configmap(settings: ManifestSettings, tmp_path: P
     config = load_config({}, env, None)
     if settings.ipalloc_range:
         assert str(config.ipalloc_range) == settings.ipalloc_range
+    assert config.ipam == (settings.ipam or "weavepy")
     pod = daemonset(objects)["spec"]["template"]["spec"]
     init_args = pod["initContainers"][0]["args"]
     assert init_args[init_args.index("--socket") + 1] == str(config.cni_socket)
@@ -242,3 +243,18 @@ def test_command_errors_are_one_line_each(tmp_path: Path) -> None:
     generated = runner.invoke(manifest_command, ["--generate-key"])
     secret = next(d for d in yaml.safe_load_all(generated.stdout) if d and d["kind"] == "Secret")
     assert len(base64.b64decode(base64.b64decode(secret["data"]["keyring"]).strip())) == 32
+
+
+def test_kubernetes_ipam_needs_the_api() -> None:
+    data = next(o for o in render_objects(ManifestSettings(ipam="kubernetes"))
+                if o["kind"] == "ConfigMap")["data"]
+    assert (data["WEAVEPY_IPAM"], data["WEAVEPY_KUBE_PEERS"]) == ("kubernetes", "true")
+    assert "WEAVEPY_IPAM" not in next(o for o in render_objects(ManifestSettings())
+                                      if o["kind"] == "ConfigMap")["data"]
+    with pytest.raises(ManifestError) as caught:
+        render_objects(ManifestSettings(ipam="kubernetes", kube_peers=False))
+    assert caught.value.problems == ["--ipam kubernetes takes each node's podCIDR from the "
+                                     "Kubernetes API: drop --no-kube-peers"]
+    runner = CliRunner()
+    shown = runner.invoke(manifest_command, ["--ipam", "kubernetes", "--no-encrypt"])
+    assert shown.exit_code == 0 and "WEAVEPY_IPAM: kubernetes" in shown.output

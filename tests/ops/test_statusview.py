@@ -196,3 +196,44 @@ def test_status_warns_in_one_line_when_bridged_pod_traffic_skips_netfilter(
     jsonschema.validate(doc, SCHEMA)
     warnings = [line for line in plain(render_summary(doc)).splitlines() if "warning" in line]
     assert len(warnings) == 1 and fix in warnings[0], warnings
+
+
+def kubernetes_ipam(state: str, detail: str, pod_cidr: str | None, source: str) -> dict[str, Any]:
+    """The `ipam` section of an agent launched with --ipam kubernetes (weavepy.kube_ipam)."""
+    owned = [pod_cidr] if pod_cidr else []
+    members = [{"name": "n1", "generation": 0, "voter": False, "alive": True,
+                "blocks": owned, "reclaim_in_s": None},
+               {"name": "n2", "generation": 0, "voter": False, "alive": True,
+                "blocks": ["198.19.2.0/24"], "reclaim_in_s": None}]
+    return {"mode": "kubernetes", "state": state, "detail": detail, "cluster_id": "kubernetes",
+            "era": None, "slot": 0, "generation": None, "voters": [], "voters_reachable": 0,
+            "quorum": 0, "lease_remaining_s": None, "owned_blocks": owned, "held_blocks": owned,
+            "total_blocks": 2, "free_blocks": 0, "quarantined_blocks": 0,
+            "unreachable_owners": [], "pending_block_requests": 0,
+            "members": [m for m in members if m["blocks"]], "cluster_mismatches": [],
+            "pods": {pod_cidr: {"used": 2, "capacity": 253}} if pod_cidr else {},
+            "dropped": {}, "pod_cidr": pod_cidr, "pod_cidr_source": source,
+            "refused_pod_cidrs": {"n3": "podCIDR 192.0.3.0/24 of node n3 is outside "
+                                        "--ipalloc-range 198.19.0.0/16"}}
+
+
+def test_views_of_kubernetes_ipam() -> None:
+    doc = stored_report()
+    doc["ipam"] = kubernetes_ipam("ready", "podCIDR 198.19.1.0/24 of node n1",
+                                  "198.19.1.0/24", "api")
+    doc["ipam"]["fix"] = ipam_advice(doc["ipam"], doc["name"])
+    jsonschema.validate(doc, SCHEMA)
+    waiting = stored_report()
+    waiting["ipam"] = kubernetes_ipam("waiting_for_pod_cidr", "node n1 has no podCIDR yet",
+                                      None, "api")
+    waiting["ipam"]["fix"] = ipam_advice(waiting["ipam"], waiting["name"])
+    waiting["ready"] = False
+    waiting["not_ready_reasons"] = ["no usable block yet (IPAM waiting_for_pod_cidr: node n1 "
+                                    "has no podCIDR yet)"]
+    jsonschema.validate(waiting, SCHEMA)
+    assert waiting["ipam"]["fix"] == ("the control plane allocates podCIDRs with "
+                                      "kube-controller-manager --allocate-node-cidrs (kubeadm "
+                                      "--pod-network-cidr)")
+    assert_snapshot("stored-kubernetes.txt", plain(
+        render_summary(doc) + render_ipam(doc) + render_summary(waiting)
+        + render_ipam(waiting)))

@@ -151,6 +151,25 @@ class PodAllocator:
             self._forget((allocation.container_id, allocation.ifname))
         return lost
 
+    def moved_to(self, source: BlockSource) -> tuple[PodAllocator, list[Allocation]]:
+        """A new allocator over `source` (another block size: `--ipam kubernetes` when this
+        node's podCIDR changes size) that keeps every attachment whose address `source` holds
+        and may give a pod; and the attachments it could not keep. Saving it is still to do
+        (`persist_needed`)."""
+        moved = PodAllocator(source)
+        space, held = moved._space, set(source.held_blocks())
+        lost = []
+        for key, address in sorted(self._by_key.items()):
+            index = space.index_of(address)
+            if index in held and not space.is_reserved(index, address):
+                moved._by_key[key] = address
+                moved._by_address[address] = key
+            else:
+                lost.append(self._allocation(key, address))
+        moved._seq = self._seq + 1
+        moved._persisted_seq = self._persisted_seq
+        return moved, lost
+
     def allocations(self) -> list[Allocation]:
         return [self._allocation(key, address) for key, address in sorted(self._by_key.items())]
 

@@ -222,11 +222,14 @@ def status_document(
     status: IpamStatus,
     pods: Mapping[IPNetwork, tuple[int, int]],
     dropped: Mapping[str, int],
+    mode: str = "weavepy",
 ) -> dict[str, Any]:
     """The `ipam` section of the agent's status: `status` as JSON, with the pods per held
-    block (used, capacity) and `dropped` (the agent's own drop counters) added."""
+    block (used, capacity), `dropped` (the agent's own drop counters) and the IPAM `mode`
+    (`--ipam`) added."""
     s = status
     return {
+        "mode": mode,
         "state": s.state.value,
         "detail": s.detail,
         "cluster_id": s.cluster_id,

@@ -31,6 +31,10 @@ class IpamState(enum.StrEnum):
     """Needs a block and every block of the range is owned by a reachable member."""
     OWNED_BY_UNREACHABLE_PEERS = "owned_by_unreachable_peers"
     """Needs a block; the only candidates belong to unreachable members (or are quarantined)."""
+    WAITING_FOR_POD_CIDR = "waiting_for_pod_cidr"
+    """`--ipam kubernetes`: this node's Node has no IPv4 podCIDR yet (or no Node has its name)."""
+    POD_CIDR_REFUSED = "pod_cidr_refused"
+    """`--ipam kubernetes`: this node's podCIDR cannot be used (outside the cluster range, ...)."""
 
 
 @dataclass(frozen=True, slots=True)
