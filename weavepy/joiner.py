@@ -100,12 +100,15 @@ class Joiner:
     async def run(self, svc: GossipService) -> None:
         """Join the targets (retrying with backoff) and reconnect to failed members."""
         self.targets.add(self.peers, trio.current_time())
+        own = "{}:{}".format(*svc.advertise_address)
         async with trio.open_nursery() as attempts:
             if self.known_peers:  # members of the last run: one attempt, all at once
                 attempts.start_soon(self._rejoin_known, svc)
             while True:
                 now = trio.current_time()
-                self.targets.observe(self.live_addresses(svc), now)
+                # this node's own address in the peer list (a list shared by every node) counts
+                # as joined: joining it would answer, yet never show a member to observe
+                self.targets.observe(self.live_addresses(svc) | {own}, now)
                 for address in self.targets.due(now):
                     attempts.start_soon(self._attempt, svc, address)
                 if self.targets.reconnect_due(now):
