@@ -50,6 +50,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
@@ -355,7 +356,8 @@ class Agent:
                 if self.kube is not None:
                     nursery.start_soon(self.kube.run, self.joiner.targets, config.gossip_port,
                                        self.joiner.peers, self.joiner.wake,
-                                       lambda: self.control.readiness()[0])
+                                       lambda: self.control.readiness()[0],
+                                       _NodeReclaimer(self))
                 await self._stop.wait()
                 if self._leave_on_stop:
                     log.info("stopping: leaving the cluster (kernel state stays)")
@@ -459,6 +461,26 @@ class Agent:
 
 
 @dataclasses.dataclass
+class _NodeReclaimer:
+    """Node deletions from weavepy.kube into the IPAM link (`weavepy.kube.NodeReclaimer`)."""
+
+    agent: Agent
+
+    def members(self) -> dict[str, str | None]:
+        found: dict[str, str | None] = dict.fromkeys(self.agent.ipam.member_names())
+        for peer in self.agent.view.peers():
+            if peer.identity is not None:
+                found[peer.name] = str(peer.identity.underlay_ip)
+        return found
+
+    def node_deleted(self, member: str, node: str) -> None:
+        self.agent.ipam.node_deleted(member, node)
+
+    def nodes_listed(self, members: Collection[str]) -> None:
+        self.agent.ipam.nodes_listed(members)
+
+
+@dataclasses.dataclass
 class _Started:
     """Wraps a task_status so the agent learns when the CNI socket is listening."""
 
@@ -482,9 +504,13 @@ def run_agent(config: AgentConfig) -> None:
     if config.kube_peers:
         from weavepy.kube import KubeError, KubeLink, KubePeerSource
 
+        exclude = [str(prepared.underlay.local_ip)]
         try:
-            agent.kube = KubeLink(KubePeerSource.in_cluster(
-                config.name, exclude_addresses=[str(prepared.underlay.local_ip)]))
+            agent.kube = KubeLink(
+                KubePeerSource.from_kubeconfig(config.kubeconfig, config.name,
+                                               exclude_addresses=exclude)
+                if config.kubeconfig is not None
+                else KubePeerSource.in_cluster(config.name, exclude_addresses=exclude))
         except KubeError as exc:
             raise AgentError(str(exc)) from None
     try:

@@ -424,6 +424,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kube_peers", _bool, _const(False), "take peers from the Kubernetes API (the "
             "nodes' InternalIPs) and set the node's NetworkUnavailable=False when ready",
             ("WEAVEPY_KUBE_PEERS",), is_flag=True),
+    Setting("kubeconfig", _optional_path, _const(None), "with --kube-peers: reach the API "
+            "server through this kubeconfig file instead of the pod's service account",
+            ("WEAVEPY_KUBECONFIG",), "FILE"),
     Setting("install_cni", _bool, _const(False), "install the weavepy-cni plugin and its "
             "conflist at start (else the init container or `weavepy install-cni` does)",
             ("WEAVEPY_INSTALL_CNI",), is_flag=True),
@@ -519,6 +522,7 @@ class AgentConfig:
     wg_device: str = "weavepy.wg"
     external_peers: tuple[Any, ...] = ()  # weavepy.wgpath.ExternalPeer
     ipalloc_init: IpallocInit | None = None
+    kubeconfig: Path | None = None
     config_file: Path | None = None
     warnings: tuple[str, ...] = ()  # Weave variables and flags set but not taken (logged once)
 

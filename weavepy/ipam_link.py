@@ -27,7 +27,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -199,6 +199,19 @@ class IpamLink:
     def member_dead(self, name: str) -> None:
         self.enqueue(("dead", name))
 
+    def node_deleted(self, member: str, node: str) -> None:
+        """Kubernetes deleted Node `node`, which was member `member` (weavepy.kube)."""
+        self.enqueue(("deleted", (member, node)))
+
+    def nodes_listed(self, members: Collection[str]) -> None:
+        """These members' Nodes are listed: forget an earlier deletion of any of them."""
+        self.enqueue(("listed", frozenset(members)))
+
+    def member_names(self) -> list[str]:
+        """The members of the decided state (alive or not)."""
+        cluster = self.core.cluster
+        return sorted(cluster.members) if cluster is not None else []
+
     # -- reading ---------------------------------------------------------------------------------
 
     @property
@@ -281,6 +294,15 @@ class IpamLink:
                 self.core.on_member_alive(name, now, ipam_tag=ipam_tag)
             elif kind == "dead":
                 self.core.on_member_dead(value, now)
+            elif kind == "deleted":
+                member, node = value
+                log.warning("Kubernetes deleted node %s: %s", node,
+                            self.core.node_deleted(member, now))
+            elif kind == "listed":
+                for name in sorted(value & self.core.wishes.deleted.keys()):
+                    log.warning("Kubernetes lists the node of %s again: it is not removed "
+                                "early", name)
+                    self.core.node_restored(name, now)
         except IpamDecodeError as exc:
             self.drops[f"decode_{exc.reason}"] += 1
             log.debug("dropped an IPAM %s: %s", kind, exc)
