@@ -75,6 +75,10 @@ class AgentControl(Protocol):
 
     async def rmpeer(self, name: str, force: bool) -> dict[str, Any]: ...
 
+    async def leave(self) -> dict[str, Any]:
+        """Give this node's address space back to the cluster (by quorum)."""
+        ...
+
     def request_stop(self, leave: bool = True) -> None: ...
 
     def wg_config(self, name: str) -> str:
@@ -194,6 +198,9 @@ def build_app(control: AgentControl) -> Starlette:
         force = _truthy(request.query_params.get("force"))
         return JSONResponse(await control.rmpeer(name, force))
 
+    async def leave(request: Request) -> Response:
+        return JSONResponse(await control.leave())
+
     async def wg_config(request: Request) -> Response:
         name = request.path_params["name"]
         return JSONResponse({"name": name, "config": control.wg_config(name)})
@@ -225,6 +232,7 @@ def build_app(control: AgentControl) -> Starlette:
         Route("/readyz", guarded(readyz), methods=["GET"]),
         Route("/connect", guarded(connect), methods=["POST"]),
         Route("/forget", guarded(forget), methods=["POST"]),
+        Route("/peer", guarded(leave), methods=["DELETE"]),
         Route("/peer/{name}", guarded(rmpeer), methods=["DELETE"]),
         Route("/stop", guarded(stop), methods=["POST"]),
         Route("/wg-config/{name}", guarded(wg_config), methods=["GET"]),

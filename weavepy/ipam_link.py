@@ -434,6 +434,37 @@ class IpamLink:
                 "freed": [str(b) for b in removed.freed],
                 "quarantined": [str(b) for b in removed.quarantined]}
 
+    async def leave(self) -> dict[str, Any]:
+        """Give this node's blocks back to the cluster (a decided `Leave`, like Weave's
+        DELETE /peer) and wait for the decision: for `weavepy reset`. IpamLinkError, with
+        nothing proposed, when no majority of voters is reachable."""
+        name = self.config.name
+        async with self._lock:
+            now = trio.current_time()
+            status = self.core.status(now)
+            if status.generation is None:
+                return {"left": name, "generation": None, "freed": [],
+                        "message": f"{name} is not an IPAM member ({status.state.value}: "
+                                   f"{status.detail}): it holds no blocks to give back"}
+            if status.voters_reachable < status.quorum:
+                raise IpamLinkError(
+                    f"only {status.voters_reachable} of {len(status.voters)} voters are "
+                    f"reachable from {name}, not a majority: it cannot give its blocks back "
+                    f"now; its blocks stay its own until `weavepy rmpeer {name}` runs on a "
+                    f"node of the majority (or the automatic reclaim)")
+            self._removed.pop(name, None)
+            self.core.leave(now)
+            await self._flush()
+        log.warning("leaving IPAM cluster %s: giving back %s", status.cluster_id,
+                    [str(b) for b in status.held_blocks] or "no blocks")
+        while name not in self._removed:
+            await self._removed_event.wait()
+        removed = self._removed[name]
+        freed = [str(b) for b in removed.freed]
+        return {"left": name, "generation": removed.generation, "freed": freed,
+                "message": f"{name} left IPAM cluster {status.cluster_id}; the voters freed "
+                           f"{', '.join(freed) or 'no blocks'}"}
+
     # -- pod addresses (called on the trio loop by CniAllocator) ---------------------------------
 
     async def allocate(self, container_id: str, ifname: str) -> Allocation:
