@@ -59,6 +59,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
@@ -414,7 +415,8 @@ class Agent:
                 if self.kube is not None:
                     nursery.start_soon(self.kube.run, self.joiner.targets, config.gossip_port,
                                        self.joiner.peers, self.joiner.wake,
-                                       lambda: self.control.readiness()[0])
+                                       lambda: self.control.readiness()[0],
+                                       _NodeReclaimer(self))
                 await self._stop.wait()
                 if self._leave_on_stop:
                     log.info("stopping: leaving the cluster (kernel state stays)")
@@ -515,6 +517,26 @@ class Agent:
         gso = FAST_PATH_GSO_MAX_SIZE if encryption_configured(self.config) else None
         return BridgeBackend(CniAllocator(self.ipam, token), bridge=self.config.bridge,
                              settings=PodLinkSettings(mtu=self.prepared.mtu, gso_max_size=gso))
+
+
+@dataclasses.dataclass
+class _NodeReclaimer:
+    """Node deletions from weavepy.kube into the IPAM link (`weavepy.kube.NodeReclaimer`)."""
+
+    agent: Agent
+
+    def members(self) -> dict[str, str | None]:
+        found: dict[str, str | None] = dict.fromkeys(self.agent.ipam.member_names())
+        for peer in self.agent.view.peers():
+            if peer.identity is not None:
+                found[peer.name] = str(peer.identity.underlay_ip)
+        return found
+
+    def node_deleted(self, member: str, node: str) -> None:
+        self.agent.ipam.node_deleted(member, node)
+
+    def nodes_listed(self, members: Collection[str]) -> None:
+        self.agent.ipam.nodes_listed(members)
 
 
 @dataclasses.dataclass

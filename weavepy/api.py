@@ -88,6 +88,9 @@ class AgentControl(Protocol):
 
     async def reload_keyring(self) -> dict[str, Any]:
         """Read the gossip keyring file again and use it as it now is."""
+
+    async def leave(self) -> dict[str, Any]:
+        """Give this node's address space back to the cluster (by quorum)."""
         ...
 
     def request_stop(self, leave: bool = True) -> None: ...
@@ -235,6 +238,9 @@ def build_app(control: AgentControl, token: str) -> Starlette:
     async def reload_keyring(request: Request) -> Response:
         return JSONResponse(await control.reload_keyring())
 
+    async def leave(request: Request) -> Response:
+        return JSONResponse(await control.leave())
+
     async def wg_config(request: Request) -> Response:
         name = request.path_params["name"]
         return JSONResponse({"name": name, "config": control.wg_config(name)})
@@ -267,6 +273,7 @@ def build_app(control: AgentControl, token: str) -> Starlette:
         route("/readyz", readyz, "GET"),
         route("/connect", connect, "POST"),
         route("/forget", forget, "POST"),
+        route("/peer", leave, "DELETE"),
         route("/peer/{name}", rmpeer, "DELETE"),
         route("/keyring/reload", reload_keyring, "POST"),
         route("/stop", stop, "POST"),

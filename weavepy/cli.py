@@ -30,6 +30,7 @@ from weavepy.config import SETTINGS, ConfigError, load_config, parse_peer
 from weavepy.logfmt import LOG_FORMATS, configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
+GIVE_BACK_WAIT = 25.0  # s; the agent answers within 15 (weavepy.control.RMPEER_TIMEOUT)
 
 
 class LazyGroup(click.Group):
@@ -448,11 +449,15 @@ def _wait_down(client: Any, seconds: float) -> bool:
 
 
 @main.command("reset")
-@_setting_options({"state_dir", "run_dir", "vxlan_device", "bridge", "wg_device", "api_addr"})
-@click.option("--force", is_flag=True, help="do not ask for confirmation")
+@_setting_options({"name", "state_dir", "run_dir", "vxlan_device", "bridge", "wg_device",
+                   "api_addr"})
+@click.option("--force", is_flag=True, help="do not ask for confirmation, and do not ask the "
+              "cluster to take the address space back first (it says what is left for rmpeer)")
 def reset(config_file: str | None, force: bool, **flags: Any) -> None:
-    """Stop the agent if it runs, then remove this node's VXLAN device, pod bridge, pod veths
-    and state: the node forgets its blocks and identity and can join any cluster as new."""
+    """Give this node's address space back to the cluster (if its agent runs and a majority of
+    voters is reachable), stop the agent, then remove this node's VXLAN device, pod bridge,
+    pod veths and state: the node forgets its blocks and identity and can join any cluster as
+    new. Whatever could not be given back is named, with the rmpeer that reclaims it."""
     from weavepy.apiclient import AgentRefused, AgentUnavailable, ApiClient
 
     if os.geteuid() != 0:
@@ -461,6 +466,7 @@ def reset(config_file: str | None, force: bool, **flags: Any) -> None:
     if not force and sys.stdin.isatty():
         click.confirm(f"Remove this node's pod network and its state in {config.state_dir}?",
                       abort=True)
+    gave_back = not force and _give_space_back(config)
     token, refused = _token(config)
     client = ApiClient(config.api_addr[0], config.api_addr[1], timeout=5, token=token)
     try:
@@ -473,13 +479,35 @@ def reset(config_file: str | None, force: bool, **flags: Any) -> None:
     except AgentRefused as exc:
         reason = refused if exc.status == 401 else f"the agent refused to stop: {exc}"
         raise click.ClickException(reason) from None
-    from weavepy.reset import ResetError, reset_node
+    from weavepy.reset import ResetError, reset_node, space_left
 
+    left = None if gave_back else space_left(config)
+    if left is not None:
+        click.echo(left)
     try:
         removed = reset_node(config)
     except ResetError as exc:
         raise click.ClickException(f"reset failed: {exc}") from None
     click.echo(f"removed {len(removed)} items" + (": " + ", ".join(removed) if removed else ""))
+
+
+def _give_space_back(config: Any) -> bool:
+    """Ask a running agent to give its blocks back by quorum (DELETE /peer); says what
+    happened. False when no agent answers or the cluster could not decide."""
+    from weavepy.apiclient import AgentRefused, AgentUnavailable, ApiClient
+
+    token, _ = _token(config)
+    client = ApiClient(config.api_addr[0], config.api_addr[1], timeout=GIVE_BACK_WAIT,
+                       token=token)
+    try:
+        doc = client.delete("/peer")
+    except AgentUnavailable:
+        return False  # not running: what it holds is named from its saved state
+    except AgentRefused as exc:
+        click.echo(f"could not give the address space back: {exc}")
+        return False
+    click.echo(doc.get("message") or json.dumps(doc))
+    return True
 
 
 @main.command("wg-config")

@@ -4,7 +4,8 @@ This module owns what the local API (weavepy.api) and the metrics endpoint ask o
 agent: the status document (docs/report.schema.json), readiness and its reasons, how peers are
 discovered, the pods on this node (`weavepy ps`), the wg-quick file of an external peer,
 declaring and removing external peers, adding and forgetting join targets (`connect`,
-`forget`), `rmpeer`, and `stop`. `NodeControl`
+`forget`), `rmpeer`, this node's own `leave` (its space back to the cluster, for `weavepy
+reset`), and `stop`. `NodeControl`
 answers them from the agent's parts (weavepy.agent builds one per agent); it implements
 `weavepy.api.AgentControl`.
 
@@ -18,8 +19,8 @@ The rules it keeps:
 * Every message is one readable sentence that says what to do instead.
 * Answers read the agent's state and never block the trio loop; requests that change state
   (join targets, external peers) wake the task that acts on it, and what must survive a
-  restart is saved through weavepy.peerstore. What takes time (an rmpeer decision) is bounded
-  here.
+  restart is saved through weavepy.peerstore. What takes time (an rmpeer or leave decision)
+  is bounded here.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ __all__ = ["Conflict", "ControlError", "Invalid", "NodeControl", "NotFound", "Un
 
 log = logging.getLogger(__name__)
 
-RMPEER_TIMEOUT = 15.0  # seconds an rmpeer waits for the IPAM decision
+RMPEER_TIMEOUT = 15.0  # seconds an rmpeer, or this node's leave, waits for the decision
 
 
 class ControlError(Exception):
@@ -368,3 +369,18 @@ class NodeControl:
             raise Unavailable(f"no decision on removing {name} within {RMPEER_TIMEOUT:.0f} s "
                               f"(IPAM {agent.ipam.state_name()}); a majority of voters must be "
                               f"reachable, or use --force") from None
+
+    async def leave(self) -> dict[str, Any]:
+        """Give this node's address space back to the cluster, by quorum (Weave's DELETE
+        /peer; `weavepy reset` asks this before it stops the agent). Refused in a minority."""
+        agent = self.agent
+        try:
+            with trio.fail_after(RMPEER_TIMEOUT):
+                return await agent.ipam.leave()
+        except IpamLinkError as exc:
+            raise Conflict(str(exc)) from None
+        except trio.TooSlowError:
+            raise Unavailable(f"no decision on giving {agent.config.name}'s blocks back within "
+                              f"{RMPEER_TIMEOUT:.0f} s (IPAM {agent.ipam.state_name()}); this "
+                              f"node no longer hands out addresses, and its blocks are freed "
+                              f"once the voters decide") from None

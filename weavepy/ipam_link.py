@@ -29,7 +29,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,6 +228,19 @@ class IpamLink:
     def member_dead(self, name: str) -> None:
         self.enqueue(("dead", name))
 
+    def node_deleted(self, member: str, node: str) -> None:
+        """Kubernetes deleted Node `node`, which was member `member` (weavepy.kube)."""
+        self.enqueue(("deleted", (member, node)))
+
+    def nodes_listed(self, members: Collection[str]) -> None:
+        """These members' Nodes are listed: forget an earlier deletion of any of them."""
+        self.enqueue(("listed", frozenset(members)))
+
+    def member_names(self) -> list[str]:
+        """The members of the decided state (alive or not)."""
+        cluster = self.core.cluster
+        return sorted(cluster.members) if cluster is not None else []
+
     # -- reading ---------------------------------------------------------------------------------
 
     @property
@@ -310,6 +323,15 @@ class IpamLink:
                 self.core.on_member_alive(name, now, ipam_tag=ipam_tag)
             elif kind == "dead":
                 self.core.on_member_dead(value, now)
+            elif kind == "deleted":
+                member, node = value
+                log.warning("Kubernetes deleted node %s: %s", node,
+                            self.core.node_deleted(member, now))
+            elif kind == "listed":
+                for name in sorted(value & self.core.wishes.deleted.keys()):
+                    log.warning("Kubernetes lists the node of %s again: it is not removed "
+                                "early", name)
+                    self.core.node_restored(name, now)
         except IpamDecodeError as exc:
             self.drops[f"decode_{exc.reason}"] += 1
             log.debug("dropped an IPAM %s: %s", kind, exc)
@@ -441,6 +463,37 @@ class IpamLink:
         return {"message": message, "removed": name, "generation": removed.generation,
                 "freed": [str(b) for b in removed.freed],
                 "quarantined": [str(b) for b in removed.quarantined]}
+
+    async def leave(self) -> dict[str, Any]:
+        """Give this node's blocks back to the cluster (a decided `Leave`, like Weave's
+        DELETE /peer) and wait for the decision: for `weavepy reset`. IpamLinkError, with
+        nothing proposed, when no majority of voters is reachable."""
+        name = self.config.name
+        async with self._lock:
+            now = trio.current_time()
+            status = self.core.status(now)
+            if status.generation is None:
+                return {"left": name, "generation": None, "freed": [],
+                        "message": f"{name} is not an IPAM member ({status.state.value}: "
+                                   f"{status.detail}): it holds no blocks to give back"}
+            if status.voters_reachable < status.quorum:
+                raise IpamLinkError(
+                    f"only {status.voters_reachable} of {len(status.voters)} voters are "
+                    f"reachable from {name}, not a majority: it cannot give its blocks back "
+                    f"now; its blocks stay its own until `weavepy rmpeer {name}` runs on a "
+                    f"node of the majority (or the automatic reclaim)")
+            self._removed.pop(name, None)
+            self.core.leave(now)
+            await self._flush()
+        log.warning("leaving IPAM cluster %s: giving back %s", status.cluster_id,
+                    [str(b) for b in status.held_blocks] or "no blocks")
+        while name not in self._removed:
+            await self._removed_event.wait()
+        removed = self._removed[name]
+        freed = [str(b) for b in removed.freed]
+        return {"left": name, "generation": removed.generation, "freed": freed,
+                "message": f"{name} left IPAM cluster {status.cluster_id}; the voters freed "
+                           f"{', '.join(freed) or 'no blocks'}"}
 
     # -- pod addresses (called on the trio loop by CniAllocator) ---------------------------------
 

@@ -18,7 +18,7 @@ The rule it keeps: the agent chooses its IPAM here, once; nothing else asks whic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from ipaddress import IPv4Network
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -83,6 +83,18 @@ class NodeIpam(Protocol):
         """Persist whatever is pending (on the way out)."""
 
     async def rmpeer(self, name: str, force: bool) -> dict[str, Any]: ...
+
+    async def leave(self) -> dict[str, Any]:
+        """Give this node's space back (for `weavepy reset`)."""
+        ...
+
+    def member_names(self) -> list[str]: ...
+
+    def node_deleted(self, member: str, node: str) -> None:
+        """Kubernetes deleted Node `node`, which was member `member`."""
+        ...
+
+    def nodes_listed(self, members: Collection[str]) -> None: ...
 
     async def allocate(self, container_id: str, ifname: str) -> Any:
         """The attachment's `Allocation`, or a wait to await before asking again; raises

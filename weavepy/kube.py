@@ -1,7 +1,8 @@
-"""Peers from the Kubernetes API, and this node's NetworkUnavailable condition.
+"""Peers from the Kubernetes API, Node deletions, and this node's NetworkUnavailable condition.
 
 This module owns weavepy's only conversation with a Kubernetes API server (`--kube-peers`):
-which nodes are peers, and telling Kubernetes that the pod network on this node is up.
+which nodes are peers, which weavepy members lost their Node, and telling Kubernetes that the
+pod network on this node is up.
 
 Theory of operation
 ===================
@@ -12,7 +13,18 @@ deleted are not peers; a node with no IPv4 address is skipped and counted.
 
 `NodePeerTable` is the whole decision, sans-IO: it is fed a node list (`replace`) and watch
 events (`apply`) and answers whether the *peer set* changed. A node's heartbeat updates arrive
-as MODIFIED events every few minutes; they change nothing here and wake nobody.
+as MODIFIED events every few minutes; they change nothing here and wake nobody. It also keeps
+every node the API lists (`present`) and the nodes deleted since the last look
+(`take_deleted`): a DELETED event, or a node that a fresh list no longer has (a deletion this
+agent missed while its watch was down). Nodes deleted while the agent was not running are not
+seen: the list at start is the baseline.
+
+Node deletions reclaim space (Weave's kube-utils did this): `route_node_changes` maps each
+deleted Node to the weavepy member it was (`member_for_node`: the member of the same name, else
+the one member whose underlay address is the Node's peer address) and hands it to the agent's
+IPAM (`NodeReclaimer.node_deleted`); the IPAM voters remove it by quorum once it is dead in
+their view (docs/ipam.md 2.4). A Node that the API lists again (kubelet registers it anew)
+cancels that (`nodes_listed`).
 
 `KubePeerSource` moves bytes: it lists nodes, then watches from the list's resourceVersion,
 the pattern of client-go's reflector:
@@ -38,8 +50,12 @@ the node controller lifts the `node.kubernetes.io/network-unavailable` taint.
 
 The agent's side (`KubeLink`, run by the agent with `--kube-peers`) is two tasks:
 `follow_kube_peers` makes each new peer set (plus the operator's own `--peers`) the join
-targets and wakes the join loop; `mark_network_available` waits until the node is first ready,
-then sets the condition, retrying with exponential backoff until the API accepts it.
+targets, wakes the join loop, and routes Node deletions to the IPAM; `mark_network_available`
+waits until the node is first ready, then sets the condition, retrying with exponential
+backoff until the API accepts it.
+
+The client reads the pod's service account (`in_cluster`), or a kubeconfig file
+(`from_kubeconfig`, `--kubeconfig`) on a host that runs the agent outside a pod.
 
 With `--ipam kubernetes` the same list and watch also carry each Node's `spec.podCIDRs`
 (`NodeInfo.pod_cidrs`) to the agent's Kubernetes IPAM (weavepy.kube_ipam): every node the
@@ -60,7 +76,7 @@ import ipaddress
 import logging
 import math
 import random
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,13 +98,18 @@ __all__ = [
     "Backoff",
     "KubeError",
     "KubeLink",
+    "KubeNode",
     "KubePeer",
     "KubePeerSource",
+    "NodeChanges",
     "NodeInfo",
     "NodeObserver",
     "NodePeerTable",
+    "NodeReclaimer",
     "follow_kube_peers",
     "mark_network_available",
+    "member_for_node",
+    "route_node_changes",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,6 +135,24 @@ class KubePeer:
 
     node: str
     address: str
+
+
+@dataclass(frozen=True, order=True)
+class KubeNode:
+    """A Node the API lists (or listed): its name and peer address (None: no IPv4 address)."""
+
+    name: str
+    address: str | None
+
+
+@dataclass(frozen=True)
+class NodeChanges:
+    """What a watch reports: the peers now, every node listed now, and the nodes deleted
+    since the previous report."""
+
+    peers: frozenset[KubePeer]
+    present: frozenset[KubeNode]
+    deleted: tuple[KubeNode, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -210,10 +249,25 @@ class NodePeerTable:
         self.resource_version: str | None = None
         self.skipped: collections.Counter[str] = collections.Counter()
         self._peers: dict[str, KubePeer] = {}
+        self._present: dict[str, KubeNode] | None = None  # None until the first list
+        self._deleted: list[KubeNode] = []
 
     @property
     def peers(self) -> frozenset[KubePeer]:
         return frozenset(self._peers.values())
+
+    @property
+    def present(self) -> frozenset[KubeNode]:
+        """Every node the API lists now, ours included."""
+        return frozenset((self._present or {}).values())
+
+    def take_deleted(self) -> tuple[KubeNode, ...]:
+        """The nodes deleted since the last call (each once)."""
+        deleted, self._deleted = tuple(self._deleted), []
+        return deleted
+
+    def _node(self, node: NodeInfo) -> KubeNode:
+        return KubeNode(node.name, node.peer_address(self.preference))
 
     def _peer(self, node: NodeInfo) -> KubePeer | None:
         if node.name == self.own_node or node.deleting:
@@ -232,10 +286,16 @@ class NodePeerTable:
         """A full list: the peer set becomes exactly these nodes' peers."""
         before = self.peers
         self._peers = {}
+        present: dict[str, KubeNode] = {}
         for node in nodes:
+            present[node.name] = self._node(node)
             peer = self._peer(node)
             if peer is not None:
                 self._peers[node.name] = peer
+        if self._present is not None:  # gone since the last list: deleted while we looked away
+            self._deleted += [old for name, old in sorted(self._present.items())
+                              if name not in present]
+        self._present = present
         self.resource_version = resource_version
         return self.peers != before
 
@@ -246,9 +306,14 @@ class NodePeerTable:
         if event == "BOOKMARK":
             return False
         before = self._peers.get(node.name)
+        if self._present is None:
+            self._present = {}
+        present = self._present
         if event == "DELETED":
             self._peers.pop(node.name, None)
+            self._deleted.append(present.pop(node.name, self._node(node)))
         elif event in ("ADDED", "MODIFIED"):
+            present[node.name] = self._node(node)
             peer = self._peer(node)
             if peer is None:
                 self._peers.pop(node.name, None)
@@ -378,21 +443,31 @@ class KubePeerSource:
         return table.peers
 
     @trio.as_safe_channel
-    async def watch_peers(self) -> AsyncGenerator[frozenset[KubePeer], None]:
-        """The peer set now, then again each time it changes; runs until cancelled.
+    async def watch_nodes(self) -> AsyncGenerator[NodeChanges, None]:
+        """The peers and nodes now, then again each time the peers or the listed nodes change
+        or a node is deleted; runs until cancelled.
 
-        Use as ``async with source.watch_peers() as sets: async for peers in sets: ...``.
+        Use as ``async with source.watch_nodes() as changes: async for change in changes:``.
         Failures never end it: they are logged, kept in `last_error`, and retried."""
         table = self._table()
-        announced: frozenset[KubePeer] | None = None
+        announced: tuple[frozenset[KubePeer], frozenset[KubeNode]] | None = None
+
+        def news() -> NodeChanges | None:
+            nonlocal announced
+            deleted = table.take_deleted()
+            now = (table.peers, table.present)
+            if now == announced and not deleted:
+                return None
+            announced = now
+            return NodeChanges(table.peers, table.present, deleted)
+
         while True:
             try:
                 if table.resource_version is None:
                     await self._list_into(table)
                     self._note(table)
-                    if table.peers != announced:
-                        announced = table.peers
-                        yield announced
+                    if (change := news()) is not None:
+                        yield change
                     self.backoff.reset()
                     self.last_error = None
                 self.watches += 1
@@ -411,9 +486,8 @@ class KubePeerSource:
                             for observer in self.observers:
                                 observer.apply_node(event, info)
                             self._note(table)
-                            if table.peers != announced:
-                                announced = table.peers
-                                yield announced
+                            if (change := news()) is not None:
+                                yield change
                             self.backoff.reset()
                             self.last_error = None
                 continue  # watch ended or timed out: resume from the last version
@@ -480,8 +554,50 @@ def _describe(exc: BaseException) -> str:
 # -- the agent's tasks -----------------------------------------------------------------------
 
 
+class NodeReclaimer(Protocol):
+    """Where Node deletions go (the agent's IPAM): weavepy member names, never Node names."""
+
+    def members(self) -> Mapping[str, str | None]:
+        """Every weavepy member this node knows, with its underlay address when known."""
+        ...
+
+    def node_deleted(self, member: str, node: str) -> None:
+        """Kubernetes deleted Node `node`, which was weavepy member `member`."""
+        ...
+
+    def nodes_listed(self, members: Collection[str]) -> None:
+        """These members' Nodes are listed (again): an earlier deletion no longer holds."""
+        ...
+
+
+def member_for_node(node: KubeNode, members: Mapping[str, str | None]) -> str | None:
+    """The weavepy member a Node is: the member of the same name, else the one member whose
+    underlay address is the Node's peer address (the address KubeLink joins); None if neither
+    (or if two members share that address)."""
+    if node.name in members:
+        return node.name
+    if node.address is None:
+        return None
+    matches = [name for name, address in members.items() if address == node.address]
+    return matches[0] if len(matches) == 1 else None
+
+
+def route_node_changes(change: NodeChanges, reclaimer: NodeReclaimer) -> None:
+    """Hand each deleted Node's member to `reclaimer`, and the members still listed."""
+    members = reclaimer.members()
+    for node in change.deleted:
+        member = member_for_node(node, members)
+        if member is None:
+            log.info("Kubernetes deleted node %s; no weavepy member has that name or address "
+                     "%s: nothing to reclaim", node.name, node.address or "(none)")
+            continue
+        reclaimer.node_deleted(member, node.name)
+    listed = {member_for_node(node, members) for node in change.present}
+    reclaimer.nodes_listed(sorted(m for m in listed if m is not None))
+
+
 class KubeLink:
-    """The agent's link to the Kubernetes API (`--kube-peers`): the peer watch and the node
+    """The agent's link to the Kubernetes API (`--kube-peers`): the node watch and the node
     condition, as tasks of the agent's nursery (`run`), and what the status shows of them."""
 
     def __init__(self, source: KubePeerSource) -> None:
@@ -489,12 +605,14 @@ class KubeLink:
         self.network_available_set = False
 
     async def run(self, targets: TargetSchedule, gossip_port: int, static_peers: list[str],
-                  targets_changed: Callable[[], None], is_ready: Callable[[], bool]) -> None:
-        """Follow the API's peers into `targets` and set the node condition once `is_ready()`;
-        runs until cancelled (the watch never ends, it retries)."""
+                  targets_changed: Callable[[], None], is_ready: Callable[[], bool],
+                  reclaimer: NodeReclaimer) -> None:
+        """Follow the API's peers into `targets` and Node deletions into `reclaimer`, and set
+        the node condition once `is_ready()`; runs until cancelled (the watch never ends, it
+        retries)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow_kube_peers, self.source, targets, gossip_port,
-                               static_peers, targets_changed)
+                               static_peers, targets_changed, reclaimer)
             nursery.start_soon(self._mark_network_available, is_ready)
 
     async def _mark_network_available(self, is_ready: Callable[[], bool]) -> None:
@@ -507,12 +625,20 @@ class KubeLink:
 
 
 async def follow_kube_peers(source: KubePeerSource, targets: TargetSchedule, gossip_port: int,
-                            static_peers: list[str], changed: Callable[[], None]) -> None:
+                            static_peers: list[str], changed: Callable[[], None],
+                            reclaimer: NodeReclaimer | None = None) -> None:
     """Peers from the Kubernetes API (`source`, closed at the end): each new node set replaces
-    the join targets, plus `static_peers`; `changed()` then wakes the join loop. The watch
-    retries API failures itself and never ends."""
-    async with source, source.watch_peers() as sets:
-        async for peers in sets:
+    the join targets, plus `static_peers`; `changed()` then wakes the join loop; deleted Nodes
+    go to `reclaimer` (`route_node_changes`). The watch retries API failures itself and never
+    ends."""
+    peers: frozenset[KubePeer] | None = None
+    async with source, source.watch_nodes() as changes:
+        async for change in changes:
+            if reclaimer is not None:
+                route_node_changes(change, reclaimer)
+            if change.peers == peers:
+                continue
+            peers = change.peers
             addresses = [f"{p.address}:{gossip_port}" for p in sorted(peers, key=lambda p: p.node)]
             targets.replace(addresses + [p for p in static_peers if p not in addresses],
                             trio.current_time())

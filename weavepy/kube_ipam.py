@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from ipaddress import IPv4Network
 from typing import TYPE_CHECKING, Any
 
@@ -365,6 +365,20 @@ class KubeIpam:
     async def rmpeer(self, name: str, force: bool) -> dict[str, Any]:
         raise IpamLinkError(f"with --ipam kubernetes the control plane owns the podCIDRs: "
                             f"`kubectl delete node {name}` gives {name}'s back")
+
+    async def leave(self) -> dict[str, Any]:
+        name = self.config.name
+        raise IpamLinkError(f"with --ipam kubernetes the control plane owns the podCIDRs: "
+                            f"`kubectl delete node {name}` gives this node's back")
+
+    def member_names(self) -> list[str]:
+        return sorted(self.blocks_by_node())
+
+    def node_deleted(self, member: str, node: str) -> None:
+        """Nothing to reclaim here: the control plane frees a deleted Node's podCIDR."""
+
+    def nodes_listed(self, members: Collection[str]) -> None:
+        """Nothing to forget: see `node_deleted`."""
 
     # -- pod addresses (called on the trio loop by ipam_link.CniAllocator) -----------------------
 

@@ -30,6 +30,10 @@ The rule it keeps: it touches only objects it can name from the configuration, b
 own veth prefix or by weavepy's rule tag, and returns what it removed, one item each, for the
 user. A failure raises one `ResetError` (one line, naming what was already removed); what was
 removed stays removed, and a second reset finishes the job.
+
+Before it wipes the state, `space_left` reads what this node still holds in its IPAM cluster
+(when its agent could not give the space back: not running, no quorum, or `--force`), so the
+user learns the exact `weavepy rmpeer NAME` to run on a live node.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from typing import Any
 
 from weavepy.config import AgentConfig
 
-__all__ = ["ResetError", "reset_node"]
+__all__ = ["ResetError", "reset_node", "space_left"]
 
 
 class ResetError(Exception):
@@ -133,3 +137,32 @@ def _state_files(config: AgentConfig) -> Iterator[Path]:
             yield from sorted(config.state_dir.glob(f"{name}.corrupt-*"))
             yield from sorted(config.state_dir.glob(f".{name}.*"))
     yield config.run_dir / PROGRAMMED_FILE
+
+
+def space_left(config: AgentConfig) -> str | None:
+    """What this node's saved IPAM state says it still holds in its cluster (its blocks, or
+    its membership alone), with the rmpeer that reclaims it; None if it holds nothing."""
+    from weavepy.ipam.errors import IpamError
+    from weavepy.ipam.state import ClusterState
+    from weavepy.ipam.store import StateFile
+    from weavepy.ipam_link import CORE_FILE
+
+    path = config.state_dir / CORE_FILE
+    try:
+        snapshot = StateFile(path, "ipam-core").load()
+        if snapshot is None or snapshot.get("cluster") is None:
+            return None
+        name = str(snapshot["node"])
+        generation = snapshot.get("generation")
+        cluster = ClusterState.from_plain(snapshot["cluster"])
+    except (IpamError, OSError, KeyError, TypeError, ValueError) as exc:
+        return (f"this node's IPAM state cannot be read ({' '.join(str(exc).split())}); if "
+                f"it was a member, run on a live node of its cluster: "
+                f"weavepy rmpeer {config.name}")
+    if generation is None or cluster.generation_of(name) != generation:
+        return None  # it left, or was never admitted: nothing is held in its name
+    blocks = [str(cluster.space.block(i)) for i in cluster.blocks_of(name)]
+    holds = f"blocks {', '.join(blocks)}" if blocks else "no blocks, only its membership"
+    return (f"{name} (generation {generation}) still holds {holds} in IPAM cluster "
+            f"{cluster.cluster_id}, as its last saved state says; to give them back, run on a "
+            f"live node of that cluster: weavepy rmpeer {name}")

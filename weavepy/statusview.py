@@ -311,7 +311,8 @@ def render_ipam(doc: Doc) -> Output:
         rows.append((_text(member.get("name")), _text(blocks),
                      str(used) if usage else "-",
                      str(capacity - used) if usage else "-",
-                     "yes" if member.get("alive") else "NO",
+                     "yes" if member.get("alive") else
+                     "NO, Node deleted" if member.get("node_deleted") else "NO",
                      _text(member.get("voter"))))
     out.append(Table("blocks per node", ("NODE", "BLOCKS", "USED", "FREE", "REACHABLE",
                                          "VOTER"), tuple(rows)))

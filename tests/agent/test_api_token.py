@@ -68,7 +68,7 @@ def test_every_request_that_is_not_a_get_needs_the_token(tmp_path: Path) -> None
                 for route in app.routes if isinstance(route, Route)
                 for method in route.methods or () if method not in ("GET", "HEAD")]
     assert sorted(changing) == [
-        ("DELETE", "/external-peers/other"), ("DELETE", "/peer/other"),
+        ("DELETE", "/external-peers/other"), ("DELETE", "/peer"), ("DELETE", "/peer/other"),
         ("POST", "/connect"), ("POST", "/external-peers"), ("POST", "/forget"),
         ("POST", "/keyring/reload"), ("POST", "/stop")]
     body = {"peers": ["198.18.0.12"]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,10 +24,14 @@ from weavepy.kube import (
     CONDITION_REASON,
     Backoff,
     KubeError,
+    KubeNode,
     KubePeer,
     KubePeerSource,
+    NodeChanges,
     NodeInfo,
     NodePeerTable,
+    member_for_node,
+    route_node_changes,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,11 +60,52 @@ def test_table_follows_list_and_events() -> None:
     # ADDED n4, heartbeat of n2 (no change), n3 gains an InternalIP, DELETED n2, n5 deleting
     assert changes == [True, False, True, True, False]
     assert table.peers == peers(("n3", "198.18.0.33"), ("n4", "198.18.0.4"))
+    assert table.take_deleted() == (KubeNode("n2", "198.18.0.2"),)
+    assert table.take_deleted() == ()  # each deletion is reported once
+    assert {n.name for n in table.present} == {"n1", "n3", "n4", "n5", "n6"}  # n5: deleting
     assert table.resource_version == "1005"
     assert not table.apply("BOOKMARK", NodeInfo("n4", resource_version="1010"))
     assert table.resource_version == "1010"
     assert not table.apply("SURPRISE", NodeInfo("n9", (("InternalIP", "198.18.0.9"),)))
     assert table.skipped["malformed"] == 1
+    # a fresh list (after 410 Gone) misses nodes deleted while the watch was down
+    listing = recorded("nodes-list-2.json")
+    table.replace([NodeInfo.from_dict(n) for n in listing["items"]], "1600")
+    assert table.take_deleted() == (KubeNode("n5", "198.18.0.5"), KubeNode("n6", None))
+
+
+def test_a_deleted_node_maps_to_the_member_of_its_name_else_of_its_address() -> None:
+    members = {"n1": "198.18.0.1", "host-b": "198.18.0.2", "c": None, "d": "198.18.0.4",
+               "e": "198.18.0.4"}
+    assert member_for_node(KubeNode("n1", "198.18.0.9"), members) == "n1"
+    assert member_for_node(KubeNode("node-b.example", "198.18.0.2"), members) == "host-b"
+    assert member_for_node(KubeNode("node-x", None), members) is None
+    assert member_for_node(KubeNode("node-y", "198.18.0.7"), members) is None
+    assert member_for_node(KubeNode("node-z", "198.18.0.4"), members) is None  # ambiguous
+
+
+def test_node_changes_reach_the_reclaimer_as_member_names() -> None:
+    class Reclaimer:
+        def __init__(self) -> None:
+            self.deleted: list[tuple[str, str]] = []
+            self.listed: list[list[str]] = []
+
+        def members(self) -> dict[str, str | None]:
+            return {"n1": "198.18.0.1", "host-b": "198.18.0.2", "n3": "198.18.0.3"}
+
+        def node_deleted(self, member: str, node: str) -> None:
+            self.deleted.append((member, node))
+
+        def nodes_listed(self, members: Collection[str]) -> None:
+            self.listed.append(list(members))
+
+    reclaimer = Reclaimer()
+    route_node_changes(NodeChanges(
+        frozenset(), frozenset({KubeNode("n1", "198.18.0.1"), KubeNode("n3", "198.18.0.3"),
+                                KubeNode("new", "198.18.0.9")}),
+        (KubeNode("node-b", "198.18.0.2"), KubeNode("stranger", "198.18.0.8"))), reclaimer)
+    assert reclaimer.deleted == [("host-b", "node-b")]
+    assert reclaimer.listed == [["n1", "n3"]]
 
 
 def test_node_info_rejects_nameless_nodes_and_skips_bad_addresses() -> None:
@@ -91,16 +137,19 @@ async def test_list_then_watch_then_relist_after_410(cluster: Cluster) -> None:
                         Watch(recorded("watch-expired.jsonl")),
                         Watch(hang=True)])
     seen: list[frozenset[KubePeer]] = []
-    async with source_for(cluster) as source, source.watch_peers() as sets:
+    deleted: list[KubeNode] = []
+    async with source_for(cluster) as source, source.watch_nodes() as changes:
         with trio.fail_after(20):
-            async for peer_set in sets:
-                seen.append(peer_set)
-                if peer_set == peers(("n3", "198.18.0.33"), ("n4", "198.18.0.4"),
-                                     ("n7", "198.18.0.7")):
+            async for change in changes:
+                deleted.extend(change.deleted)
+                if not seen or change.peers != seen[-1]:
+                    seen.append(change.peers)
+                if change.peers == peers(("n3", "198.18.0.33"), ("n4", "198.18.0.4"),
+                                         ("n7", "198.18.0.7")):
                     break
             # the generator advances only when asked for more: ask, and see it watch again
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(sets.receive)
+                nursery.start_soon(changes.receive)
                 while len(api.requests()) < 5:  # 2 lists, 3 watches
                     await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
@@ -112,6 +161,8 @@ async def test_list_then_watch_then_relist_after_410(cluster: Cluster) -> None:
         peers(("n3", "198.18.0.33"), ("n4", "198.18.0.4")),
         peers(("n3", "198.18.0.33"), ("n4", "198.18.0.4"), ("n7", "198.18.0.7")),
     ]
+    # n2 by its DELETED event; n5 (deleting) and n6 are missing from the list after 410
+    assert [n.name for n in deleted] == ["n2", "n5", "n6"]
     lists = [r for r in api.requests() if "watch" not in r.query]
     watches = [r for r in api.requests() if r.query.get("watch") == "true"]
     assert len(lists) == 2
@@ -134,12 +185,12 @@ async def test_api_errors_are_retried_and_reported(cluster: Cluster) -> None:
                             "status": {"addresses": [{"type": "InternalIP",
                                                       "address": "198.18.0.8"}]}}}],
                               hang=True)])
-    async with source_for(cluster) as source, source.watch_peers() as sets:
+    async with source_for(cluster) as source, source.watch_nodes() as changes:
         with trio.fail_after(20):
-            first = await sets.receive()
-            assert first == peers(("n2", "198.18.0.2"), ("n3", "198.18.0.3"))
-            second = await sets.receive()
-    assert KubePeer("n8", "198.18.0.8") in second
+            first = await changes.receive()
+            assert first.peers == peers(("n2", "198.18.0.2"), ("n3", "198.18.0.3"))
+            second = await changes.receive()
+    assert KubePeer("n8", "198.18.0.8") in second.peers
     assert source.errors == 2  # the 500, then the garbage line; each retried after a backoff
     assert source.last_error is None  # cleared by the success that followed
     assert len([r for r in api.requests() if "watch" not in r.query]) == 3  # re-listed twice
@@ -156,9 +207,9 @@ async def test_unreachable_api_keeps_trying(account: tuple[Path, Path, Path],
     source = KubePeerSource.in_cluster("n1", service_account_dir=directory,
                                        backoff=Backoff(0.01, 0.05, random.Random(2)))
     async with source:
-        async with source.watch_peers() as sets:
+        async with source.watch_nodes() as changes:
             with trio.move_on_after(1.0):
-                await sets.receive()
+                await changes.receive()
                 pytest.fail("no peer set can come from an unreachable API")
         assert source.errors >= 3
         assert source.last_error and "Connect" in source.last_error
@@ -195,6 +246,23 @@ async def test_set_network_available_patches_the_status(cluster: Cluster) -> Non
         "lastHeartbeatTime": "2026-11-21T10:10:00Z"}]}}
 
 
+async def test_a_kubeconfig_file_reaches_the_api(cluster: Cluster, tmp_path: Path) -> None:
+    """`--kubeconfig`: the agent outside a pod reads the server, CA and token from a file."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "c", "cluster": {
+            "server": f"https://127.0.0.1:{cluster.port}",
+            "certificate-authority": str(cluster.account / "ca.crt")}}],
+        "users": [{"name": "u", "user": {"token": TOKEN}}],
+        "contexts": [{"name": "test", "context": {"cluster": "c", "user": "u"}}]}))
+    cluster.api.lists.append(recorded("nodes-list-1.json"))
+    async with KubePeerSource.from_kubeconfig(kubeconfig, "n1") as source:
+        assert await source.list_peers() == peers(("n2", "198.18.0.2"), ("n3", "198.18.0.3"))
+    with pytest.raises(KubeError, match=r"^--kubeconfig .*missing"):
+        KubePeerSource.from_kubeconfig(tmp_path / "missing", "n1")
+
+
 def test_in_cluster_outside_a_pod_is_a_readable_error(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
@@ -218,11 +286,11 @@ async def test_requests_stay_within_the_rbac_rules(cluster: Cluster) -> None:
     api.lists.append(recorded("nodes-list-1.json"))
     async with source_for(cluster) as source:
         await source.list_peers()
-        async with source.watch_peers() as sets:
+        async with source.watch_nodes() as changes:
             with trio.fail_after(10):
-                await sets.receive()
+                await changes.receive()
                 async with trio.open_nursery() as nursery:  # let it go on to the watch
-                    nursery.start_soon(sets.receive)
+                    nursery.start_soon(changes.receive)
                     await api.watch_started.wait()
                     nursery.cancel_scope.cancel()
         await source.set_network_available()
@@ -268,7 +336,7 @@ async def test_observers_get_every_nodes_pod_cidrs_from_the_one_watch(cluster: C
     api.watches.append(Watch(recorded("watch-podcidrs.jsonl"), hang=True))
     observer = Recorder()
     async with source_for(cluster, observers=[observer]) as source, \
-            source.watch_peers() as sets:
+            source.watch_nodes() as sets:
         with trio.fail_after(20):
             async for _ in sets:
                 if len(observer.seen) == 3:

@@ -312,6 +312,72 @@ def test_forced_rmpeer_without_a_quorum_starts_a_new_era_that_everyone_adopts() 
     assert sim.status("n1").quarantined_blocks == 0  # type: ignore[union-attr]
 
 
+# ------------------------------------------------------------------ node deleted by Kubernetes
+
+
+def decided_removals(sim: IpamSim, name: str) -> list[tuple[object, ...]]:
+    """Every (era, slot, reason) at which a generation of `name` was removed."""
+    return [d for k, ds in sim.checker.reclaims.removals.items() if k[1] == name for d in ds]
+
+
+def test_a_deleted_dead_node_is_removed_at_once_and_its_block_freed_after_the_lease() -> None:
+    sim = a_cluster(5)
+    lost = held(sim, "n4")
+    sim.kill("n4")
+    sim.run(5.0)  # gossip has declared it dead
+    sim.node_deleted("n4")
+    sim.run(5.0)
+    assert {reason for _, _, reason in decided_removals(sim, "n4")} == {"node-deleted"}
+    assert len({(era, slot) for era, slot, _ in decided_removals(sim, "n4")}) == 1
+    status = sim.status("n1")
+    assert status is not None and "n4" not in {m.name for m in status.members}
+    assert status.quarantined_blocks == 1  # dead for less than a lease: its lease may run
+    sim.run(CFG.lease + 5.0)
+    assert sim.status("n1").quarantined_blocks == 0  # type: ignore[union-attr]
+    sim.request_block("n1", 1)
+    sim.run(5.0)
+    assert lost[0] in owned(sim, "n1")  # reused, long before reclaim_after
+    assert sim.now < CFG.reclaim_after
+    assert len({(era, slot) for era, slot, _ in decided_removals(sim, "n4")}) == 1
+
+
+def test_a_deleted_node_that_is_alive_keeps_its_space_until_it_dies() -> None:
+    sim = a_cluster(4)
+    sim.node_deleted("n4")
+    sim.run(30.0)
+    assert not decided_removals(sim, "n4")
+    member = next(m for m in sim.status("n1").members if m.name == "n4")  # type: ignore[union-attr]
+    assert member.node_deleted and member.blocks
+    sim.destroy("n4")
+    sim.run(CFG.lease + 10.0)
+    assert [reason for _, _, reason in decided_removals(sim, "n4")] == ["node-deleted"]
+
+
+def test_a_node_listed_again_is_no_longer_removed_early() -> None:
+    sim = a_cluster(4)
+    sim.node_deleted("n4")
+    sim.node_restored("n4")  # kubelet registered it again
+    sim.kill("n4")
+    sim.run(CFG.lease + 10.0)
+    assert not decided_removals(sim, "n4")
+
+
+def test_a_minority_that_sees_a_node_deleted_removes_nothing_until_a_majority_is_back() -> None:
+    sim = a_cluster(5)
+    sim.kill("n5")
+    sim.partition([["n1", "n2"], ["n3", "n4"]])
+    sim.run(10.0)
+    sim.node_deleted("n5", seen_by=["n1", "n2"])
+    sim.run(60.0)
+    assert not decided_removals(sim, "n5")
+    status = sim.status("n1")
+    assert status is not None and status.state is IpamState.MINORITY_PARTITION
+    assert "removal of n5 (node deleted) waits for a majority" in status.detail
+    sim.heal()
+    sim.run(40.0)
+    assert [reason for _, _, reason in decided_removals(sim, "n5")] == ["node-deleted"]
+
+
 # ------------------------------------------------------------------ voters
 
 

@@ -156,6 +156,12 @@ class IpamChaos(RuleBasedStateMachine):
         if at and target and at != target and self.sim.force_allowed(at, target):
             self.sim.rmpeer(at, target, force=True)
 
+    @rule(index=st.integers(0, 99), seen_by=st.sets(st.integers(0, 99), min_size=1))
+    def node_deleted(self, index: int, seen_by: set[int]) -> None:
+        gone, up = self.pick(index), self.names(running=True)
+        if gone and up:
+            self.sim.node_deleted(gone, sorted({up[i % len(up)] for i in seen_by}))
+
     @precondition(lambda self: not self.second_cluster and len(self.sim.nodes) + 2 <= MAX_NODES)
     @rule()
     def second_cluster_meets_us(self) -> None:

@@ -53,7 +53,8 @@ def test_a_ready_node_renders_its_blocks_members_and_pods() -> None:
     assert doc["free_blocks"] == 255 and doc["quorum"] == 1 and doc["voters_reachable"] == 1
     assert 0 < doc["lease_remaining_s"] <= 3600
     assert doc["members"] == [{"name": "n1", "generation": 1, "voter": True, "alive": True,
-                               "blocks": ["198.19.0.0/24"], "reclaim_in_s": None}]
+                               "blocks": ["198.19.0.0/24"], "reclaim_in_s": None,
+                               "node_deleted": False}]
     block = ipaddress.ip_network("198.19.0.0/24")
     assert doc["pods"] == {str(block): {"used": 2, "capacity": allocator.usage()[block][1]}}
     assert doc["dropped"] == {"decode_bad_msgpack": 2}

@@ -107,6 +107,15 @@ def test_views_of_a_node_in_trouble() -> None:
                                                 + render_connections(doc)))
 
 
+def test_a_member_whose_node_was_deleted_says_so() -> None:
+    doc = stored_report()
+    member = next(m for m in doc["ipam"]["members"] if m["name"] == "n3")
+    member.update(alive=False, node_deleted=True)
+    jsonschema.validate(doc, SCHEMA)
+    table = next(item for item in render_ipam(doc) if isinstance(item, Table))
+    assert [row[4] for row in table.rows if row[0] == "n3"] == ["NO, Node deleted"]
+
+
 def test_every_ipam_state_but_ready_has_a_fix() -> None:
     for state in IpamState:
         advice = ipam_advice({"state": state.value, "unreachable_owners": ["n7"],

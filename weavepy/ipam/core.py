@@ -431,6 +431,40 @@ class IpamCore:
         self._after_input(now)
         return message
 
+    def node_deleted(self, name: str, now: float) -> str:
+        """The orchestrator (Kubernetes) deleted member `name`'s node: remove it now, by quorum.
+
+        Voters then propose `Remove(name, reason "node-deleted")` as soon as `name` is dead in
+        their own view, instead of waiting `reclaim_after`: its blocks are free at once if every
+        promiser attests it silent for a lease, else quarantined until then (the freeing rule
+        is the same as rmpeer's), and nothing happens while any voter still sees it alive. A
+        minority decides nothing; the removal waits for a majority. Returns what will happen.
+        """
+        self._begin(now)
+        cluster = self._cluster
+        generation = cluster.generation_of(name) if cluster is not None else None
+        if cluster is None or generation is None or name == self._name:
+            return f"node {name} was deleted; it is not another IPAM member: nothing to reclaim"
+        self._wishes.deleted[name] = generation
+        blocks = ", ".join(str(self._space.block(i)) for i in cluster.blocks_of(name)) or "none"
+        message = (
+            f"node {name} was deleted: the voters remove member {name} (generation "
+            f"{generation}; blocks {blocks}) as soon as a majority of them sees it gone"
+        )
+        if not self._quorum_reachable():
+            message += (
+                f"; only {self.voters_reachable()} of {len(cluster.voters)} voters are "
+                "reachable from here, so the removal waits until a majority is"
+            )
+        self._after_input(now)
+        return message
+
+    def node_restored(self, name: str, now: float) -> None:
+        """The orchestrator lists `name`'s node again: forget an earlier `node_deleted`."""
+        self._begin(now)
+        self._wishes.deleted.pop(name, None)
+        self._after_input(now)
+
     def leave(self, now: float) -> None:
         """Give our blocks back and leave the cluster (for `weavepy reset` on a live cluster)."""
         self._begin(now)
@@ -1017,6 +1051,9 @@ class IpamCore:
             self._emit(BlockLost(self._space.block(index), how))
         if how == "adopted" and held_after - held_before:
             self._wishes.blocks = max(0, self._wishes.blocks - len(held_after - held_before))
+        deleted = self._wishes.deleted
+        for name in [n for n, gen in deleted.items() if cluster.generation_of(n) != gen]:
+            del deleted[name]  # removed (or rejoined as a new generation) since
         self._dirty()
 
     # ================================================================== catch-up and state

@@ -26,6 +26,10 @@ The intents, in the order a node lists them, and what each becomes (`BUILDERS`):
                                                             attest silence for a lease, else
                                                             quarantined; refused if any sees it
                                                             alive; forced: Remove, free at once
+    deleted  a voter: a member whose node the orchestrator  Remove: free at once if all attest
+             deleted (`node_deleted`), while this node      silence for a lease, else
+             sees it dead                                   quarantined; waits while any sees it
+                                                            alive
     reclaim  a voter: a member silent for reclaim_after     Remove (free) if all attest as much
     demote   a voter: a voter silent voter_replace_after    Demote if all attest as much
     free     a voter: a quarantine's owner silent a lease   Free if all attest as much
@@ -52,6 +56,7 @@ from weavepy.ipam.state import (
     FORCED_REMOVAL,
     MAX_BLOCKS_PER_CLAIM,
     MAX_OPS_PER_VALUE,
+    NODE_DELETED,
     Claim,
     ClusterState,
     Demote,
@@ -95,6 +100,7 @@ class IntentKind(enum.Enum):
     LEAVE = "leave"
     CLAIM = "claim"
     RMPEER = "rmpeer"
+    DELETED = "deleted"
     RECLAIM = "reclaim"
     DEMOTE = "demote"
     FREE = "free"
@@ -104,10 +110,11 @@ class IntentKind(enum.Enum):
 
 # Intents whose operation needs the voters' word on the target (asked in PREPARE).
 ATTESTED_KINDS = frozenset(
-    {IntentKind.RMPEER, IntentKind.RECLAIM, IntentKind.FREE, IntentKind.DEMOTE}
+    {IntentKind.RMPEER, IntentKind.DELETED, IntentKind.RECLAIM, IntentKind.FREE,
+     IntentKind.DEMOTE}
 )
 # Intents that take their target out of V (they make room for a promotion).
-LEAVES_VOTERS = frozenset({IntentKind.DEMOTE, IntentKind.RECLAIM})
+LEAVES_VOTERS = frozenset({IntentKind.DEMOTE, IntentKind.DELETED, IntentKind.RECLAIM})
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +148,8 @@ class Wishes:
     leaving: bool = False  # `leave()` was called
     removals: dict[str, Removal] = field(default_factory=dict)  # rmpeer by member name
     refusals: dict[str, str] = field(default_factory=dict)  # rmpeer the voters refused, why
+    # member generations whose node the orchestrator deleted (`node_deleted`), by name
+    deleted: dict[str, int] = field(default_factory=dict)
 
 
 class CoreView(Protocol):
@@ -212,8 +221,9 @@ def intents(view: CoreView, now: float) -> list[Intent]:
 
 
 def voter_intents(view: CoreView, cluster: ClusterState, now: float) -> list[Intent]:
-    """A voter's housekeeping: reclaim the long silent, demote silent voters, free
-    quarantines whose owner is silent for a lease, promote a live member while V has room."""
+    """A voter's housekeeping: remove members whose node the orchestrator deleted, reclaim the
+    long silent, demote silent voters, free quarantines whose owner is silent for a lease,
+    promote a live member while V has room."""
     wanted: list[Intent] = []
     for name, member in cluster.members.items():
         if (
@@ -221,6 +231,9 @@ def voter_intents(view: CoreView, cluster: ClusterState, now: float) -> list[Int
             or name in view.wishes.removals
             or view.alive_gen(name, member.generation)
         ):
+            continue
+        if view.wishes.deleted.get(name) == member.generation:
+            wanted.append(Intent(IntentKind.DELETED, name, member.generation))
             continue
         age = view.evidence_age(name, member.generation, now)
         if view.reclaim_after is not None and age >= view.reclaim_after:
@@ -336,6 +349,14 @@ def _rmpeer(intent: Intent, b: _Building) -> Op | None:
     return None
 
 
+def _deleted(intent: Intent, b: _Building) -> Op | None:
+    target, generation = intent.target, intent.generation
+    if b.attested(target, generation, min_age=0.0):
+        free_now = b.attested(target, generation, min_age=b.view.lease)
+        return Remove(b.view.name, b.nonce(), target, generation, NODE_DELETED, free_now)
+    return None  # a voter still sees it alive: asked again while this node sees it dead
+
+
 def _reclaim(intent: Intent, b: _Building) -> Op | None:
     reclaim_after = b.view.reclaim_after
     assert reclaim_after is not None
@@ -366,6 +387,7 @@ BUILDERS: Mapping[IntentKind, Callable[[Intent, _Building], Op | None]] = Mappin
     IntentKind.LEAVE: _leave,
     IntentKind.CLAIM: _claim,
     IntentKind.RMPEER: _rmpeer,
+    IntentKind.DELETED: _deleted,
     IntentKind.RECLAIM: _reclaim,
     IntentKind.DEMOTE: _demote,
     IntentKind.FREE: _free,

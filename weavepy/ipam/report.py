@@ -104,13 +104,18 @@ def describe(view: CoreView, now: float) -> tuple[IpamState, str]:
     lease_ok = view.lease_valid(now)
     if view.voters_reachable() < cluster.majority():
         reach = f"{view.voters_reachable()} of {len(cluster.voters)} voters reachable"
+        deleted = _deleted_members(view, cluster)
+        waiting = (
+            f"; the removal of {', '.join(deleted)} (node deleted) waits for a majority"
+            if deleted else ""
+        )
         if lease_ok:
             return IpamState.MINORITY_PARTITION, (
                 f"{reach}: no new blocks; own blocks usable for "
-                f"{view.lease_until - now:.0f}s more (lease)"
+                f"{view.lease_until - now:.0f}s more (lease){waiting}"
             )
         return IpamState.MINORITY_PARTITION, (
-            f"{reach}: lease ended, no new addresses until a majority is back"
+            f"{reach}: lease ended, no new addresses until a majority is back{waiting}"
         )
     if not lease_ok:
         return IpamState.WAITING_FOR_QUORUM, "renewing this node's lease with the voters"
@@ -138,6 +143,14 @@ def describe(view: CoreView, now: float) -> tuple[IpamState, str]:
         )
     refusals = "; ".join(view.wishes.refusals.values())
     return IpamState.READY, refusals or "ok"
+
+
+def _deleted_members(view: CoreView, cluster: ClusterState) -> list[str]:
+    """Members whose node the orchestrator deleted and that are not removed yet."""
+    return sorted(
+        name for name, generation in view.wishes.deleted.items()
+        if cluster.generation_of(name) == generation
+    )
 
 
 def render_status(view: CoreView, now: float) -> IpamStatus:
@@ -172,6 +185,7 @@ def render_status(view: CoreView, now: float) -> IpamStatus:
         )
     members = []
     unreachable = []
+    deleted = set(_deleted_members(view, cluster))
     for member_name, member in sorted(cluster.members.items()):
         alive = member_name == view.name or view.gossip_alive(member_name)
         owned = cluster.blocks_of(member_name)
@@ -189,6 +203,7 @@ def render_status(view: CoreView, now: float) -> IpamStatus:
                 alive,
                 tuple(str(block(i)) for i in owned),
                 reclaim_in,
+                member_name in deleted,
             )
         )
     held = tuple(block(i) for i in view.held_blocks())
@@ -249,7 +264,8 @@ def status_document(
         "pending_block_requests": s.pending_block_requests,
         "members": [{"name": m.name, "generation": m.generation, "voter": m.voter,
                      "alive": m.alive, "blocks": list(m.blocks),
-                     "reclaim_in_s": None if m.reclaim_in is None else round(m.reclaim_in)}
+                     "reclaim_in_s": None if m.reclaim_in is None else round(m.reclaim_in),
+                     "node_deleted": m.node_deleted}
                     for m in s.members],
         "cluster_mismatches": [m.message for m in s.cluster_mismatches],
         "pods": {str(block): {"used": used, "capacity": capacity}

@@ -296,6 +296,24 @@ class IpamSim:
         self._after_input(node)
         return message
 
+    def node_deleted(self, target: str, seen_by: Iterable[str] | None = None) -> None:
+        """The orchestrator deletes `target`'s node; the running nodes in `seen_by` (default:
+        every running node) hear it from their API watch."""
+        names = sorted(self.nodes) if seen_by is None else list(seen_by)
+        for name in names:
+            node = self.nodes[name]
+            if node.core is not None:
+                message = node.core.node_deleted(target, self.now)
+                self._note(f"node {target} deleted, seen by {name}: {message}")
+                self._after_input(node)
+
+    def node_restored(self, target: str) -> None:
+        """The orchestrator lists `target`'s node again (every running node hears it)."""
+        for node in self.running():
+            assert node.core is not None
+            node.core.node_restored(target, self.now)
+            self._after_input(node)
+
     def force_allowed(self, at: str, target: str) -> bool:
         """The documented operator rule for `rmpeer --force`, in ground-truth terms.
 
@@ -311,8 +329,13 @@ class IpamSim:
             return False
         listed = {member.name: member.generation for member in status.members}
         target_status = self.status(target)
-        if target_status is not None and target_status.generation == listed.get(target):
-            return False  # that generation of the target still runs
+        if (
+            target_status is not None
+            and target_status.cluster_id == status.cluster_id
+            and target_status.generation == listed.get(target)
+        ):
+            return False  # that generation of the target still runs (generations are slots:
+            # the same number in another cluster is another node)
         if status.voters_reachable >= status.quorum:
             return True
         side = self.connected_to(at)
@@ -328,7 +351,9 @@ class IpamSim:
         for voter in status.voters:
             core = self.nodes[voter].core if voter in self.nodes else None
             if voter in among and core is not None:
-                count += core.status(self.now).generation == generations.get(voter)
+                own = core.status(self.now)
+                count += (own.cluster_id, own.generation) == (
+                    status.cluster_id, generations.get(voter))
         return count
 
     # ================================================================== time
@@ -885,8 +910,9 @@ def random_scenario(
 
     Actions: time passing (short, long, past reclaim_after), block requests, pods, kills,
     restarts, wipes and rejoins, new nodes, partitions (random groups, one-way cuts) and heals,
-    rmpeer (plain, and forced when the operator rule allows), a second cluster founded apart,
-    and extra push/pulls. Invariants are checked after every event and every action.
+    rmpeer (plain, and forced when the operator rule allows), the orchestrator deleting a
+    node (seen by some of the running nodes), a second cluster founded apart, and extra
+    push/pulls. Invariants are checked after every event and every action.
     """
     sim = IpamSim(seed, config)
     rng = random.Random(f"scenario/{seed}")
@@ -920,10 +946,11 @@ def random_scenario(
                 "heal",
                 "rmpeer",
                 "force",
+                "node_deleted",
                 "second_cluster",
                 "pushpull",
             ],
-            weights=[30, 10, 2, 8, 8, 3, 4, 6, 1, 1, 3, 4, 2, 5, 2, 1, 1, 2],
+            weights=[30, 10, 2, 8, 8, 3, 4, 6, 1, 1, 3, 4, 2, 5, 2, 1, 1, 1, 2],
         )[0]
         up = names(running=True)
         down = names(running=False)
@@ -974,6 +1001,8 @@ def random_scenario(
                 sim.rmpeer(*rng.choice(candidates), force=True)
             else:
                 did = False
+        elif choice == "node_deleted" and up:
+            sim.node_deleted(rng.choice(names()), rng.sample(up, rng.randint(1, len(up))))
         elif (
             choice == "second_cluster"
             and not second_cluster_done

@@ -147,7 +147,10 @@ Op = Join | Renew | Claim | Remove | Free | Promote | Demote | Leave
 Value = tuple[Op, ...]
 
 FORCED_REMOVAL = "rmpeer-force"  # the operator vouches the target is gone for good
-REMOVE_REASONS = frozenset({"reclaim", "rmpeer", FORCED_REMOVAL, "replaced", "left"})
+NODE_DELETED = "node-deleted"  # the orchestrator (Kubernetes) deleted the target's node
+REMOVE_REASONS = frozenset(
+    {"reclaim", "rmpeer", FORCED_REMOVAL, NODE_DELETED, "replaced", "left"}
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ class MemberView:
     alive: bool
     blocks: tuple[str, ...]
     reclaim_in: float | None  # seconds until automatic reclaim may start (None: alive or never)
+    node_deleted: bool = False  # the orchestrator deleted its node: removed once a quorum agrees
 
 
 @dataclass(frozen=True, slots=True)
