@@ -148,6 +148,9 @@ class _Compilation:
         self.selector_sets: dict[str, str] = {}
         self.notes: list[str] = []
         self.pods = state.addressed_pods
+        self.pods_by_namespace: dict[str, list[Pod]] = defaultdict(list)
+        for pod in self.pods:
+            self.pods_by_namespace[pod.namespace].append(pod)
 
     # -- sets -----------------------------------------------------------------------------
 
@@ -168,15 +171,16 @@ class _Compilation:
         name = f"sel-{_digest(meaning)}"
         self.selector_sets[meaning] = name
         self._declare(SetDecl(name, ("ipv4_addr",)))
-        for pod in self.pods:
-            if peer.namespace_selector is None:
-                in_namespace = pod.namespace == policy.namespace
-            else:
-                in_namespace = peer.namespace_selector.matches(
-                    self.state.namespace_labels(pod.namespace))
-            if in_namespace and pods.matches(pod.labels):
-                assert pod.ip is not None
-                self.elements[name].add(str(pod.ip))
+        if peer.namespace_selector is None:
+            namespaces = [policy.namespace]
+        else:
+            selector = peer.namespace_selector
+            namespaces = [ns for ns in self.pods_by_namespace
+                          if selector.matches(self.state.namespace_labels(ns))]
+        for namespace in namespaces:
+            for pod in self.pods_by_namespace.get(namespace, ()):
+                if pods.matches(pod.labels):
+                    self.elements[name].add(str(pod.ip))
         return name
 
     def named_port_set(self, port_name: str, protocol: Protocol) -> str:
@@ -288,7 +292,9 @@ def compile_policy(state: ClusterState, node: str,
         owner = state.pod_at(pod.ip) if pod.ip is not None else None
         work.notes.append(f"pod {pod.key} has address {pod.ip}, which "
                           f"{owner.key if owner else 'another pod'} has too; ignored")
-    policies = sorted(state.policies, key=lambda p: p.key)
+    policies_by_namespace: dict[str, list[NetworkPolicy]] = defaultdict(list)
+    for policy in sorted(state.policies, key=lambda p: p.key):
+        policies_by_namespace[policy.namespace].append(policy)
     chains: list[ChainDecl] = []
     signature_chains: list[ChainDecl] = []
     policy_chains: dict[str, ChainDecl] = {}
@@ -302,9 +308,8 @@ def compile_policy(state: ClusterState, node: str,
     work._declare(SetDecl(SELF_SET, ("ipv4_addr", "ipv4_addr")))
     for pod in _local_pods(state, node):
         for direction in DIRECTIONS:
-            selecting = tuple(p for p in policies
-                              if p.namespace == pod.namespace and p.affects(direction)
-                              and p.pod_selector.matches(pod.labels))
+            selecting = tuple(p for p in policies_by_namespace.get(pod.namespace, ())
+                              if p.affects(direction) and p.pod_selector.matches(pod.labels))
             if not selecting:
                 continue
             keys = tuple(p.key for p in selecting)
