@@ -14,6 +14,7 @@ import pytest
 from hypothesis import Phase, settings
 
 from tests.conftest import require, require_root
+from tests.deploy.kube_fixtures import account  # noqa: F401 (the service-account fixture)
 
 # `--hypothesis-profile=no-shrink`: report the first counterexample at once (for checking that
 # a deliberately broken compiler fails the property tests; shrinking can take minutes)
