@@ -162,11 +162,11 @@ def connections(draw: Any, state: ClusterState,
 
 
 def node_tables(state: ClusterState, options: CompileOptions | None = None,
-                ) -> dict[str, SimTable]:
+                nodes: tuple[str, ...] = NODES) -> dict[str, SimTable]:
     """Each node's compiled table, rendered to commands and read back by the interpreter."""
     return {node: SimTable.from_commands(
                 full_replace(compile_policy(state, node, options).ruleset, "gen 1"))
-            for node in NODES}
+            for node in nodes}
 
 
 def _address(end: Endpoint) -> IPv4Address:
