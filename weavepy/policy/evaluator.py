@@ -173,8 +173,10 @@ def allowed(state: ClusterState, src: Endpoint, dst: Endpoint, port: int | None,
     `protocol` is TCP, UDP, SCTP, or another IP protocol's name (ICMP: `port` None). A pod
     given as `src` or `dst` is looked up in `state` by namespace/name, so its labels and
     ports are the ones policy sees."""
-    src = state.pod(src.key) or src if isinstance(src, Pod) else src
-    dst = state.pod(dst.key) or dst if isinstance(dst, Pod) else dst
+    if isinstance(src, Pod):
+        src = state.pod(src.key) or src
+    if isinstance(dst, Pod):
+        dst = state.pod(dst.key) or dst
     if protocol in PROTOCOLS and port is None:
         raise ValueError(f"a {protocol} connection needs a port")
     if isinstance(src, Pod) and isinstance(dst, Pod) and src.key == dst.key:
