@@ -159,3 +159,17 @@ def test_ruleset_size_grows_linearly_in_pods_and_policies(nodes: int) -> None:
         ratio = getattr(large, field) / getattr(small, field)
         assert ratio <= 10.0, (field, getattr(small, field), getattr(large, field))
     assert large.elements >= 9 * small.elements  # and it does grow: the test can fail
+
+
+def test_the_interpreter_refuses_what_it_does_not_know() -> None:
+    from weavepy.policy.nftsim import SimError, SimTable
+
+    table = SimTable.from_commands([
+        {"add": {"table": {"family": "inet", "name": "t"}}},
+        {"add": {"chain": {"family": "inet", "table": "t", "name": "c", "type": "filter",
+                           "hook": "forward", "prio": 0, "policy": "accept"}}},
+        {"add": {"rule": {"family": "inet", "table": "t", "chain": "c", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 1}},
+            {"drop": None}]}}}])
+    with pytest.raises(SimError, match="unknown expression 'meta'"):
+        table.run(Packet(IPv4Address("198.19.0.2"), IPv4Address("198.19.0.3"), "tcp", 80))
