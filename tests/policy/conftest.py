@@ -1,0 +1,67 @@
+"""Fixtures of the policy tests: an nftables worker in a network namespace of its own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import Phase, settings
+
+from tests.conftest import require, require_root
+from tests.deploy.kube_fixtures import account  # noqa: F401 (the service-account fixture)
+
+# `--hypothesis-profile=no-shrink`: report the first counterexample at once (for checking that
+# a deliberately broken compiler fails the property tests; shrinking can take minutes)
+settings.register_profile("no-shrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class NftWorker:
+    """Runs transactions in an anonymous network namespace (`unshare -n`), one at a time."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            ["unshare", "-n", sys.executable, "-m", "tests.policy.nft_worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def run(self, commands: list[dict[str, Any]], table: str | None = None,
+            family: str = "inet") -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        request = {"commands": commands, "list": [family, table] if table else None}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the nft worker died"
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def nft_worker() -> Iterator[NftWorker]:
+    require_root()
+    require(shutil.which("unshare") is not None, "needs util-linux's unshare")
+    try:
+        import nftables  # noqa: F401
+    except ImportError:
+        require(False, "needs Debian's python3-nftables")
+    worker = NftWorker()
+    try:
+        yield worker
+    finally:
+        worker.close()
