@@ -94,12 +94,6 @@ class PolicyApplier:
                     return ApplyResult("incremental", len(commands), "elements changed")
         return self._replace(desired, reason)
 
-    def resync(self) -> ApplyResult | None:
-        """Replace the table with what was last applied (None if nothing was)."""
-        if self.applied is None:
-            return None
-        return self._replace(self.applied, "resync")
-
     def _replace(self, desired: Ruleset, reason: str) -> ApplyResult:
         values = self.counter_values(desired.table, desired.family)
         previous = self.applied

@@ -122,9 +122,6 @@ class Ruleset:
                            elements=sum(len(v) for v in self.elements.values()),
                            counters=len(self.counters))
 
-    def set_decl(self, name: str) -> SetDecl:
-        return next(s for s in self.sets if s.name == name)
-
     def base_chains(self) -> list[ChainDecl]:
         return [c for c in self.chains if c.hook is not None]
 
