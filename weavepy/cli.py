@@ -412,9 +412,11 @@ def rmpeer(name: str, force: bool, api_addr: str | None, config_file: str | None
 
 @main.command("reload-keyring")
 @api_option
-def reload_keyring(api_addr: str | None) -> None:
+@token_options
+def reload_keyring(api_addr: str | None, config_file: str | None, **flags: Any) -> None:
     """Read the gossip keyring file again (a step of a key rotation, without a restart)."""
-    doc = _call(lambda: _client(api_addr).post("/keyring/reload"))
+    client, refused = _changing_client(api_addr, config_file, flags)
+    doc = _call(lambda: client.post("/keyring/reload"), refused)
     click.echo(f"gossip keyring reloaded: {doc['keys']} key(s), the first (sha256 "
                f"{doc['primary_sha256']}...) encrypts")
 
