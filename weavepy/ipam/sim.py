@@ -285,8 +285,13 @@ class IpamSim:
             return False
         listed = {member.name: member.generation for member in status.members}
         target_status = self.status(target)
-        if target_status is not None and target_status.generation == listed.get(target):
-            return False  # that generation of the target still runs
+        if (
+            target_status is not None
+            and target_status.cluster_id == status.cluster_id
+            and target_status.generation == listed.get(target)
+        ):
+            return False  # that generation of the target still runs (generations are slots:
+            # the same number in another cluster is another node)
         if status.voters_reachable >= status.quorum:
             return True
         side = self.connected_to(at)
@@ -302,7 +307,9 @@ class IpamSim:
         for voter in status.voters:
             core = self.nodes[voter].core if voter in self.nodes else None
             if voter in among and core is not None:
-                count += core.status(self.now).generation == generations.get(voter)
+                own = core.status(self.now)
+                count += (own.cluster_id, own.generation) == (
+                    status.cluster_id, generations.get(voter))
         return count
 
     # ================================================================== time
