@@ -433,7 +433,28 @@ def test_reclaim_can_be_switched_off() -> None:
 
 
 
-# ------------------------------------------------------------------ a voter reset elsewhere
+# ------------------------------------------------------------------ late words, other clusters
+
+
+def test_a_late_hello_of_a_voter_does_not_hide_it_once_it_joined() -> None:
+    """Gossip's tag confirms what n2's messages said (cluster, generation 2); the hello n2's
+    process sent while it was stateless, delayed past all that, must not make n1 count n2 as
+    a node without a cluster (n1 would report a minority with both voters up)."""
+    sim = IpamSim(1)
+    sim.add_node("n1", bootstrap="found")
+    sim.add_node("n2")
+    joining = sim.nodes["n2"].core
+    assert joining is not None and joining.cluster_id is None
+    hello = joining.local_state()  # what n2 says on the wire before it knows a cluster
+    sim.run(10.0)
+    core, joined = sim.nodes["n1"].core, sim.nodes["n2"].core
+    assert core is not None and core.status(sim.now).voters == ("n1", "n2")
+    assert joined is not None and joined.generation == 2
+    core.on_member_alive("n2", sim.now, joined.meta_tag)  # gossip's latest word on n2, again
+    core.on_message("n2", hello, sim.now)
+    status = core.status(sim.now)
+    assert status.state is IpamState.READY and status.voters_reachable == 2
+    sim.check_status_invariants()
 
 
 def test_a_voter_reset_into_another_cluster_is_not_counted_and_may_be_forced_out() -> None:

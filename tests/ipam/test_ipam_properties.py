@@ -261,6 +261,13 @@ FOUND_EXAMPLES: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("del_pod", {"index": 87}),
         ("rejoin", {"index": 37}),
     ],
+    # n02's hello from before it joined arrived late, after gossip's tag had confirmed it as
+    # generation 2; n01 took it for a new process without a cluster and reported a minority.
+    "late hello of a joined voter": [
+        ("start", {"seed": 96968, "size": 2}),
+        ("partition", {"cuts": {7}, "order": [0, 1, 2, 3, 4, 5, 6, 7, 8]}),
+        ("tick", {"seconds": 2.0}),
+    ],
 }
 
 
