@@ -496,3 +496,55 @@ def test_reclaim_can_be_switched_off() -> None:
     sim.run(2000.0)
     assert not removals(sim, "n3")
     assert sim.status("n1").state is IpamState.READY  # type: ignore[union-attr]
+
+
+
+# ------------------------------------------------------------------ late words, other clusters
+
+
+def test_a_late_hello_of_a_voter_does_not_hide_it_once_it_joined() -> None:
+    """Gossip's tag confirms what n2's messages said (cluster, generation 2); the hello n2's
+    process sent while it was stateless, delayed past all that, must not make n1 count n2 as
+    a node without a cluster (n1 would report a minority with both voters up)."""
+    sim = IpamSim(1)
+    sim.add_node("n1", bootstrap="found")
+    sim.add_node("n2")
+    joining = sim.nodes["n2"].core
+    assert joining is not None and joining.cluster_id is None
+    hello = joining.local_state()  # what n2 says on the wire before it knows a cluster
+    sim.run(10.0)
+    core, joined = sim.nodes["n1"].core, sim.nodes["n2"].core
+    assert core is not None and core.status(sim.now).voters == ("n1", "n2")
+    assert joined is not None and joined.generation == 2
+    core.on_member_alive("n2", sim.now, joined.meta_tag)  # gossip's latest word on n2, again
+    core.on_message("n2", hello, sim.now)
+    status = core.status(sim.now)
+    assert status.state is IpamState.READY and status.voters_reachable == 2
+    sim.check_status_invariants()
+
+
+def test_a_voter_reset_into_another_cluster_is_not_counted_and_may_be_forced_out() -> None:
+    """n1 and n2 (generation 2) vote in one cluster; n2's node is reset and its new process
+    joins z1's cluster, where it is generation 2 again. n1 has lost its majority; the
+    operator's rule allows `rmpeer --force` of n2 (that generation is gone for good), and the
+    simulator must judge so, and must not count the reborn n2 as n1's voter."""
+    sim = IpamSim(1)
+    sim.add_node("n1", bootstrap="found")
+    sim.add_node("n2")
+    sim.run(10.0)
+    sim.destroy("n2")
+    sim.partition([["n1"], ["n2", "z1"]])
+    sim.add_node("z1", bootstrap="found")
+    sim.partition([["n1"], ["n2", "z1"]])
+    sim.rejoin("n2")
+    sim.run(10.0)
+    sim.heal()
+    sim.run(5.0)
+    reborn, status = sim.status("n2"), sim.status("n1")
+    assert reborn is not None and status is not None
+    assert reborn.generation == 2 and reborn.cluster_id != status.cluster_id
+    assert status.voters == ("n1", "n2") and [m.generation for m in status.members] == [1, 2]
+    assert status.state is IpamState.MINORITY_PARTITION and status.voters_reachable == 1
+    sim.check_status_invariants()  # the simulator agrees: z1's generation 2 is not n1's voter
+    assert sim.force_allowed("n1", "n2")
+    assert sim.settle_and_check_liveness()["forced"] == 1

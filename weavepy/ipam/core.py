@@ -678,6 +678,11 @@ class IpamCore:
         if not generation.isdigit() or len(cluster_id) > 64 or len(generation) > 19:
             self._drops["bad_ipam_tag"] += 1
             return
+        known = self._standing.get(name)
+        if known is not None and (known.cluster_id, known.generation) == (
+                cluster_id, int(generation)):
+            return  # it confirms what that process said: keep its boot and slot, so a late
+            # message of the same process (a hello from before it joined) stays late
         # gossip delivers a member's latest meta, so a tag speaks for its current process
         self._set_standing(name, _Standing(-1, cluster_id, int(generation), _CURRENT), now)
 
