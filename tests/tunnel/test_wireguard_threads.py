@@ -1,10 +1,11 @@
 """The in-process data plane (device._ThreadPlane, threads.py): one plain thread beside trio.
 
-Real UDP sockets on loopback and a pipe standing in for the TUN (nothing here needs a device
-or a namespace); the owner is a recorder of what reaches the control plane. What is checked:
-an engine that raises costs one read and the thread goes on; a thread that dies fails the
-plane with the reason instead of leaving half a device; closing stops the thread and releases
-every fd it opened; handshake messages reach the control plane from the thread.
+Real UDP sockets on loopback and a pipe standing in for the TUN (no device, no namespace),
+the owner a recorder of what reaches the control plane: an engine that raises costs one read
+and the thread goes on; a thread that dies fails the plane with the reason instead of leaving
+half a device; closing stops the thread and releases every fd it opened; handshake messages
+reach the control plane from the thread. Then a real interface in a sandbox node: cancelled,
+it leaves no thread and no fd behind; with its TUN device deleted under it, it fails visibly.
 """
 
 from __future__ import annotations
@@ -154,3 +155,57 @@ async def test_a_dead_thread_fails_the_plane_with_its_reason(
     assert _data_threads() == []
     assert "wg data-plane thread wg-data failed" in caplog.text
 
+
+
+def _interface_lifecycle(delete_device: bool) -> dict[str, Any]:
+    """Run in a sandbox node (call_in_netns): a real interface with its data-plane thread,
+    stopped by cancellation or broken by deleting its TUN device under it."""
+    import subprocess
+
+    from tunnel.wireguard.device import InterfaceConfig, WireGuardInterface
+    from tunnel.wireguard.keys import PrivateKey
+
+    before = _open_fds()
+    found: dict[str, Any] = {}
+
+    async def main() -> None:
+        config = InterfaceConfig(
+            name="wgthr0", private_key=PrivateKey.generate(), listen_port=51999, workers=False
+        )
+        interface = WireGuardInterface(config)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(interface.run)
+                await _until(_data_threads, "the data-plane thread")
+                found["running"] = [t.name for t in _data_threads()]
+                if delete_device:
+                    subprocess.run(["ip", "link", "del", "wgthr0"], check=True, timeout=10)
+                    await trio.sleep(5)  # the plane fails long before this
+                    found["survived_deletion"] = True
+                nursery.cancel_scope.cancel()
+        except Exception as exc:  # an ExceptionGroup from the nursery
+            found["error"] = repr(exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc)
+
+    trio.run(main)
+    found["after"] = [t.name for t in _data_threads()]
+    found["leaked_fds"] = sorted(_open_fds() - before)
+    return found
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("delete_device", [False, True], ids=["cancelled", "device-deleted"])
+def test_a_real_interface_stops_its_thread_or_fails_visibly(
+    sandbox_factory: Any, delete_device: bool
+) -> None:
+    from weavepy.devtools.sandbox import call_in_netns
+
+    box = sandbox_factory(nodes=1)
+    found = call_in_netns(box.nodes[0].netns, _interface_lifecycle, delete_device, timeout=40)
+    assert found["running"] == ["wg-data"]
+    assert found["after"] == [] and found["leaked_fds"] == [], found
+    if delete_device:
+        assert "survived_deletion" not in found, "the data plane went on without its device"
+        assert "wg data-plane thread failed" in found["error"], found
+    else:
+        assert "error" not in found, found
