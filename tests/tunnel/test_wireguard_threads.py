@@ -142,7 +142,7 @@ async def test_a_dead_thread_fails_the_plane_with_its_reason(
     def broken(now: float) -> None:
         raise OSError(9, "Bad file descriptor")
 
-    tx_side = rig.plane._thread.sides[0]
+    tx_side = rig.plane._thread.tx
     monkeypatch.setattr(tx_side, "read", broken)
     with pytest.raises(ExceptionGroup) as failed:
         async with trio.open_nursery() as nursery:

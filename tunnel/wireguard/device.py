@@ -402,11 +402,15 @@ class _ThreadPlane(_Plane):
         sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
         os.set_blocking(tun_fd, False)
         sock.setblocking(False)
-        sides = (
+        self._thread = PlaneThread(
+            "wg-data",
             TxSide(tun_fd, self.tx, Transmitter(sock, self.tx.counters)),
-            RxSide(sock, tun_fd, self.rx, self._post, self._handshakes),
+            RxSide(sock, tun_fd, self.rx),
+            self._post,
+            self._reports,
+            self._handshakes,
+            self._fail,
         )
-        self._thread = PlaneThread("wg-data", sides, self._post, self._reports, self._fail)
         self._owner: WireGuardInterface | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._failure: BaseException | None = None
