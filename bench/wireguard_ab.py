@@ -10,8 +10,9 @@ the tunnel are the agent's own choice:
 - `encrypt@REV` (`--baseline REV`): the same, run from `git archive REV` (the code before a
   change, as users ran it);
 - `LABEL` (`--variant LABEL=module.NAME=VALUE[,...]`): `--encrypt` agents from this checkout
-  with module constants set before the agent starts (a launcher sets them, then runs
-  `weavepy.cli`); only for comparing options of the data plane that are not settings.
+  with module constants set before the agent starts (a launcher sets them, or calls a
+  function of that name with the value, then runs `weavepy.cli`); only for comparing options
+  of the data plane that are not settings.
 
 And two variants without agents, between pods behind bridges (bench.wireguard.PodNetwork):
 `device`, our standalone device (`python -m tunnel.wireguard.device`, extension, data plane in
@@ -20,14 +21,17 @@ its own process as in the agent), `vxlan-hand`, kernel VXLAN set up by hand (the
 Debian's wireguard-go. Its version is printed: Debian's predates wireguard-go's 2023 TUN
 offloads (GSO/GRO), so a current one would be faster.
 
-Per repetition, in an order rotated between repetitions: pings from pod 1 to pod 2 every 5 ms,
-in rounds over all variants; then per variant an iperf3 TCP run capped at `--rate` (the
-tunnel's CPU per Gbit at a fixed packet rate, which the machine's other load disturbs far less
-than peak throughput), and iperf3 TCP pod 1 -> pod 2 with 1 and 4 streams. After the
-repetitions, idle pings (1 s apart) run for all variants at once, started staggered so their
-packets never meet. RTTs are reported per packet (median, 10th-90th percentile, min, lost),
-throughput per repetition (median and range), with the load average before each repetition,
-because the machine is shared.
+Per repetition: pings from pod 1 to pod 2 every 5 ms, one variant at a time in rounds over
+all variants (or, with --staggered, through all variants at once, started staggered so that
+their packets never meet: every variant then sees the same moments of the machine's other
+load, but each also loads the machine for the others, which penalises the CPU-hungry ones);
+then per variant, in an order rotated between repetitions, an iperf3 TCP run capped at
+`--rate` (the tunnel's CPU per Gbit at a fixed packet rate, which the machine's other load
+disturbs far less than peak throughput), and iperf3 TCP pod 1 -> pod 2 with 1 and 4 streams.
+After the repetitions, idle pings (1 s apart) through all variants at once, staggered. RTTs
+are reported per packet (median, 10th-90th percentile, min, lost), throughput per repetition
+(median and range), with the load average before each repetition, because the machine is
+shared.
 
 `python -m bench wireguard_ab` prints the report; use `WEAVEPY_BENCH_NO_RECORD=1` to keep it
 out of bench/RESULTS.md while comparing options.
@@ -37,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import os
 import re
 import shutil
 import statistics
@@ -59,14 +65,19 @@ from weavepy.devtools.sandbox import Sandbox, SandboxNode
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = "wireguard-go"
 _RTT = re.compile(r"time=([0-9.]+) ms")
-# Run by a variant's agents: set module constants, then run the CLI as `weavepy` would.
+# Run by a variant's agents: set module constants (or call module functions with the value,
+# e.g. sys.setswitchinterval), then run the CLI as `weavepy` would.
 _LAUNCHER = (
     "import ast, importlib, sys\n"
     "for spec in sys.argv[1].split(';'):\n"
     "    if spec:\n"
     "        where, value = spec.split('=', 1)\n"
     "        module, name = where.rsplit('.', 1)\n"
-    "        setattr(importlib.import_module(module), name, ast.literal_eval(value))\n"
+    "        target, value = importlib.import_module(module), ast.literal_eval(value)\n"
+    "        if callable(getattr(target, name, None)):\n"
+    "            getattr(target, name)(value)\n"
+    "        else:\n"
+    "            setattr(target, name, value)\n"
     "from weavepy.cli import main\n"
     "sys.argv = ['weavepy', *sys.argv[2:]]\n"
     "main()\n"
@@ -212,13 +223,45 @@ def _wait_reachable(pair: _Pair, logs: Any, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
-def _pings(pair: _Pair, count: int, interval: float) -> list[float]:
+def _renice(pairs: list[_Pair], niceness: int) -> None:
+    """Set the niceness of every thread of the pairs' tunnel processes (nice is per thread)."""
+    for pair in pairs:
+        for pid in pair.pids:
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                continue
+            for tid in tids:
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, tid, niceness)
+
+
+def _pings(pair: _Pair, count: int, interval: float, niceness: int = 0) -> list[float]:
     """`count` pings pod 1 -> pod 2, `interval` s apart: each reply's RTT in ms."""
     proc = subprocess.run(
-        ["ip", "netns", "exec", pair.pods[0], "ping", "-n", "-c", str(count), "-i",
-         str(interval), "-W", "1", pair.server_ip],
+        ["nice", "-n", str(niceness), "ip", "netns", "exec", pair.pods[0], "ping", "-n", "-c",
+         str(count), "-i", str(interval), "-W", "1", pair.server_ip],
         capture_output=True, text=True, timeout=count * (interval + 1) + 30, check=False)
     return [float(m) for m in _RTT.findall(proc.stdout)]
+
+
+def _staggered(pairs: list[_Pair], count: int, interval: float, niceness: int
+               ) -> list[list[float]]:
+    """`count` pings `interval` apart through every pair at once, each pair's started
+    interval/len(pairs) after the previous one's: every variant sees the same moments of the
+    machine's other load, and their packets never meet."""
+    found: list[list[float]] = [[] for _ in pairs]
+    threads = []
+    for index, pair in enumerate(pairs):
+        def ping(index: int = index, pair: _Pair = pair) -> None:
+            time.sleep(index * interval / len(pairs))
+            found[index] = _pings(pair, count, interval, niceness)
+
+        threads.append(threading.Thread(target=ping))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    return found
 
 
 def _iperf(pair: _Pair, streams: int, seconds: float, rate: str | None = None
@@ -302,8 +345,16 @@ def run(args: list[str]) -> str:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--pings", type=int, default=200, help="pings 5 ms apart per rep")
-    parser.add_argument("--ping-rounds", type=int, default=4,
-                        help="the pings of a repetition go in this many rounds over the variants")
+    parser.add_argument("--ping-rounds", type=int, default=8,
+                        help="the 5 ms pings of a repetition go in this many rounds over the "
+                        "variants, one variant at a time")
+    parser.add_argument("--staggered", action="store_true",
+                        help="ping all variants at once instead (staggered): the same moments "
+                        "of outside load for all, but each also loads the machine for the others")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="niceness of the tunnel processes' threads and of ping during the "
+                        "ping phases (e.g. -10: the machine's other load delays them less; every "
+                        "variant alike)")
     parser.add_argument("--idle-pings", type=int, default=30, help="pings 1 s apart, at the end")
     parser.add_argument("--no-iperf", action="store_true", help="no unpaced iperf3 runs")
     parser.add_argument("--rate", default=None, metavar="RATE",
@@ -328,12 +379,21 @@ def run(args: list[str]) -> str:
             loads.append(" ".join(Path("/proc/loadavg").read_text().split()[:3]))
             shift = rep % len(pairs)
             order = pairs[shift:] + pairs[:shift]
-            chunk = max(1, options.pings // options.ping_rounds)
-            for _ in range(options.ping_rounds):
-                for pair in order:
-                    _pings(pair, 3, 0.05)  # warm up
-                    pair.rtts += _pings(pair, chunk, 0.005)
-                    pair.pings_sent += chunk
+            for pair in order:
+                _pings(pair, 3, 0.05)  # warm up
+            _renice(pairs, options.nice)
+            if options.staggered:
+                for pair, rtts in zip(order, _staggered(order, options.pings, 0.005, options.nice),
+                                      strict=True):
+                    pair.rtts += rtts
+                    pair.pings_sent += options.pings
+            else:
+                chunk = -(-options.pings // options.ping_rounds)
+                for _ in range(options.ping_rounds):
+                    for pair in order:
+                        pair.rtts += _pings(pair, chunk, 0.005, options.nice)
+                        pair.pings_sent += chunk
+            _renice(pairs, 0)
             for pair in order:
                 if options.rate:
                     pair.paced.append(_iperf(pair, 1, options.seconds, options.rate))
@@ -342,17 +402,11 @@ def run(args: list[str]) -> str:
                         pair.runs[streams].append(_iperf(pair, streams, options.seconds))
         if options.idle_pings:
             loads.append(" ".join(Path("/proc/loadavg").read_text().split()[:3]))
-            threads = []
-            for index, pair in enumerate(pairs):
-                def idle(pair: _Pair = pair, delay: float = index / len(pairs)) -> None:
-                    time.sleep(delay)
-                    pair.idle_rtts = _pings(pair, options.idle_pings, 1.0)
-                    pair.idle_sent = options.idle_pings
-
-                threads.append(threading.Thread(target=idle))
-                threads[-1].start()
-            for thread in threads:
-                thread.join()
+            _renice(pairs, options.nice)
+            for pair, rtts in zip(pairs, _staggered(pairs, options.idle_pings, 1.0, options.nice),
+                                  strict=True):
+                pair.idle_rtts, pair.idle_sent = rtts, options.idle_pings
+            _renice(pairs, 0)
     finally:
         for pair in pairs:
             pair.close()
@@ -411,9 +465,14 @@ def _report(pairs: list[_Pair], loads: list[str], options: argparse.Namespace) -
         f"{_version(['iperf3', '--version'])}.",
         "",
         f"{options.reps} repetitions, variants interleaved and rotated. Per repetition "
-        f"{options.pings} pings 5 ms apart (in {options.ping_rounds} rounds over the "
-        f"variants); at the end {options.idle_pings} pings 1 s apart (all variants at once, "
-        f"started staggered). iperf3 -t {options.seconds:g}. Ratios to VXLAN are paired within "
+        f"{options.pings} pings 5 ms apart ("
+        + ("all variants at once, started staggered" if options.staggered else
+           f"one variant at a time, in {options.ping_rounds} rounds over the variants")
+        + f"); at the end {options.idle_pings} pings 1 s apart (all variants at once, started "
+        "staggered so that their packets never meet). "
+        + (f"During the pings, the tunnel processes and ping ran at nice {options.nice}. "
+           if options.nice else "")
+        + f"iperf3 -t {options.seconds:g}. Ratios to VXLAN are paired within "
         "each repetition. Load average (1/5/15 min) before each repetition and before the "
         "idle pings: " + "; ".join(loads) + ".",
         "",
