@@ -9,11 +9,12 @@ receive.py) and sends or writes the result itself. One thread serves both direct
 GIL hand-offs cost more than the overlap wins (bench wireguard_ab).
 
 What the control plane needs leaves through `post`, a thread-safe callable (the trio side uses
-`TrioToken.run_sync_soon`): handshake messages at once; reports (what the timers need) at
-once when urgent, otherwise every `REPORT_INTERVAL`, posted once the thread has been quiet for
-`QUIET` (under steady traffic, at the latest after twice the interval). A post wakes the trio
-loop, which then holds the GIL for a while: in the middle of a round trip (a ping's answer
-arrives a few hundred microseconds after its request left), it would delay the answer.
+`TrioToken.run_sync_soon`): handshake messages at once; reports (what the timers need) as
+soon as nothing is left to read when urgent, otherwise every `REPORT_INTERVAL`, posted once
+the thread has been quiet for `QUIET` (under steady traffic, at the latest after twice the
+interval). A post wakes the trio loop, which then holds the GIL for a while: in the middle of
+a round trip (a ping's answer arrives a few hundred microseconds after its request left), it
+would delay the answer.
 
 The rules it keeps: only this thread touches the engines (commands are applied here), so they
 need no locks; a packet read is sent or written before anything is posted; the thread stops
@@ -254,9 +255,8 @@ class PlaneThread:
             last_packet = now
             if not tun_ready:
                 flush()
-            if self._urgent() or (
-                now - last_report >= REPORT_INTERVAL and now - busy_since >= REPORT_INTERVAL
-            ):  # busy for a whole interval: report anyway, after what was read went out
+            if now - last_report >= REPORT_INTERVAL and now - busy_since >= REPORT_INTERVAL:
+                # busy for a whole interval: report anyway, after what was read went out
                 flush()
                 last_report = now
                 self._report()
