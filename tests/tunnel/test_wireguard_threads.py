@@ -209,3 +209,32 @@ def test_a_real_interface_stops_its_thread_or_fails_visibly(
         assert "wg data-plane thread failed" in found["error"], found
     else:
         assert "error" not in found, found
+
+
+@pytest.mark.netns
+@pytest.mark.peer
+@pytest.mark.timeout(90)
+def test_the_thread_plane_rekeys_under_pings_against_wireguard_go_and_loses_none(
+    sandbox_factory: Any, tmp_path: Any
+) -> None:
+    """The agent's data plane (workers=False) against Debian's wireguard-go, with timers short
+    enough for several rekeys during 300 pings 20 ms apart: a keypair command reaches the
+    thread through its queue while it reads, and no ping may be lost (a fixed count and a
+    loss count: unlike TCP, nothing retransmits behind our back)."""
+    from tests.tunnel.test_wireguard_interop import THEIRS, Pair
+
+    timers = {
+        "rekey_after_time": 1.5,
+        "reject_after_time": 3.0,
+        "keepalive_timeout": 1.0,
+        "rekey_timeout": 1.0,
+    }
+    pair = Pair(sandbox_factory(nodes=2), tmp_path, workers=False, timers=timers)
+    assert pair.ping(pair.n1, THEIRS)
+    before = pair.handshakes()
+    result = pair.n1.run(
+        ["ping", "-n", "-c", "300", "-i", "0.02", "-q", THEIRS], check=False, timeout=40
+    )
+    assert "\n300 packets transmitted, 300 received," in result.stdout, result.stdout
+    assert pair.handshakes() >= before + 2, "fewer than 2 rekeys during the pings"
+    assert not pair.ours.status()["drops"].get("engine_error_rx")
