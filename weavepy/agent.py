@@ -113,10 +113,11 @@ __all__ = ["Agent", "AgentError", "Prepared", "prepare", "run_agent"]
 log = logging.getLogger(__name__)
 
 LEAVE_TIMEOUT = 3.0
-# The WireGuard data plane runs inside the agent's trio process (one core). Worker processes
-# (one per direction) work from the agent too, but measured slower on the shared 2-core sandbox
-# (1.54-1.60 against 1.80-1.99 Gbit/s pod to pod), where both nodes share the same cores; on a
-# real host with cores to spare they should win. Measure before turning this on.
+# The WireGuard data plane runs in one thread of the agent's process, beside the trio loop
+# (tunnel/wireguard/threads.py). Worker processes (one per direction) work from the agent too,
+# but measured slower on the shared 2-core sandbox (1.54-1.60 against 1.80-1.99 Gbit/s pod to
+# pod), where both nodes share the same cores; on a real host with cores to spare they should
+# win. Measure before turning this on (python -m bench wireguard_ab).
 AGENT_WORKERS = False
 
 

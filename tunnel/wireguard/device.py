@@ -7,9 +7,10 @@ Shape (see plane.py, send.py, receive.py and workers.py for the data plane):
           ^   handshake messages, reports <--------------- RxEngine: UDP -> TUN
 
 With `workers=True` (the default) each engine runs in its own process, so both cores work;
-with `workers=False` both run inside this trio process (one core; simpler, used where spawning
-processes is not wanted). Either way the control plane is the same `core.Device` in external
-data-plane mode, and handshake messages go out from here on the shared UDP socket.
+with `workers=False` both run in one plain thread of this process, beside the trio loop (what
+the agent does; threads.py says why a thread and not the trio loop). Either way the control
+plane is the same `core.Device` in external data-plane mode, and handshake messages go out
+from here on the shared UDP socket.
 
 `WireGuardInterface` is what the agent embeds (`run()` in its nursery, `set_peer`,
 `remove_peer`, `status()`, and `events` for handshakes and roaming). `python -m
@@ -17,8 +18,10 @@ tunnel.wireguard.device CONFIG.json` runs one interface standalone (tests, bench
 writes its status to the config's `status_file` and re-reads peers on SIGHUP. A peer's
 `endpoint` there is `[host, port]`, already parsed by whoever wrote the file.
 
-The rule it keeps: everything it starts it stops (workers by PID, on exit or cancellation), and
-nothing it receives can crash it; drops are counted by reason in `status()`.
+The rule it keeps: everything it starts it stops (workers by PID, the data-plane thread by
+joining it, on exit or cancellation) before it closes the fds they use, and nothing it receives
+can crash it; drops are counted by reason in `status()`. A data-plane thread or worker that
+dies fails `run()` with the reason, so the owner sees it and restarts the interface.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any
 
 import trio
 
-from tunnel.tun import FAST_PATH_GSO_MAX_SIZE, MAX_READ, Tun
+from tunnel.tun import FAST_PATH_GSO_MAX_SIZE, Tun
 from tunnel.wireguard import core
 from tunnel.wireguard.core import DeviceConfig, PeerConfig
 from tunnel.wireguard.keys import PrivateKey, PublicKey
@@ -58,6 +61,7 @@ from tunnel.wireguard.plane import (
 )
 from tunnel.wireguard.receive import RxEngine
 from tunnel.wireguard.send import TxEngine
+from tunnel.wireguard.threads import PlaneThread, RxSide, TxSide
 from tunnel.wireguard.timers import TimerConfig
 from tunnel.wireguard.workers import (
     UDP_GRO,
@@ -66,7 +70,6 @@ from tunnel.wireguard.workers import (
     Transmitter,
     WorkerReports,
     WorkerStats,
-    gro_segment_size,
     plane_config_to_json,
 )
 
@@ -74,6 +77,7 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 SOCKET_BUFFER = 8 << 20
+JOIN_TIMEOUT = 5.0  # seconds to wait for the data-plane thread on close
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +201,7 @@ class WireGuardInterface:
                     _WorkerPlane("rx", tun.fds[0], sock, self.plane_config),
                 ]
             else:
-                planes = [_InlinePlane(tun.fds[0], sock, self.plane_config)]
+                planes = [_ThreadPlane(tun.fds[0], sock, self.plane_config)]
             self._planes = planes
             for peer in self.core.peers:
                 self._broadcast(
@@ -242,7 +246,7 @@ class WireGuardInterface:
             plane.command(commands)
 
     def handle_datagram(self, data: bytes, source: Address) -> None:
-        """A handshake or cookie message from the data plane (or the inline receiver)."""
+        """A handshake or cookie message from the data plane."""
         self.core.receive_datagram(data, source, time.monotonic())
         self._flush_core()
 
@@ -388,98 +392,85 @@ class _WorkerPlane(_Plane):
             self.conn.close()
 
 
-class _InlinePlane(_Plane):
-    """Both engines inside the trio process (one core)."""
+class _ThreadPlane(_Plane):
+    """Both engines in one plain thread of this process (threads.py), beside the trio loop:
+    a packet costs one wake-up of that thread, never a pass of the trio loop."""
 
     def __init__(self, tun_fd: int, sock: socket.socket, config: PlaneConfig) -> None:
-        self.tun_fd = tun_fd
-        self.sock = sock
         self.tx = TxEngine(config)
         self.rx = RxEngine(config)
-        self.transmitter = Transmitter(sock, self.tx.counters)
         sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
         os.set_blocking(tun_fd, False)
         sock.setblocking(False)
+        self._thread = PlaneThread(
+            "wg-data",
+            TxSide(tun_fd, self.tx, Transmitter(sock, self.tx.counters)),
+            RxSide(sock, tun_fd, self.rx),
+            self._post,
+            self._reports,
+            self._handshakes,
+            self._fail,
+        )
         self._owner: WireGuardInterface | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._failure: BaseException | None = None
+        self._failed = trio.Event()
 
     def command(self, commands: list[PlaneCommand]) -> None:
-        now = time.monotonic()
-        for command in commands:
-            self.rx.apply(command, now)
-            self.transmitter.send(self.tx.apply(command, now))
-        self.transmitter.flush()
-        self._write(self.rx.retry_held(now))
-        self._report()
-
-    def _write(self, packets: list[bytes | bytearray | memoryview]) -> None:
-        for packet in packets:
-            try:
-                os.write(self.tun_fd, packet)
-            except OSError as exc:
-                self.rx.counters[f"tun_write_error_{exc.errno}"] += 1
-
-    def _report(self) -> None:
-        if self._owner is None:
-            return
-        reports = self.tx.reports() + self.rx.reports()
-        if reports:
-            self._owner.handle_reports(reports)
+        self._thread.command(commands)
 
     async def serve(self, owner: WireGuardInterface) -> None:
         self._owner = owner
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._tun_loop)
-            nursery.start_soon(self._udp_loop, owner)
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread.start()
+        await self._failed.wait()
+        raise RuntimeError(f"wg data-plane thread failed: {self._failure!r}")
 
-    async def _tun_loop(self) -> None:
-        buffer = bytearray(MAX_READ)
-        view = memoryview(buffer)
-        while True:
-            await trio.lowlevel.wait_readable(self.tun_fd)
-            now = time.monotonic()
-            for _ in range(64):
-                try:
-                    size = os.readv(self.tun_fd, [buffer])
-                except BlockingIOError:
-                    break
-                self.transmitter.send(self.tx.process(view[:size], now))
-            self.transmitter.flush()
-            self._report()
-            await trio.lowlevel.checkpoint()
+    def _post(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run `fn(*args)` in the trio thread soon (callable from any thread). An exception
+        there fails this plane (so `run()`), never the trio run itself."""
+        token = self._token
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._guarded, fn, args)
 
-    async def _udp_loop(self, owner: WireGuardInterface) -> None:
-        buffer = bytearray(65536 + 4096)
-        view = memoryview(buffer)
-        sock = self.sock
-        while True:
-            await trio.lowlevel.wait_readable(sock.fileno())
-            now = time.monotonic()
-            for _ in range(64):
-                try:
-                    size, ancillary, _, source = sock.recvmsg_into([buffer], socket.CMSG_SPACE(4))
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    self.rx.counters[f"recv_error_{exc.errno}"] += 1
-                    break
-                segment = gro_segment_size(ancillary, size)
-                self._write(self.rx.process(view[:size], segment, (source[0], source[1]), now))
-                messages, self.rx.handshake_messages = self.rx.handshake_messages, []
-                for data, origin in messages:
-                    owner.handle_datagram(data, origin)
-            self.rx.expire_held(now)
-            self._report()
-            await trio.lowlevel.checkpoint()
+    def _guarded(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            log.exception("wg control plane failed on what the data-plane thread sent")
+            self._fail_now(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._post(self._fail_now, exc)
+
+    def _fail_now(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._failed.set()
+
+    def _reports(self, reports: list[Report]) -> None:
+        if self._owner is not None:
+            self._owner.handle_reports(reports)
+
+    def _handshakes(self, messages: list[tuple[bytes, Address]]) -> None:
+        if self._owner is not None:
+            for data, source in messages:
+                self._owner.handle_datagram(data, source)
 
     def counters(self) -> tuple[dict[str, int], dict[str, int]]:
-        counters = Counter(self.tx.counters)
-        counters.update(self.rx.counters)
-        stats = Counter(self.tx.stats)
-        stats.update(self.rx.stats)
+        # dict() copies in one step under the GIL while the thread keeps counting
+        counters = Counter(dict(self.tx.counters))
+        counters.update(dict(self.rx.counters))
+        stats = Counter(dict(self.tx.stats))
+        stats.update(dict(self.rx.stats))
         return dict(counters), dict(stats)
 
     async def close(self) -> None:
-        return None
+        self._thread.stop()
+        if not await trio.to_thread.run_sync(self._thread.join, JOIN_TIMEOUT):
+            log.error("the wg data-plane thread did not stop within %g s", JOIN_TIMEOUT)
+        self._thread.close()
 
 
 # ---------------------------------------------------------------------------- standalone

@@ -48,41 +48,43 @@ MAX_FRAGMENTS = 255
 
 
 class Fragmenter:
-    """Lays a ciphertext out as fragments with headers in one reusable buffer (numpy copies)."""
+    """Cuts a ciphertext into fragments without copying it.
+
+    The caller seals into `buffer`; `layout` writes the fragments' headers into a small buffer
+    of its own and returns an iovec (header, chunk, header, chunk, ...) over both, for one UDP
+    GSO sendmsg: the kernel gathers the pieces while it copies them anyway, so the ciphertext
+    is never copied in userspace. The views are made once (the buffers never move).
+    """
 
     def __init__(self, max_datagram: int, max_message: int = 1 << 17) -> None:
         self.max_datagram = max_datagram
         self.chunk = max_datagram - SUPER_HEADER_SIZE
-        count = -(-max_message // self.chunk)
-        self.buffer = bytearray(count * max_datagram)
-        self._array = np.frombuffer(self.buffer, dtype=np.uint8)
-        headers = np.zeros((count, SUPER_HEADER_SIZE), dtype=np.uint8)
-        headers[:, 0] = MESSAGE_SUPER_FRAGMENT
-        headers[:, 1] = np.arange(count) & 0xFF
-        self._headers = headers
+        self.max_count = min(MAX_FRAGMENTS, -(-max_message // self.chunk))
+        self.buffer = bytearray(self.max_count * self.chunk)
+        self.view = memoryview(self.buffer)
+        self._headers = bytearray(self.max_count * SUPER_HEADER_SIZE)
+        self._indices = bytes(range(self.max_count))
+        headers = memoryview(self._headers)
+        self._iovec: list[memoryview] = []
+        for index in range(self.max_count):
+            at = index * SUPER_HEADER_SIZE
+            self._iovec.append(headers[at : at + SUPER_HEADER_SIZE])
+            self._iovec.append(self.view[index * self.chunk : (index + 1) * self.chunk])
 
-    def layout(self, ciphertext: memoryview, receiver: int, counter: int) -> tuple[int, int]:
-        """Write the fragments; return (bytes used in `buffer`, fragment count)."""
-        length = len(ciphertext)
-        chunk, size = self.chunk, self.max_datagram
+    def layout(self, length: int, receiver: int, counter: int) -> tuple[list[memoryview], int]:
+        """Headers for the first `length` bytes of `buffer`; return (iovec, fragment count)."""
+        chunk = self.chunk
         count = -(-length // chunk)
-        if count > MAX_FRAGMENTS:
+        if count > self.max_count:
             raise ValueError("super-packet too large for one extension message")
-        headers = self._headers[:count]
-        headers[:, 2] = count
-        headers[:, 4:8] = np.frombuffer(struct.pack("<I", receiver), dtype=np.uint8)
-        headers[:, 8:16] = np.frombuffer(struct.pack("<Q", counter), dtype=np.uint8)
-        rows = self._array[: count * size].reshape(count, size)
-        rows[:, :SUPER_HEADER_SIZE] = headers
-        source = np.frombuffer(ciphertext, dtype=np.uint8)
-        full = length // chunk
-        if full:
-            rows[:full, SUPER_HEADER_SIZE:] = source[: full * chunk].reshape(full, chunk)
-        tail = length - full * chunk
-        if tail:
-            rows[full, SUPER_HEADER_SIZE : SUPER_HEADER_SIZE + tail] = source[full * chunk :]
-        used = (count - 1) * size + SUPER_HEADER_SIZE + (tail or chunk)
-        return used, count
+        end = count * SUPER_HEADER_SIZE
+        self._headers[:end] = (
+            SUPER_HEADER.pack(MESSAGE_SUPER_FRAGMENT, 0, count, 0, receiver, counter) * count
+        )
+        self._headers[1:end:SUPER_HEADER_SIZE] = self._indices[:count]
+        iovec = self._iovec[: 2 * count - 1]
+        iovec.append(self.view[(count - 1) * chunk : length])
+        return iovec, count
 
 
 def gather_batch(batch: memoryview, segment: int, out: bytearray) -> int | None:
@@ -114,6 +116,66 @@ def gather_batch(batch: memoryview, segment: int, out: bytearray) -> int | None:
         last + SUPER_HEADER_SIZE : total
     ]
     return length
+
+
+def whole_message(headers: bytes | bytearray | memoryview, count: int) -> bool:
+    """`headers` are the first `count` fragment headers of one read, back to back: are they
+    one whole message, fragments 0..count-1 in order? (As in gather_batch: the first and the
+    last are checked; the AEAD authenticates everything else.)"""
+    if count < 1 or len(headers) < count * SUPER_HEADER_SIZE:
+        return False
+    last = (count - 1) * SUPER_HEADER_SIZE
+    return (
+        headers[0] == MESSAGE_SUPER_FRAGMENT
+        and headers[1] == 0
+        and headers[2] == count
+        and headers[last + 1] == count - 1
+        and headers[last + 4 : last + SUPER_HEADER_SIZE] == headers[4:SUPER_HEADER_SIZE]
+    )
+
+
+class Scatter:
+    """Where a UDP read lands when an extension message is expected: an iovec that puts each
+    datagram's header in `headers` and its chunk of ciphertext in `cipher`, so that one whole
+    message arrives as one contiguous ciphertext and is opened where it lies (no gather copy).
+
+    It only fits datagrams of `max_datagram` bytes (the sender's size, normally the same as
+    ours) or a single datagram; anything else is put back in order with `linearize`.
+    """
+
+    def __init__(self, max_datagram: int, capacity: int) -> None:
+        self.max_datagram = max_datagram
+        chunk = max_datagram - SUPER_HEADER_SIZE
+        count = -(-capacity // max_datagram)
+        self.headers = bytearray(count * SUPER_HEADER_SIZE)
+        self.cipher = bytearray(count * chunk)
+        self.cipher_view = memoryview(self.cipher)
+        headers = memoryview(self.headers)
+        self.buffers: list[memoryview] = []
+        for index in range(count):
+            at = index * SUPER_HEADER_SIZE
+            self.buffers.append(headers[at : at + SUPER_HEADER_SIZE])
+            self.buffers.append(self.cipher_view[index * chunk : (index + 1) * chunk])
+
+    def message(self, size: int, segment: int) -> int | None:
+        """After a read of `size` bytes (GRO segment `segment`): the ciphertext length in
+        `cipher` if the read is one whole message laid out as intended, else None."""
+        count = -(-size // segment) if segment else 1
+        if count > 1 and segment != self.max_datagram:
+            return None
+        if size - count * SUPER_HEADER_SIZE <= 0 or not whole_message(self.headers, count):
+            return None
+        return size - count * SUPER_HEADER_SIZE
+
+    def linearize(self, size: int, out: bytearray) -> None:
+        """Copy the first `size` bytes of the read back into `out`, in order."""
+        at = 0
+        for piece in self.buffers:
+            if at >= size:
+                return
+            length = min(len(piece), size - at)
+            out[at : at + length] = piece[:length]
+            at += length
 
 
 class Reassembly:

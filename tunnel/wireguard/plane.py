@@ -153,8 +153,15 @@ Report = DataSent | DataReceived | HandshakeNeeded
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Datagrams for one sendmsg: equal `segment_size` pieces (the last may be shorter)."""
+    """Datagrams for one sendmsg: equal `segment_size` pieces (the last may be shorter). Their
+    bytes are one buffer, or an iovec (a list of buffers the kernel gathers in order)."""
 
-    data: memoryview
+    data: memoryview | list[memoryview]
     segment_size: int  # 0: a single datagram
     endpoint: Address
+
+    def payload(self) -> bytes:
+        """The datagrams' bytes in one piece (a copy)."""
+        if isinstance(self.data, list):
+            return b"".join(self.data)
+        return bytes(self.data)

@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidTag
 
 from tunnel.tun import MAX_READ, VNET_HDR_SIZE
 from tunnel.wireguard.allowedips import AllowedIPs
-from tunnel.wireguard.extension import Reassembly, gather_batch
+from tunnel.wireguard.extension import Reassembly, Scatter, gather_batch
 from tunnel.wireguard.keys import TAG_SIZE
 from tunnel.wireguard.messages import (
     MESSAGE_COOKIE_REPLY,
@@ -54,6 +54,7 @@ _MAX_ROWS = 64  # a UDP GRO read holds at most 64 datagrams
 _MAX_HELD = 32  # messages for not-yet-known indices kept at most ...
 _HOLD_TIME = 0.2  # ... for this long
 _MAX_VIEW_SIZES = 8  # datagram sizes whose buffer views are kept (one or two in practice)
+READ_SIZE = 65536 + 4096  # the largest UDP (GRO) read
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,12 @@ class RxEngine:
         self._arange = np.arange(_MAX_ROWS, dtype=np.uint64)
         self._cipher = bytearray(MAX_READ + 256)
         self._cipher_view = memoryview(self._cipher)
+        # where UDP reads land (read_buffers / process_read): linear, or scattered while
+        # extension messages arrive (see extension.Scatter)
+        self._linear = bytearray(READ_SIZE)
+        self._linear_buffers = [memoryview(self._linear)]
+        self._scatter = Scatter(config.max_datagram, READ_SIZE)
+        self._scattering = False
         self._reassembly = Reassembly()
         self._open_view_cache: dict[int, tuple[list[slice], list[slice], list[memoryview]]] = {}
         # one reusable output for the result of a fast-path batch (written before the next)
@@ -192,6 +199,42 @@ class RxEngine:
     def has_urgent_reports(self) -> bool:
         """Reports that should reach the control plane now (a new keypair confirmed, roaming)."""
         return bool(self._urgent)
+
+    def read_buffers(self) -> list[memoryview]:
+        """Where the next UDP read should land (recvmsg_into); then call `process_read`.
+
+        While whole extension messages arrive, a scatter list (extension.Scatter) that lands
+        the ciphertext contiguous, so it is opened where it lies; otherwise one linear buffer.
+        """
+        return self._scatter.buffers if self._scattering else self._linear_buffers
+
+    def process_read(
+        self, size: int, segment_size: int, source: Address, now: float
+    ) -> list[bytes | bytearray | memoryview]:
+        """The read into `read_buffers()` of `size` bytes (GRO segment `segment_size`, 0 for
+        none) -> TUN writes, as `process`. Never raises."""
+        try:
+            scatter = self._scatter
+            if self._scattering:
+                length = scatter.message(size, segment_size)
+                if length is not None:
+                    return self._open_extension(
+                        scatter.cipher_view[:length], bytes(scatter.headers[4:16]), source,
+                        now, reuse=True,
+                    )
+                scatter.linearize(size, self._linear)
+                if size > scatter.max_datagram:  # not our kind of batch: read linearly
+                    self._scattering = False
+            else:
+                linear = self._linear
+                self._scattering = (
+                    size > segment_size == scatter.max_datagram
+                    and linear[0] == MESSAGE_SUPER_FRAGMENT
+                )
+        except Exception:
+            engine_fault(self.counters, "rx")
+            return []
+        return self.process(memoryview(self._linear)[:size], segment_size, source, now)
 
     def process(
         self, batch: memoryview, segment_size: int, source: Address, now: float
@@ -508,6 +551,10 @@ class RxEngine:
         if len(datagram) <= SUPER_HEADER_SIZE:
             self.counters["truncated"] += 1
             return []
+        if datagram[1] == 0 and datagram[2] == 1:  # a whole message (a batch of ACKs, say)
+            return self._open_extension(
+                datagram[SUPER_HEADER_SIZE:], bytes(datagram[4:16]), source, now
+            )
         try:
             complete = self._reassembly.add(datagram)
         except ValueError:

@@ -98,8 +98,6 @@ class TxEngine:
         self._arange = np.arange(128, dtype=np.uint64)
         self._plain = bytearray(MAX_READ + 64)
         self._plain_view = memoryview(self._plain)
-        self._cipher = bytearray(MAX_READ + 64)
-        self._cipher_view = memoryview(self._cipher)
         self._seal_view_cache: dict[
             int, tuple[list[memoryview], list[memoryview], list[memoryview]]
         ] = {}
@@ -343,22 +341,18 @@ class TxEngine:
             peer.sent = (counter + 1, True, self._now)
             self.stats["extension_messages_sent"] += 1
             return [Send(out[:end], 0, peer.endpoint)]
-        sealed = self._cipher_view[: length + TAG_SIZE]
-        cipher.encrypt_into(nonce, read, None, sealed)
-        used, count = fragmenter.layout(sealed, keypair.remote_index, counter)
+        cipher.encrypt_into(nonce, read, None, fragmenter.view[: length + TAG_SIZE])
+        iovec, count = fragmenter.layout(length + TAG_SIZE, keypair.remote_index, counter)
         peer.sent = (counter + 1, True, self._now)
         self.stats["extension_messages_sent"] += 1
-        view = memoryview(fragmenter.buffer)
         size = fragmenter.max_datagram
         per_send = 65000 // size  # one UDP GSO send carries at most ~64 KB
         if count <= per_send:
-            return [Send(view[:used], size if count > 1 else 0, peer.endpoint)]
-        sends = []
-        for start in range(0, count, per_send):
-            stop = min(used, (start + per_send) * size)
-            pieces = min(per_send, count - start)
-            sends.append(Send(view[start * size : stop], size if pieces > 1 else 0, peer.endpoint))
-        return sends
+            return [Send(iovec, size, peer.endpoint)]
+        return [
+            Send(iovec[start * 2 : (start + per_send) * 2], size, peer.endpoint)
+            for start in range(0, count, per_send)
+        ]
 
     def _stage(self, peer: _TxPeer, read: memoryview, now: float) -> None:
         if len(peer.staged) == peer.staged.maxlen:
@@ -377,7 +371,7 @@ class TxEngine:
             read = memoryview(bytearray(peer.staged.popleft()))
             # each Send reuses the output buffer: materialise before the next one
             sends.extend(
-                Send(memoryview(bytes(s.data)), s.segment_size, s.endpoint)
+                Send(memoryview(s.payload()), s.segment_size, s.endpoint)
                 for s in self._send(peer, keypair, read, now)
             )
         return sends

@@ -117,11 +117,11 @@ class Transmitter:
 
     def send(self, sends: list[Send]) -> None:
         for item in sends:
-            size = len(item.data)
-            if item.segment_size:
+            if item.segment_size or isinstance(item.data, list):
                 self.flush()
                 self._transmit(item.data, item.segment_size, item.endpoint)
                 continue
+            size = len(item.data)
             if self._run_count and (
                 size != self._run_size
                 or item.endpoint != self._run_endpoint
@@ -143,19 +143,22 @@ class Transmitter:
         self._transmit(self._run_view[: self._run_length], segment, self._run_endpoint)
         self._run_length = self._run_count = 0
 
-    def _transmit(self, data: memoryview, segment_size: int, endpoint: tuple[str, int]) -> None:
+    def _transmit(
+        self, data: memoryview | list[memoryview], segment_size: int, endpoint: tuple[str, int]
+    ) -> None:
         sock = self.sock
+        buffers = data if isinstance(data, list) else [data]
         for _ in range(100):
             try:
                 if segment_size:
                     sock.sendmsg(
-                        [data],
+                        buffers,
                         [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(segment_size))],
                         0,
                         endpoint,
                     )
                 else:
-                    sock.sendto(data, endpoint)
+                    sock.sendmsg(buffers, (), 0, endpoint)
                 self.calls += 1
                 return
             except BlockingIOError:
@@ -244,11 +247,9 @@ def run_rx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(conn.fileno(), select.POLLIN)
-    buffer = bytearray(65536 + 4096)
-    view = memoryview(buffer)
     recvmsg_into = sock.recvmsg_into
     write = os.write
-    process = engine.process
+    process_read, read_buffers = engine.process_read, engine.read_buffers
     last_report = last_stats = 0.0
     reads = writes = 0
     dontwait = socket.MSG_DONTWAIT
@@ -276,7 +277,9 @@ def run_rx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
         engine.expire_held(now)
         for _ in range(BATCH):
             try:
-                size, ancillary, flags, source = recvmsg_into([buffer], _GRO_ANCILLARY, dontwait)
+                size, ancillary, flags, source = recvmsg_into(
+                    read_buffers(), _GRO_ANCILLARY, dontwait
+                )
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -287,7 +290,7 @@ def run_rx(tun_fd: int, sock: socket.socket, conn: Connection, config: PlaneConf
                 engine.counters["truncated_read"] += 1
                 continue
             segment = gro_segment_size(ancillary, size)
-            write_all(process(view[:size], segment, (source[0], source[1]), now))
+            write_all(process_read(size, segment, (source[0], source[1]), now))
             if engine.handshake_messages:
                 conn.send(HandshakeMessages(engine.handshake_messages))
                 engine.handshake_messages = []
