@@ -180,6 +180,11 @@ class RxEngine:
                 self._held.append(held)
         return writes
 
+    @property
+    def holding(self) -> bool:
+        """Messages are held for a keypair not installed yet (`expire_held` them in time)."""
+        return bool(self._held)
+
     def expire_held(self, now: float) -> None:
         queue = self._held
         while queue and now - queue[0].at > _HOLD_TIME:

@@ -14,7 +14,8 @@ soon as nothing is left to read when urgent, otherwise every `REPORT_INTERVAL`, 
 the thread has been quiet for `QUIET` (under steady traffic, at the latest after twice the
 interval). A post wakes the trio loop, which then holds the GIL for a while: in the middle of
 a round trip (a ping's answer arrives a few hundred microseconds after its request left), it
-would delay the answer.
+would delay the answer. With nothing read since the last report and nothing held, the thread
+sleeps until a packet or a command arrives (an idle agent pays no wake-ups for it).
 
 The rules it keeps: only this thread touches the engines (commands are applied here), so they
 need no locks; a packet read is sent or written before anything is posted; the thread stops
@@ -29,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import select
 import socket
@@ -204,30 +206,37 @@ class PlaneThread:
     def _loop(self) -> None:
         tx, rx, waker = self.tx, self.rx, self._waker
         tun_fd, udp_fd = tx.fd, rx.fd
-        flush, expire_held = tx.transmitter.flush, rx.engine.expire_held
+        flush, rx_engine = tx.transmitter.flush, rx.engine
         poller = select.poll()
         for fd in (tun_fd, udp_fd, waker):
             poller.register(fd, select.POLLIN)
         poll, monotonic = poller.poll, time.monotonic
         last_report = last_packet = busy_since = monotonic()
         idle = True
+        unreported = False  # packets or commands since the last report
         while True:
             ready = poll(0)
             if not ready:
                 flush()  # the reads are done: send what the transmitter gathered
                 now = monotonic()
-                expire_held(now)
                 idle = True
-                timeout = REPORT_INTERVAL
+                wake: float | None = None  # in how many seconds there is work without a packet
+                if rx_engine.holding:
+                    rx_engine.expire_held(now)
+                    wake = REPORT_INTERVAL
                 if self._urgent():
                     self._report()
-                elif now - last_report >= REPORT_INTERVAL:
-                    if now - last_packet >= QUIET or now - last_report >= 2 * REPORT_INTERVAL:
-                        last_report = now
+                elif unreported:
+                    if now - last_report >= REPORT_INTERVAL and (
+                        now - last_packet >= QUIET or now - last_report >= 2 * REPORT_INTERVAL
+                    ):
+                        last_report, unreported = now, False
                         self._report()
-                    else:
-                        timeout = last_packet + QUIET - now
-                ready = poll(max(1, round(timeout * 1000)))
+                    else:  # when the reports may go
+                        due = max(last_report + REPORT_INTERVAL, last_packet + QUIET) - now
+                        wake = due if wake is None else min(wake, due)
+                # idle with nothing pending, the thread sleeps until a packet or a command
+                ready = poll(-1 if wake is None else max(1, math.ceil(wake * 1000)))
                 if not ready:
                     continue
             now = monotonic()
@@ -252,11 +261,11 @@ class PlaneThread:
                         self._queue.popleft()
                     tx.apply(commands, now)
                     rx.apply(commands, now)
-            last_packet = now
+            last_packet, unreported = now, True
             if not tun_ready:
                 flush()
             if now - last_report >= REPORT_INTERVAL and now - busy_since >= REPORT_INTERVAL:
                 # busy for a whole interval: report anyway, after what was read went out
                 flush()
-                last_report = now
+                last_report, unreported = now, False
                 self._report()
