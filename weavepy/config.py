@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_CNI_BIN_DIR",
     "DEFAULT_CNI_CONF_DIR",
     "DEFAULT_GOSSIP_PORT",
+    "DEFAULT_IPALLOC_RANGE",
     "DEFAULT_METRICS_PORT",
     "PROFILES",
     "SETTINGS",
@@ -57,6 +58,7 @@ DEFAULT_METRICS_PORT = 6782  # Weave's metrics port
 DEFAULT_CNI_CONF_DIR = Path("/etc/cni/net.d")
 DEFAULT_CNI_BIN_DIR = Path("/opt/cni/bin")
 DEFAULT_WG_PORT = 51820
+DEFAULT_IPALLOC_RANGE = ipaddress.IPv4Network("10.32.0.0/12")  # Weave's default cluster range
 DEFAULT_RECLAIM_AFTER = 24 * 3600.0  # long enough that a reboot or an upgrade never triggers it
 PROFILES = ("lan", "wan", "local")
 IPAM_MODES = ("weavepy", "kubernetes")  # who owns pod address space (docs/ipam.md)
@@ -418,7 +420,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("peers", _peers, _const(()), "peers to join, as host or host:port (also the "
             "launch arguments)", ("WEAVEPY_PEERS", "WEAVE_PEERS", "KUBE_PEERS"), "PEERS",
             flag=False),
-    Setting("ipalloc_range", _range, _const(ipaddress.IPv4Network("10.32.0.0/12")),
+    Setting("ipalloc_range", _range, _const(DEFAULT_IPALLOC_RANGE),
             "the cluster's pod address range", ("IPALLOC_RANGE", "WEAVEPY_IPALLOC_RANGE"), "CIDR"),
     Setting("block_prefix", _int_between(8, 30), _const(24),
             "prefix length of the blocks the range is cut into", ("WEAVEPY_BLOCK_PREFIX",), "N"),

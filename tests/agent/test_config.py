@@ -8,12 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from weavepy.config import ConfigError, load_config, parse_duration, parse_peer
+from weavepy.config import (
+    DEFAULT_IPALLOC_RANGE,
+    ConfigError,
+    load_config,
+    parse_duration,
+    parse_peer,
+)
 
 
 def test_defaults_match_weave_and_flannel() -> None:
     config = load_config({}, {})
-    assert config.ipalloc_range == IPv4Network("10.32.0.0/12")
+    assert config.ipalloc_range == DEFAULT_IPALLOC_RANGE
     assert config.block_prefix == 24
     assert config.gossip_port == 6783
     assert (config.vxlan_vni, config.vxlan_port) == (1, 8472)

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from weavepy.config import DEFAULT_IPALLOC_RANGE
 from weavepy.ipam.blocks import MAX_BLOCKS, BlockError, BlockSpace
 
 
@@ -22,7 +23,7 @@ def test_splits_the_range_into_equal_blocks_in_order() -> None:
 
 
 def test_production_default_is_4096_blocks() -> None:
-    assert BlockSpace.parse("10.32.0.0/12", 24).count == 4096
+    assert BlockSpace.parse(str(DEFAULT_IPALLOC_RANGE), 24).count == 4096
 
 
 def test_index_of_addresses_and_blocks() -> None:
