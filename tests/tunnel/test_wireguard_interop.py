@@ -249,7 +249,7 @@ def test_we_initiate_and_carry_tcp_and_udp_both_ways(sandbox_factory: Any, tmp_p
 
 
 @pytest.mark.timeout(60)
-def test_wireguard_go_initiates_inline_mode(sandbox_factory: Any, tmp_path: Path) -> None:
+def test_wireguard_go_initiates_data_plane_thread(sandbox_factory: Any, tmp_path: Path) -> None:
     pair = Pair(sandbox_factory(nodes=2), tmp_path, workers=False)
     assert pair.ping(pair.n2, OURS)  # their side sends first: they initiate
     status = pair.ours.wait_for(stat_at_least("responses_sent", 1), 5, "we never responded")
