@@ -8,8 +8,10 @@ it; `?watch=true` streams its changes as they happen, from the `resourceVersion`
 events since then first, as the API server does); the NetworkUnavailable patch is accepted.
 
 Each node's agent gets its own stand-in inside that node's network namespace, on 127.0.0.1, so
-no test traffic leaves the namespace; all of them follow one command file, so they serve the
-same table. The test changes the table by appending commands, one JSON object a line:
+no test traffic leaves the namespace. Each stand-in follows a command file of its own, so a
+test can show a change to some agents and not to others, as an API server that part of the
+cluster cannot reach would; by default a change goes to every node's file. One JSON object a
+line:
 
     {"op": "put", "node": NODE}        ADDED (MODIFIED if a node of that name exists)
     {"op": "delete", "name": NAME}     DELETED
@@ -145,40 +147,54 @@ async def main(cert: Path, key: Path, token: str, commands: Path, port_file: Pat
 
 class LiveKube:
     """The test's side: one stand-in per node (`serve`), each agent's kubeconfig, and the
-    commands that change the Node table."""
+    commands that change the Node table, for every node or only the nodes `seen_by` names."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.ca, self.cert, self.key = make_ca_and_server_cert(directory)
-        self.commands = directory / "commands.jsonl"
-        self.commands.touch()
+        self.history: list[dict[str, Any]] = []  # what every node was told, for late starters
         self.standins: dict[str, ManagedProcess] = {}
 
-    def put(self, name: str, address: str, pod_cidrs: Sequence[str] = ()) -> None:
-        self._append({"op": "put", "node": node_object(name, address, pod_cidrs)})
+    def put(self, name: str, address: str, pod_cidrs: Sequence[str] = (),
+            seen_by: Sequence[SandboxNode] | None = None) -> None:
+        self._tell({"op": "put", "node": node_object(name, address, pod_cidrs)}, seen_by)
 
-    def delete(self, name: str) -> None:
-        self._append({"op": "delete", "name": name})
+    def delete(self, name: str, seen_by: Sequence[SandboxNode] | None = None) -> None:
+        self._tell({"op": "delete", "name": name}, seen_by)
 
-    def _append(self, command: dict[str, Any]) -> None:
-        with self.commands.open("a") as out:
-            out.write(json.dumps(command) + "\n")
+    def kubeconfig(self, node: SandboxNode) -> Path:
+        """Where `serve` wrote the kubeconfig of `node`'s agent."""
+        return self.directory / f"{node.name}.kubeconfig"
+
+    def _commands(self, name: str) -> Path:
+        return self.directory / f"{name}.commands.jsonl"
+
+    def _tell(self, command: dict[str, Any], seen_by: Sequence[SandboxNode] | None) -> None:
+        if seen_by is None:
+            self.history.append(command)
+        names = list(self.standins) if seen_by is None else [node.name for node in seen_by]
+        for name in names:
+            with self._commands(name).open("a") as out:
+                out.write(json.dumps(command) + "\n")
 
     def serve(self, node: SandboxNode, timeout: float = 30) -> Path:
-        """Start the stand-in inside `node`; the kubeconfig its agent is to use."""
+        """Start the stand-in inside `node` (it first hears every change told to all nodes so
+        far); the kubeconfig its agent is to use."""
         port_file = self.directory / f"{node.name}.port"
         port_file.unlink(missing_ok=True)
+        self._commands(node.name).write_text(
+            "".join(json.dumps(command) + "\n" for command in self.history))
         self.standins[node.name] = node.start("kube-api", [
             sys.executable, "-m", "tests.agent.kube_live_api", str(self.cert), str(self.key),
-            TOKEN, str(self.commands), str(port_file)], cwd=str(REPO))
+            TOKEN, str(self._commands(node.name)), str(port_file)], cwd=str(REPO))
         deadline = time.monotonic() + timeout
         while not port_file.exists() or not port_file.read_text().endswith("\n"):
             if not self.standins[node.name].alive() or time.monotonic() > deadline:
                 raise AssertionError(f"the API stand-in in {node.name} did not start:\n"
                                      + self.standins[node.name].log_text()[-2000:])
             time.sleep(0.05)
-        kubeconfig = self.directory / f"{node.name}.kubeconfig"
+        kubeconfig = self.kubeconfig(node)
         kubeconfig.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "standin",
             "clusters": [{"name": "standin", "cluster": {

@@ -6,7 +6,7 @@ Two sandboxes, one per class, each torn down when its class ends:
 
 * `TestNodeDeletionAndReset`: six nodes; n1..n5 run agents with `--kube-peers` and a short
   IPAM lease (8 s; `--reclaim-after` stays 24 h, so no removal here is the automatic one).
-  **The Kubernetes API is a stand-in** (tests/agent/kube_standin.py: the replay server of
+  **The Kubernetes API is a stand-in** (tests/agent/kube_live_api.py: the replay server of
   tests/deploy/kube_replay.py over a live node table), one per node inside its namespace, so a
   test can show a Node deletion to some agents and not to others.
 * `TestAutomaticReclaim`: five agents with `--reclaim-after 12s --ipam-lease 8s` (the lease
@@ -20,26 +20,22 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.agent.kube_live_api import LiveKube
 from tests.conftest import require_root
-from tests.deploy.kube_replay import make_ca_and_server_cert
 from weavepy.devtools.agentbox import AgentBox
 from weavepy.devtools.sandbox import Sandbox, SandboxNode
 from weavepy.ipam.invariants import Ownership, check_no_overlap
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-TOKEN = "eyJhbGciOiJSUzI1NiJ9.standin-token"
-ROOT = Path(__file__).resolve().parents[2]  # the checkout, where `tests` imports from
 LEASE = "8s"
 
 
@@ -117,79 +113,29 @@ def reset(rig: AgentBox, node: SandboxNode, *flags: str) -> subprocess.Completed
 # ------------------------------------------------------------------ the Kubernetes stand-in
 
 
-@dataclass
-class KubeStandins:
-    """One Kubernetes API stand-in per node (tests/agent/kube_standin.py), and the agent
-    flags that point at it (`--kube-peers --kubeconfig FILE`)."""
-
-    rig: AgentBox
-
-    def __post_init__(self) -> None:
-        self.dir = self.rig.root / "kube"
-        self.dir.mkdir()
-        self.ca, self.cert, self.key = make_ca_and_server_cert(self.dir)
-
-    def _commands(self, node: SandboxNode) -> Path:
-        return self.dir / f"{node.name}.commands"
-
-    def kubeconfig(self, node: SandboxNode) -> Path:
-        return self.dir / f"{node.name}.kubeconfig"
-
-    def start(self, node: SandboxNode) -> None:
-        port_file = self.dir / f"{node.name}.port"
-        self._commands(node).touch()
-        proc = node.start("kube-api", [sys.executable, "-m", "tests.agent.kube_standin",
-                                       str(self.cert), str(self.key), TOKEN,
-                                       str(self._commands(node)), str(port_file)], cwd=str(ROOT))
-
-        def port() -> str | None:
-            assert proc.alive(), f"the API stand-in in {node.name} exited: {proc.log_text()}"
-            return port_file.read_text().strip() if port_file.exists() else None
-
-        self.rig.wait(f"the API stand-in in {node.name}", port, 30)
-        self.kubeconfig(node).write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "standin",
-            "clusters": [{"name": "standin", "cluster": {
-                "server": f"https://127.0.0.1:{port()}",
-                "certificate-authority": str(self.ca)}}],
-            "users": [{"name": "weavepy", "user": {"token": TOKEN}}],
-            "contexts": [{"name": "standin",
-                          "context": {"cluster": "standin", "user": "weavepy"}}]}))
-
-    def flags(self, node: SandboxNode) -> list[str]:
-        return ["--kube-peers", "--kubeconfig", str(self.kubeconfig(node))]
-
-    def _tell(self, command: dict[str, str], seen_by: list[SandboxNode] | None) -> None:
-        for node in seen_by if seen_by is not None else self.rig.box.nodes:
-            with self._commands(node).open("a") as commands:
-                commands.write(json.dumps(command) + "\n")
-
-    def add(self, node: SandboxNode, seen_by: list[SandboxNode] | None = None) -> None:
-        self._tell({"op": "add", "name": node.name, "address": node.underlay_ip}, seen_by)
-
-    def delete(self, node: SandboxNode, seen_by: list[SandboxNode] | None = None) -> None:
-        self._tell({"op": "delete", "name": node.name}, seen_by)
+def kube_flags(kubeconfig: Path) -> list[str]:
+    """The agent flags that point it at its node's API stand-in."""
+    return ["--kube-peers", "--kubeconfig", str(kubeconfig)]
 
 
 # ------------------------------------------------------------------ Node deletion, and reset
 
 
 @pytest.fixture(scope="class")
-def kube_rig() -> Iterator[tuple[AgentBox, KubeStandins]]:
+def kube_rig() -> Iterator[tuple[AgentBox, LiveKube]]:
     require_root()
     box = Sandbox.create(nodes=6)
     try:
         rig = AgentBox(box, pod_range=str(box.pod_range), extra_args=["--ipam-lease", LEASE])
-        kube = KubeStandins(rig)
-        for node in box.nodes:
-            kube.start(node)
+        kube = LiveKube(rig.root / "kube")
         for node in box.nodes[:5]:
-            kube.add(node)
+            kube.put(node.name, node.underlay_ip)
+        configs = {node.name: kube.serve(node) for node in box.nodes}
         founder = box.nodes[0]  # launched without --peers: it founds the cluster
-        rig.launch(founder, extra=kube.flags(founder))
+        rig.launch(founder, extra=kube_flags(configs[founder.name]))
         rig.wait_api(founder)
         for node in box.nodes[1:5]:
-            rig.launch(node, [founder], extra=kube.flags(node))
+            rig.launch(node, [founder], extra=kube_flags(configs[node.name]))
         rig.wait_mesh(box.nodes[:5], timeout=60)
         rig.wait("five voters", lambda: len(ipam(rig, founder).get("voters", [])) == 5, 30)
         yield rig, kube
@@ -200,7 +146,7 @@ def kube_rig() -> Iterator[tuple[AgentBox, KubeStandins]]:
 class TestNodeDeletionAndReset:
     @pytest.mark.timeout(120)
     def test_deleting_a_dead_nodes_node_reclaims_its_block_once_and_it_is_reused(
-            self, kube_rig: tuple[AgentBox, KubeStandins]) -> None:
+            self, kube_rig: tuple[AgentBox, LiveKube]) -> None:
         rig, kube = kube_rig
         n = rig.box.nodes
         survivors, victim, newcomer = list(n[:4]), n[4], n[5]
@@ -210,7 +156,7 @@ class TestNodeDeletionAndReset:
             peer_state(rig, s, victim.name) == "failed" for s in survivors), 30)
         assert all(tombstone(rig, s, victim.name) is None for s in survivors)
 
-        kube.delete(victim)  # every agent's API says so
+        kube.delete(victim.name)  # every agent's API says so
         removal = rig.wait("n5's removal everywhere",
                            lambda: removed_everywhere(rig, survivors, victim.name), 30)
         generation, _, reason = removal
@@ -221,15 +167,15 @@ class TestNodeDeletionAndReset:
         # its block is quarantined while its lease may still run, then free, and reused: the
         # next node to join claims the lowest free block, which is n5's
         rig.wait("n5's block free", lambda: block_free(rig, n[0], block), 30)
-        kube.add(newcomer)
-        rig.launch(newcomer, [n[0]], extra=kube.flags(newcomer))
+        kube.put(newcomer.name, newcomer.underlay_ip)
+        rig.launch(newcomer, [n[0]], extra=kube_flags(kube.kubeconfig(newcomer)))
         blocks = rig.wait_mesh([*survivors, newcomer], timeout=60)
         assert blocks[newcomer.name] == [block]
         assert removed_everywhere(rig, survivors, victim.name) == removal  # still only once
 
     @pytest.mark.timeout(120)
     def test_a_minority_that_sees_a_node_deleted_removes_nothing(
-            self, kube_rig: tuple[AgentBox, KubeStandins]) -> None:
+            self, kube_rig: tuple[AgentBox, LiveKube]) -> None:
         rig, kube = kube_rig
         n = rig.box.nodes
         n1, n2, n3, n4, n6 = n[0], n[1], n[2], n[3], n[5]
@@ -244,7 +190,7 @@ class TestNodeDeletionAndReset:
                  == "minority_partition" and all(peer_state(rig, s, "n4") == "failed"
                                                  for s in minority + majority), 45)
 
-        kube.delete(n4, seen_by=minority)  # the majority's API has not told it (yet)
+        kube.delete(n4.name, seen_by=minority)  # the majority's API has not told it (yet)
         rig.wait("n1 to say the removal waits", lambda: "removal of n4 (node deleted) waits "
                  "for a majority" in ipam(rig, n1).get("detail", ""), 15)
         assert "voters are reachable from here, so the removal waits until a majority is" \
@@ -267,7 +213,7 @@ class TestNodeDeletionAndReset:
 
     @pytest.mark.timeout(120)
     def test_reset_with_a_quorum_gives_the_blocks_back(
-            self, kube_rig: tuple[AgentBox, KubeStandins]) -> None:
+            self, kube_rig: tuple[AgentBox, LiveKube]) -> None:
         rig, _ = kube_rig
         n = rig.box.nodes
         n1, n2, n3, n6 = n[0], n[1], n[2], n[5]
@@ -294,7 +240,7 @@ class TestNodeDeletionAndReset:
 
     @pytest.mark.timeout(120)
     def test_reset_in_a_minority_is_refused_and_names_the_rmpeer_to_run(
-            self, kube_rig: tuple[AgentBox, KubeStandins]) -> None:
+            self, kube_rig: tuple[AgentBox, LiveKube]) -> None:
         rig, _ = kube_rig
         n = rig.box.nodes
         n1, n2, n3 = n[0], n[1], n[2]
@@ -330,7 +276,7 @@ class TestNodeDeletionAndReset:
 
     @pytest.mark.timeout(60)
     def test_reset_offline_or_forced_names_the_rmpeer_to_run(
-            self, kube_rig: tuple[AgentBox, KubeStandins]) -> None:
+            self, kube_rig: tuple[AgentBox, LiveKube]) -> None:
         rig, _ = kube_rig
         n1, n2 = rig.box.nodes[0], rig.box.nodes[1]
         cluster = ipam(rig, n1)["cluster_id"]
