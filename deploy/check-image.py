@@ -1,7 +1,7 @@
 """Check, in the built image, that the encrypted path's libraries still do their work.
 
-deploy/Containerfile runs it with the venv's interpreter after the venv was slimmed
-(deploy/slim-venv.sh took numpy's OpenBLAS and unused subpackages out, and stripped symbols):
+deploy/Containerfile runs it with the venv's interpreter, after the build stage took out of
+the venv what weavepy does not load (numpy's unused subpackages, rich's optional renderers):
 
     python check-image.py
 
