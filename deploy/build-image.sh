@@ -9,7 +9,8 @@
 #   1. installs what is missing of podman, buildah, debootstrap, python3-venv and git (apt);
 #   2. makes two bases with debootstrap --variant=minbase from the machine's Debian mirror (the
 #      one in /etc/apt/sources.list[.d]), with the security updates: the run base has the
-#      packages the image needs, the build base adds python3-venv and patchelf. Docs, manual
+#      packages the image needs, the build base adds python3-venv, patchelf and binutils
+#      (strip, for the venv's shared objects). Docs, manual
 #      pages, locales and apt's lists are left out. Cached by what goes into them (the package
 #      lists, the mirrors, this script's base recipe); --refresh-base rebuilds them;
 #   3. downloads the wheels pinned in deploy/requirements*.lock (hash-checked) into a directory;
@@ -26,7 +27,7 @@ REPO=$PWD
 OUT=${WEAVEPY_IMAGE_OUT:-$REPO/build/image}
 SUITE=bookworm
 RUN_PACKAGES=(python3 python3-nftables iproute2 nftables kmod procps)
-BUILD_PACKAGES=(python3-venv patchelf)
+BUILD_PACKAGES=(python3-venv patchelf binutils)
 # What minbase brings that the image never runs, purged from the run base (step 2)
 RUN_PURGE=(apt libapt-pkg6.0 gpgv debian-archive-keyring libgnutls30 libp11-kit0 libtasn1-6
   libunistring2 libidn2-0 libnettle8 libhogweed6 libseccomp2 libxxhash0 adduser e2fsprogs
@@ -208,19 +209,26 @@ EOF
   import_rootfs "$rootfs" "$build_base"
   # The run base: no package manager (the image is replaced, never upgraded in place; dpkg
   # stays, so the Containerfile can see what is installed), no build tools, nothing else the
-  # image does not run (logins, filesystem tools, time zones, glibc's iconv modules, the
-  # interpreter's test and documentation modules), and no bytecode (the Containerfile compiles
-  # what the agent loads).
+  # image does not run (logins, filesystem tools, time zones, perl, glibc's iconv modules, the
+  # interpreter's test and documentation modules and test extensions), and no bytecode (the
+  # Containerfile compiles what the agent loads).
   in_root "$rootfs" apt-get purge -y -qq --allow-remove-essential "${build_added[@]}" \
     "${RUN_PURGE[@]}" >>"$OUT/debootstrap.log" 2>&1 ||
     die "purging the run base failed; see $OUT/debootstrap.log"
+  # perl last, once no maintainer script (debconf's are perl) is left to run
+  in_root "$rootfs" dpkg --purge --force-remove-essential perl-base \
+    >>"$OUT/debootstrap.log" 2>&1 || die "purging perl-base failed; see $OUT/debootstrap.log"
   for pkg in "${RUN_PACKAGES[@]}"; do
     chroot "$rootfs" dpkg-query -W -f='${Status}' "$pkg" | grep -q 'ok installed' ||
       die "purging the run base removed $pkg"
   done
   rm -rf "$rootfs/usr/lib/x86_64-linux-gnu/gconv" "$rootfs/usr/share/bash-completion" \
     "$rootfs/usr/lib/python3.11/test" "$rootfs/usr/lib/python3.11/pydoc_data" \
-    "$rootfs/usr/lib/python3.11/lib2to3" "$rootfs/usr/lib/python3.11/idlelib"
+    "$rootfs/usr/lib/python3.11/lib2to3" "$rootfs/usr/lib/python3.11/idlelib" \
+    "$rootfs"/usr/lib/python3.11/lib-dynload/_test*.so \
+    "$rootfs"/usr/lib/python3.11/lib-dynload/_ctypes_test.*.so \
+    "$rootfs"/usr/lib/python3.11/lib-dynload/_xxtestfuzz.*.so \
+    "$rootfs"/usr/lib/python3.11/lib-dynload/xxlimited*.so
   find "$rootfs/usr/lib/python3.11" "$rootfs/usr/lib/python3" -depth -name __pycache__ \
     -type d -exec rm -rf {} +
   slim_rootfs "$rootfs"
