@@ -28,10 +28,10 @@ The rules it keeps:
   route on the peers, as flannel's subnet lease does. The routes go when the grace ends, when
   the blocks are reclaimed or removed (`--reclaim-after`, `weavepy rmpeer`, a deleted Node),
   or at once when the peer leaves (`weavepy stop`). A kept peer never displaces a live one:
-  one that shares a live peer's underlay address or VTEP MAC, or whose blocks overlap a live
-  peer's or ours, is dropped. A peer that comes back is programmed from its new tags, so a
-  new underlay address or VTEP MAC replaces the neighbour and FDB entry under a route that
-  stays.
+  one that shares a live peer's underlay address, VTEP MAC or WireGuard key, or whose blocks
+  overlap a live peer's or ours, is dropped. A peer that comes back is programmed from its
+  new tags, so a new underlay address or VTEP MAC replaces the neighbour and FDB entry under a
+  route that stays.
 * **No flapping across a restart.** The peers programmed by the last pass are saved in the run
   directory (tmpfs: it dies with the kernel state it describes). A freshly started agent knows
   nobody yet, so until its view has settled it keeps programming those saved peers unless the
@@ -170,12 +170,12 @@ def desired_data_plane(
     for member in view:
         if member.name == self_name:
             continue
+        keep_until: float | None = None  # a failed peer's end of grace
         if not member.live:
-            until = member.since + grace
-            if (member.state is not PeerState.FAILED or grace <= 0 or until <= now
+            keep_until = member.since + grace
+            if (member.state is not PeerState.FAILED or grace <= 0 or keep_until <= now
                     or not blocks_by_node.get(member.name)):
                 continue
-            kept[member.name] = until
         ident = member.identity
         if ident is None:
             if member.problem is not None and member.problem.reason != "not-weavepy":
@@ -188,6 +188,8 @@ def desired_data_plane(
         path = choose_path(local, ident, local_name=self_name, peer_name=member.name)
         if path == "wireguard" and ident.wg_public_key is not None and ident.wg_port:
             paths[member.name] = path
+            if keep_until is not None:
+                kept[member.name] = keep_until
             wg_peers.append(WgPeer(
                 member.name, ident.wg_public_key, (str(ident.underlay_ip), ident.wg_port),
                 tuple(blocks_by_node.get(member.name, ())),
@@ -202,6 +204,8 @@ def desired_data_plane(
             excluded[member.name] = f"no common data path (it has {sorted(ident.capabilities)})"
             continue
         paths[member.name] = path
+        if keep_until is not None:
+            kept[member.name] = keep_until
         reason = fallback_reason(local, ident, path, local_name=self_name,
                                  peer_name=member.name)
         if reason is not None:
@@ -229,8 +233,8 @@ def _without_conflicting_kept(
     fallbacks: dict[str, str],
 ) -> tuple[list[Peer], list[WgPeer]]:
     """The peers and WireGuard peers without the kept (failed) ones that would displace a live
-    peer or this node: the same underlay address or VTEP MAC, or an overlapping block. Those
-    are dropped from `kept` and `paths` too, and named in `excluded` (pure)."""
+    peer or this node: the same underlay address, VTEP MAC or WireGuard key, or an overlapping
+    block. Those are dropped from `kept` and `paths` too, and named in `excluded` (pure)."""
     live = [p for p in peers if p.name not in kept]
     live_wg = [p for p in wg_peers if p.name not in kept]
     addresses = {p.underlay_ip for p in live} | {IPv4Address(p.endpoint[0]) for p in live_wg
