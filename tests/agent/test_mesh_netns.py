@@ -217,7 +217,9 @@ def test_restart_keeps_blocks_and_pod_address_and_does_not_flap(rig: AgentBox) -
     held = rig.status(victim)["ipam"]["held_blocks"]  # type: ignore[index]
     assert held == blocks[victim.name]
     pod = result["ips"][0]["address"].split("/")[0]
-    assert all(_ping(node, pod) for node in nodes[:4]), "the survivors reach its pod again"
+    for node in nodes[:4]:
+        rig.wait(f"{node.name} to reach {victim.name}'s pod again", partial(_ping, node, pod),
+                 timeout=10)
     monitor.stop()
     deleted = [line for line in monitor.log_text().splitlines()
                if line.split("]", 1)[-1].strip().startswith("Deleted")
@@ -289,7 +291,9 @@ def test_a_sigterm_stop_longer_than_failure_detection_keeps_the_peers_routes(
     assert rig.wait_mesh(nodes, timeout=60)[victim.name] == blocks[victim.name]
     rc, again = _cni_add(rig, victim, "podt")
     assert rc == 0 and again["ips"][0]["address"] == pod, again
-    assert all(_ping(node, pod.split("/")[0]) for node in survivors)
+    for node in survivors:
+        rig.wait(f"{node.name} to reach {victim.name}'s pod again",
+                 partial(_ping, node, pod.split("/")[0]), timeout=10)
     for monitor in monitors:
         monitor.stop()
         deleted = [line for line in monitor.log_text().splitlines() if "Deleted" in line]
