@@ -9,7 +9,9 @@ Two latencies, each over several trials in one sandbox per cluster size:
   Launch (process start) to routes everywhere is reported too.
 - **death declared -> routes removed**: from the first survivor's "member X: failed" (gossip
   declared the SIGKILLed node dead) until the last survivor's kernel deleted the route to its
-  block.
+  block. The agents run with `--route-grace 0` for this: with the default grace a failed
+  node keeps its routes while it owns its block (docs/architecture.md), and the same removal
+  path runs when the grace ends or the block is reclaimed.
 
 Timestamps come from the agents' logs and from `ip -ts monitor route` running in every node
 (kernel notifications, microsecond stamps), both wall-clock on this one machine; polling
@@ -79,7 +81,7 @@ def _measure(size: int, trials: int) -> dict[str, list[float]]:
     box = Sandbox.create(nodes=size)
     results: dict[str, list[float]] = {"join": [], "launch": [], "death": []}
     try:
-        rig = AgentBox(box, pod_range=str(box.pod_range))
+        rig = AgentBox(box, pod_range=str(box.pod_range), extra_args=("--route-grace", "0"))
         members, newcomer = box.nodes[:-1], box.nodes[-1]
         rig.launch(members[0])
         rig.wait_api(members[0])

@@ -336,7 +336,8 @@ class Agent:
         """What the data plane should be now, and the names of the peers in the view."""
         desired = desired_data_plane(self.view.peers(), self.ipam.blocks_by_node(),
                                      self.config.name, self.data_plane_identity(),
-                                     sorted(self.external.values(), key=lambda p: p.name))
+                                     sorted(self.external.values(), key=lambda p: p.name),
+                                     now=trio.current_time(), grace=self.config.route_grace)
         return desired, {p.name for p in self.view.peers()}
 
     def host_rules_spec(self, peer_nodes: frozenset[IPv4Address]) -> HostRulesSpec:

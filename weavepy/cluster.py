@@ -278,16 +278,19 @@ class ClusterView:
                             event.incarnation, event.time)
 
     def sync(self, members: Iterable[Member], now: float) -> bool:
-        """Re-read a full member list (after a dropped event, or at start); forget the rest."""
+        """Re-read a full member list (after a dropped event, or at start). A known peer the
+        list no longer has (gossip reaps dead members after a while) is failed, not forgotten:
+        its last identity is what keeps its routes while it owns blocks (weavepy.reconcile)."""
         changed = False
         seen: set[str] = set()
         for member in members:
             seen.add(member.name)
             changed |= self._update(member.name, member.addr, member.port, member.meta,
                                     _STATE_OF_MEMBER[member.state], member.incarnation, now)
-        for name in list(self._peers):
-            if name not in seen:
-                changed |= self._peers.pop(name).live
+        for name, old in list(self._peers.items()):
+            if name not in seen and old.live:
+                self._peers[name] = replace(old, state=PeerState.FAILED, since=now)
+                changed = True
         return changed
 
     def forget(self, name: str) -> bool:

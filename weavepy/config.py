@@ -60,6 +60,9 @@ DEFAULT_CNI_BIN_DIR = Path("/opt/cni/bin")
 DEFAULT_WG_PORT = 51820
 DEFAULT_IPALLOC_RANGE = ipaddress.IPv4Network("10.32.0.0/12")  # Weave's default cluster range
 DEFAULT_RECLAIM_AFTER = 24 * 3600.0  # long enough that a reboot or an upgrade never triggers it
+# how long peers keep the routes of a failed node that still owns its blocks: longer than an
+# agent restart, a rolling update or a reboot, so those change no route (docs/architecture.md)
+DEFAULT_ROUTE_GRACE = 15 * 60.0
 PROFILES = ("lan", "wan", "local")
 IPAM_MODES = ("weavepy", "kubernetes")  # who owns pod address space (docs/ipam.md)
 MIN_MTU, MAX_MTU = 576, 9216
@@ -128,6 +131,11 @@ def parse_duration(value: object) -> float:
     if not seconds > 0:
         raise ValueError(f"must be positive, got {text!r}")
     return seconds
+
+
+def _grace(value: object) -> float:
+    """A duration, or 0 (off)."""
+    return 0.0 if _text(value).strip().lower() in ("0", "0s") else parse_duration(value)
 
 
 def _cidr(value: object) -> ipaddress.IPv4Network:
@@ -463,6 +471,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("reclaim_after", parse_duration, _const(DEFAULT_RECLAIM_AFTER),
             "reclaim a gone node's blocks after this long (like 24h)",
             ("WEAVEPY_RECLAIM_AFTER",), "DURATION"),
+    Setting("route_grace", _grace, _const(DEFAULT_ROUTE_GRACE),
+            "keep a failed peer's routes this long while it still owns its blocks (0: drop "
+            "them once gossip declares it failed)", ("WEAVEPY_ROUTE_GRACE",), "DURATION"),
     Setting("ipam_lease", parse_duration, _const(3600.0),
             "how long a node may hand out addresses without hearing from a majority of voters",
             ("WEAVEPY_IPAM_LEASE",), "DURATION"),
@@ -591,6 +602,7 @@ class AgentConfig:
     no_masq_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
     ipam: str = "weavepy"  # one of IPAM_MODES
     kubeconfig: Path | None = None
+    route_grace: float = DEFAULT_ROUTE_GRACE
     config_file: Path | None = None
     warnings: tuple[str, ...] = ()  # Weave variables and flags set but not taken (logged once)
 

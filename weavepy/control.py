@@ -146,6 +146,9 @@ class NodeControl:
             entry["path"] = desired.paths.get(peer.name)
             entry["programmed"] = peer.name in programmed
             entry["excluded"] = desired.excluded.get(peer.name)
+            until = desired.kept.get(peer.name)  # a failed peer's routes, kept (--route-grace)
+            entry["routes_kept_s"] = (None if until is None
+                                      else round(until - trio.current_time(), 1))
             peers.append(entry)
         ready, reasons = self.readiness()
         last = reconciler.last

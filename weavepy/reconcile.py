@@ -21,6 +21,17 @@ The rules it keeps:
 * Host rules run in a worker thread and never stop a pass or the agent: what fails is in
   their status (`host_rules.errors`) and tried again on the next pass; rules someone removed
   or flushed are put back, logged and counted (`restorations`).
+* **Routes follow block ownership, not momentary liveness.** A peer gossip declares failed
+  keeps its routes (VXLAN and WireGuard alike, as last announced) while the block table still
+  names it as the owner of its blocks, for at most `grace` after the failure (`--route-grace`):
+  an agent restart, a rolling update or a reboot that outlasts failure detection changes no
+  route on the peers, as flannel's subnet lease does. The routes go when the grace ends, when
+  the blocks are reclaimed or removed (`--reclaim-after`, `weavepy rmpeer`, a deleted Node),
+  or at once when the peer leaves (`weavepy stop`). A kept peer never displaces a live one:
+  one that shares a live peer's underlay address, VTEP MAC or WireGuard key, or whose blocks
+  overlap a live peer's or ours, is dropped. A peer that comes back is programmed from its
+  new tags, so a new underlay address or VTEP MAC replaces the neighbour and FDB entry under a
+  route that stays.
 * **No flapping across a restart.** The peers programmed by the last pass are saved in the run
   directory (tmpfs: it dies with the kernel state it describes). A freshly started agent knows
   nobody yet, so until its view has settled it keeps programming those saved peers unless the
@@ -43,7 +54,7 @@ from typing import Any
 import trio
 
 from tunnel.vxlan import Peer, ReconcileReport, VxlanBackend, watch_device
-from weavepy.cluster import DataPlaneIdentity, PeerView
+from weavepy.cluster import DataPlaneIdentity, PeerState, PeerView
 from weavepy.fileio import atomic_write
 from weavepy.hostrules import HostRules, HostRulesError, HostRulesSpec, HostRulesState
 from weavepy.wgpath import (
@@ -124,6 +135,12 @@ class DesiredDataPlane:
     paths: Mapping[str, str] = field(default_factory=dict)
     fallbacks: Mapping[str, str] = field(default_factory=dict)  # name -> why not encrypted
     wg_peers: tuple[WgPeer, ...] = ()
+    kept: Mapping[str, float] = field(default_factory=dict)  # failed peer -> end of its grace
+
+    @property
+    def next_expiry(self) -> float | None:
+        """When the first kept peer's grace ends (the reconciler runs a pass then)."""
+        return min(self.kept.values(), default=None)
 
 
 def desired_data_plane(
@@ -132,21 +149,33 @@ def desired_data_plane(
     self_name: str,
     local: DataPlaneIdentity,
     external: Sequence[ExternalPeer] = (),
+    *,
+    now: float = 0.0,
+    grace: float = 0.0,
 ) -> DesiredDataPlane:
     """The desired data plane for this node (pure).
 
     `view` is every known member (live or not); `blocks_by_node` maps node names to their
     blocks, first claimed first (the VXLAN scheme anchors a peer on its first block);
-    `external` are declared stock-WireGuard hosts (always over WireGuard).
+    `external` are declared stock-WireGuard hosts (always over WireGuard). A failed member
+    that still owns blocks is kept until `grace` seconds after its failure (`now` and the
+    view's `since` share one clock), unless it conflicts with a live peer (module docstring).
     """
     peers: list[Peer] = []
     wg_peers: list[WgPeer] = []
     excluded: dict[str, str] = {}
     paths: dict[str, str] = {}
     fallbacks: dict[str, str] = {}
+    kept: dict[str, float] = {}
     for member in view:
-        if member.name == self_name or not member.live:
+        if member.name == self_name:
             continue
+        keep_until: float | None = None  # a failed peer's end of grace
+        if not member.live:
+            keep_until = member.since + grace
+            if (member.state is not PeerState.FAILED or grace <= 0 or keep_until <= now
+                    or not blocks_by_node.get(member.name)):
+                continue
         ident = member.identity
         if ident is None:
             if member.problem is not None and member.problem.reason != "not-weavepy":
@@ -159,6 +188,8 @@ def desired_data_plane(
         path = choose_path(local, ident, local_name=self_name, peer_name=member.name)
         if path == "wireguard" and ident.wg_public_key is not None and ident.wg_port:
             paths[member.name] = path
+            if keep_until is not None:
+                kept[member.name] = keep_until
             wg_peers.append(WgPeer(
                 member.name, ident.wg_public_key, (str(ident.underlay_ip), ident.wg_port),
                 tuple(blocks_by_node.get(member.name, ())),
@@ -173,12 +204,18 @@ def desired_data_plane(
             excluded[member.name] = f"no common data path (it has {sorted(ident.capabilities)})"
             continue
         paths[member.name] = path
+        if keep_until is not None:
+            kept[member.name] = keep_until
         reason = fallback_reason(local, ident, path, local_name=self_name,
                                  peer_name=member.name)
         if reason is not None:
             fallbacks[member.name] = reason
         peers.append(Peer(member.name, ident.underlay_ip, ident.vtep_mac,
                           tuple(blocks_by_node.get(member.name, ()))))
+    local_blocks = tuple(blocks_by_node.get(self_name, ()))
+    if kept:
+        peers, wg_peers = _without_conflicting_kept(peers, wg_peers, kept, local_blocks,
+                                                    excluded, paths, fallbacks)
     members = {m.name for m in view} | {self_name}
     for host in external:
         if host.name in members:
@@ -186,8 +223,59 @@ def desired_data_plane(
             continue
         paths[host.name] = "wireguard"
         wg_peers.append(host.wg_peer())
-    return DesiredDataPlane(tuple(peers), tuple(blocks_by_node.get(self_name, ())),
-                            excluded, paths, fallbacks, tuple(wg_peers))
+    return DesiredDataPlane(tuple(peers), local_blocks, excluded, paths, fallbacks,
+                            tuple(wg_peers), kept)
+
+
+def _without_conflicting_kept(
+    peers: list[Peer], wg_peers: list[WgPeer], kept: dict[str, float],
+    local_blocks: Sequence[IPv4Network], excluded: dict[str, str], paths: dict[str, str],
+    fallbacks: dict[str, str],
+) -> tuple[list[Peer], list[WgPeer]]:
+    """The peers and WireGuard peers without the kept (failed) ones that would displace a live
+    peer or this node: the same underlay address, VTEP MAC or WireGuard key, or an overlapping
+    block. Those are dropped from `kept` and `paths` too, and named in `excluded` (pure)."""
+    live = [p for p in peers if p.name not in kept]
+    live_wg = [p for p in wg_peers if p.name not in kept]
+    addresses = {p.underlay_ip for p in live} | {IPv4Address(p.endpoint[0]) for p in live_wg
+                                                  if p.endpoint is not None}
+    macs = {p.vtep_mac for p in live}
+    keys = {p.public_key for p in live_wg}
+    taken = [*local_blocks, *(b for p in live for b in p.blocks),
+             *(b for p in live_wg for b in p.allowed_ips)]
+
+    def conflict(address: IPv4Address | None, mac: str | None, key: bytes | None,
+                 blocks: Sequence[IPv4Network]) -> str | None:
+        if address is not None and address in addresses:
+            return f"failed; its underlay address {address} is now a live peer's"
+        if mac is not None and mac in macs:
+            return f"failed; its VTEP MAC {mac} is now a live peer's"
+        if key is not None and key in keys:
+            return "failed; its WireGuard key is now a live peer's"
+        clash = next((b for b in blocks for t in taken if b.overlaps(t)), None)
+        if clash is not None:
+            return f"failed; its block {clash} overlaps a live node's"
+        return None
+
+    dropped: dict[str, str] = {}
+    for peer in peers:
+        if peer.name in kept:
+            why = conflict(peer.underlay_ip, peer.vtep_mac, None, peer.blocks)
+            if why is not None:
+                dropped[peer.name] = why
+    for wg in wg_peers:
+        if wg.name in kept:
+            endpoint = IPv4Address(wg.endpoint[0]) if wg.endpoint is not None else None
+            why = conflict(endpoint, None, wg.public_key, wg.allowed_ips)
+            if why is not None:
+                dropped[wg.name] = why
+    for name, why in dropped.items():
+        kept.pop(name)
+        paths.pop(name, None)
+        fallbacks.pop(name, None)
+        excluded[name] = why
+    return ([p for p in peers if p.name not in dropped],
+            [p for p in wg_peers if p.name not in dropped])
 
 
 def with_retained(desired: DesiredDataPlane, retained: Sequence[Peer],
@@ -198,7 +286,7 @@ def with_retained(desired: DesiredDataPlane, retained: Sequence[Peer],
         return desired
     return DesiredDataPlane((*desired.peers, *extra), desired.local_blocks, desired.excluded,
                             {**desired.paths, **{p.name: "vxlan (retained)" for p in extra}},
-                            desired.fallbacks, desired.wg_peers)
+                            desired.fallbacks, desired.wg_peers, desired.kept)
 
 
 def peer_node_addresses(desired: DesiredDataPlane) -> frozenset[IPv4Address]:
@@ -382,6 +470,8 @@ class Reconciler:
         self._reasons: list[str] = []
         self._bridge_made = False
         self._saved: list[dict[str, Any]] | None = None
+        self.kept: Mapping[str, float] = {}  # failed peers whose routes are kept, to when
+        self.next_expiry: float | None = None
 
     def poke(self, reason: str) -> None:
         """Ask for a pass soon (cheap; many pokes make one pass)."""
@@ -413,6 +503,8 @@ class Reconciler:
                 wait = (min(self.interval, WG_ERROR_RETRY)
                         if self.last is not None and self.last.wireguard_errors
                         else self.interval)
+                if self.next_expiry is not None:  # a kept peer's grace ends: drop its routes
+                    wait = min(wait, max(0.0, self.next_expiry - trio.current_time()) + DEBOUNCE)
                 with trio.move_on_after(wait):
                     await self._wakeup.wait()
                 await trio.sleep(DEBOUNCE)
@@ -431,6 +523,7 @@ class Reconciler:
         started = time.time()
         clock = time.monotonic()
         desired, known = self.source()
+        self._note_kept(desired)
         retained = 0
         if not self.settled:
             before = len(desired.peers)
@@ -471,6 +564,19 @@ class Reconciler:
         if self.on_pass is not None:
             self.on_pass(time.monotonic() - clock, record.ok)
         return record
+
+    def _note_kept(self, desired: DesiredDataPlane) -> None:
+        """Log the failed peers whose routes start or stop being kept; remember the first end
+        of a grace (the loop runs a pass then)."""
+        now, kept = trio.current_time(), desired.kept
+        for name in sorted(kept.keys() - self.kept.keys()):
+            log.info("keeping the routes to %s: failed, but it still owns its blocks; for %.0f s "
+                     "at most, or until its blocks are reclaimed", name, kept[name] - now)
+        for name in sorted(self.kept.keys() - kept.keys()):
+            log.info("no longer keeping the routes to %s (back, blocks gone, left, or grace "
+                     "over)", name)
+        self.kept = dict(kept)
+        self.next_expiry = desired.next_expiry
 
     async def _apply_bridge(self, blocks: Sequence[IPv4Network]) -> str | None:
         if not blocks and not self._bridge_made:

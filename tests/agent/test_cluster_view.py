@@ -13,6 +13,7 @@ from gossip.tags import decode_tags, encode_tags
 from weavepy.cluster import (
     ClusterView,
     DataPlaneIdentity,
+    PeerState,
     TagProblem,
     decode_identity,
     encode_tags_for,
@@ -100,5 +101,9 @@ def test_sync_rebuilds_from_a_member_list() -> None:
     members = [Member("n2", socket.inet_aton("198.18.0.12"), 6783,
                       encode_tags_for(identity()), MemberState.ALIVE, 1, b"")]
     assert view.sync(members, 10.0)
-    assert [p.name for p in view.peers()] == ["n2"]
+    # a peer the list no longer has (reaped) is failed, not forgotten: its identity keeps its
+    # routes while it owns blocks (weavepy.reconcile)
+    assert [(p.name, p.state, p.since) for p in view.peers()] == [
+        ("gone", PeerState.FAILED, 10.0), ("n2", PeerState.ALIVE, 10.0)]
+    assert view.get("gone").identity == identity(14)  # type: ignore[union-attr]
     assert not view.sync(members, 11.0)

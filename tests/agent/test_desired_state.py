@@ -130,3 +130,81 @@ def test_peer_nodes_for_the_host_rules_are_every_routed_node_and_external_endpoi
     assert peer_node_addresses(desired) == {
         IPv4Address("198.18.0.12"), IPv4Address("198.18.0.13"), IPv4Address("198.18.0.50")}
     assert peer_node_addresses(DesiredDataPlane((), ())) == frozenset()
+
+
+def test_a_failed_peer_keeps_its_routes_while_it_owns_blocks_for_the_grace() -> None:
+    """Routes follow block ownership: a failed peer (declared at t=1.0 by `view_of`) stays
+    programmed with its last identity until its grace ends or its blocks are gone; a peer that
+    left, or one without blocks, is dropped at once; grace 0 is the old rule."""
+    view = view_of(("n2", identity(12), MemberEventKind.JOIN),
+                   ("n4", identity(14), MemberEventKind.FAILED),
+                   ("n5", identity(15), MemberEventKind.LEAVE),
+                   ("n6", identity(16), MemberEventKind.FAILED))
+    blocks = {"n1": [N("198.19.0.0/24")], "n2": [N("198.19.2.0/24")],
+              "n4": [N("198.19.4.0/24")], "n5": [N("198.19.5.0/24")]}
+    desired = desired_data_plane(view.peers(), blocks, "n1", identity(11), now=30.0, grace=60.0)
+    assert [(p.name, p.underlay_ip, p.blocks) for p in desired.peers] == [
+        ("n2", IPv4Address("198.18.0.12"), (N("198.19.2.0/24"),)),
+        ("n4", IPv4Address("198.18.0.14"), (N("198.19.4.0/24"),))]
+    assert desired.kept == {"n4": 61.0} and desired.next_expiry == 61.0
+    assert desired.paths["n4"] == "vxlan"
+    assert IPv4Address("198.18.0.14") in peer_node_addresses(desired)
+    over = desired_data_plane(view.peers(), blocks, "n1", identity(11), now=61.0, grace=60.0)
+    assert [p.name for p in over.peers] == ["n2"] and over.kept == {}
+    assert over.next_expiry is None
+    reclaimed = {k: v for k, v in blocks.items() if k != "n4"}
+    gone = desired_data_plane(view.peers(), reclaimed, "n1", identity(11), now=30.0, grace=60.0)
+    assert [p.name for p in gone.peers] == ["n2"] and gone.kept == {}
+    off = desired_data_plane(view.peers(), blocks, "n1", identity(11), now=1.0, grace=0.0)
+    assert [p.name for p in off.peers] == ["n2"]
+
+
+def test_a_kept_peer_never_displaces_a_live_one() -> None:
+    """A failed peer whose underlay address, VTEP MAC or block is now a live node's is not
+    kept (it would have both rejected as duplicates, or route a newer owner's pods to it)."""
+    same_ip = DataPlaneIdentity(IPv4Address("198.18.0.14"), "02:00:00:00:00:99", 1, 8472,
+                                bytes(range(32)), frozenset({"vxlan"}), "c" * 32)
+    same_mac = DataPlaneIdentity(IPv4Address("198.18.0.98"), "02:00:00:00:00:0f", 1, 8472,
+                                 bytes(range(32)), frozenset({"vxlan"}), "c" * 32)
+    view = view_of(("n3", identity(13), MemberEventKind.FAILED),
+                   ("n4", identity(14), MemberEventKind.FAILED),
+                   ("n5", identity(15), MemberEventKind.FAILED),
+                   ("m4", same_ip, MemberEventKind.JOIN), ("m5", same_mac, MemberEventKind.JOIN),
+                   ("m3", identity(23), MemberEventKind.JOIN))
+    blocks = {"n3": [N("198.19.3.0/24")], "n4": [N("198.19.4.0/24")],
+              "n5": [N("198.19.5.0/24")], "m3": [N("198.19.3.128/25")],
+              "m4": [N("198.19.40.0/24")], "m5": [N("198.19.50.0/24")]}
+    desired = desired_data_plane(view.peers(), blocks, "n1", identity(11), now=5.0, grace=60.0)
+    assert sorted(p.name for p in desired.peers) == ["m3", "m4", "m5"]
+    assert desired.kept == {}
+    assert "underlay address 198.18.0.14" in desired.excluded["n4"]
+    assert "VTEP MAC 02:00:00:00:00:0f" in desired.excluded["n5"]
+    assert "overlaps" in desired.excluded["n3"]
+
+
+def test_a_kept_peer_that_comes_back_is_programmed_from_its_new_tags() -> None:
+    """Back with a new underlay address and VTEP MAC: the desired peer carries them, so the
+    VXLAN plan replaces neighbour and FDB under the same route (tests/tunnel/test_vxlan_plan.py,
+    the moved and rebooted peers); its WireGuard peer, kept as well, gets the new endpoint."""
+    view = view_of(("n4", identity(14), MemberEventKind.FAILED))
+    blocks = {"n4": [N("198.19.4.0/24")]}
+    enc = DataPlaneIdentity(IPv4Address("198.18.0.11"), "02:00:00:00:00:0b", 1, 8472,
+                            bytes(range(32)), frozenset({"vxlan", "wireguard"}), "c" * 32,
+                            wg_port=51820, encrypt="*")
+    peer_enc = DataPlaneIdentity(IPv4Address("198.18.0.14"), "02:00:00:00:00:0e", 1, 8472,
+                                 bytes(range(1, 33)), frozenset({"vxlan", "wireguard"}),
+                                 "c" * 32, wg_port=51820, encrypt="*")
+    kept = desired_data_plane(view_of(("n4", peer_enc, MemberEventKind.FAILED)).peers(),
+                              blocks, "n1", enc, now=10.0, grace=60.0)
+    assert [(p.name, p.endpoint, p.allowed_ips) for p in kept.wg_peers] == [
+        ("n4", ("198.18.0.14", 51820), (N("198.19.4.0/24"),))]
+    assert kept.kept == {"n4": 61.0} and kept.paths == {"n4": "wireguard"}
+    back = DataPlaneIdentity(IPv4Address("198.18.0.44"), "02:00:00:00:00:44", 1, 8472,
+                             bytes(range(32)), frozenset({"vxlan"}), "c" * 32)
+    view.apply(MemberEvent(MemberEventKind.ALIVE, "n4", socket.inet_aton("198.18.0.44"), 6783,
+                           encode_tags_for(back), 3, 20.0))
+    desired = desired_data_plane(view.peers(), blocks, "n1", identity(11), now=20.0,
+                                 grace=60.0)
+    assert [(p.name, p.underlay_ip, p.vtep_mac) for p in desired.peers] == [
+        ("n4", IPv4Address("198.18.0.44"), "02:00:00:00:00:44")]
+    assert desired.kept == {}

@@ -58,7 +58,9 @@ def test_minority_cannot_claim_and_the_healed_cluster_has_no_overlap(agent_box: 
     assert "voters reachable" in _ipam(rig, n[0])["detail"]
     rig.launch(n[5], [n[0]])  # a new node in the minority
     rig.launch(n[6], [n[2]])  # a new node in the majority
-    rig.wait_mesh([n[2], n[3], n[4], n[6]], timeout=60)  # the majority admits and routes it
+    # the majority admits and routes it; it keeps the routes to the minority's blocks, which
+    # the minority still owns (--route-grace)
+    rig.wait_mesh([n[2], n[3], n[4], n[6]], timeout=60, kept=("n1", "n2"))
     stuck = _ipam(rig, n[5])
     assert not stuck["held_blocks"], f"the minority handed out space: {stuck}"
     assert stuck["state"] in ("waiting_for_cluster", "joining", "minority_partition",

@@ -167,6 +167,9 @@ class TestNodeDeletionAndReset:
         # its block is quarantined while its lease may still run, then free, and reused: the
         # next node to join claims the lowest free block, which is n5's
         rig.wait("n5's block free", lambda: block_free(rig, n[0], block), 30)
+        # its routes went with its block (the grace keeps them only while it owns the block)
+        rig.wait("the survivors to drop the route to n5's reclaimed block", lambda: all(
+            block not in rig.dataplane(s).routes for s in survivors), 30)
         kube.put(newcomer.name, newcomer.underlay_ip)
         rig.launch(newcomer, [n[0]], extra=kube_flags(kube.kubeconfig(newcomer)))
         blocks = rig.wait_mesh([*survivors, newcomer], timeout=60)

@@ -193,3 +193,29 @@ def test_an_isolated_minority_may_keep_extra_routes_until_the_isolated_bound() -
         {"n1": ["extra route 198.19.2.0/24 via 198.19.2.0",
                 "extra neighbour 198.19.2.0 -> 02:00:00:00:00:03",
                 "extra FDB entry 02:00:00:00:00:03 -> 198.18.0.13"]}]
+
+
+def test_with_a_route_grace_a_dead_nodes_routes_may_stay_until_the_grace_ends() -> None:
+    """Routes follow block ownership (--route-grace): a killed node's entries may stay at its
+    peers (or go) for the grace plus the bound; past that they are extra, and a violation."""
+    checker = LiveChecker(UNDERLAY, 5, 0.0, route_grace=30)
+    checker.set_truth(0.0, Truth(), "up", UNDERLAY)
+    checker.observe(0.5, mesh(["n1", "n2", "n3"]))
+    checker.set_truth(1.0, Truth(down=frozenset({"n3"})), "kill n3", ["n3"])
+    kept = mesh(["n1", "n2"], n1=(status("n1"), kernel_to(["n2", "n3"])),
+                n2=(status("n2"), kernel_to(["n1", "n3"])))
+    checker.observe(2.0, kept)
+    assert checker.kernel_difference("n1", kernel_to(["n2"]), 2.0) == []  # gone is fine too
+    wrong = kernel_to(["n2", "n3"])
+    wrong.fdb[MACS["n3"]] = UNDERLAY["n2"]
+    assert checker.kernel_difference("n1", wrong, 2.0) == [
+        f"route 198.19.2.0/24: FDB for {MACS['n3']} points at 198.18.0.12, not n3's "
+        f"198.18.0.13"]
+    for t in (10.0, 30.0, 35.5):
+        checker.observe(t, kept)
+    assert checker.finish(35.9).ok
+    for t in (36.5, 38.0, 42.0):  # the grace (30 s) and the bound (5 s) are over
+        checker.observe(t, kept)
+    report = checker.finish(42.5)
+    violation = next(v for v in report.violations if v.invariant == "2:kernel_matches_membership")
+    assert "extra route 198.19.2.0/24 via 198.19.2.0" in violation.evidence["n1"]

@@ -294,24 +294,29 @@ class AgentBox:
                 found[node.name] = list(doc["dataplane"]["local_blocks"])
         return found
 
-    def mesh_complete(self, nodes: Sequence[SandboxNode]) -> dict[str, list[str]] | None:
+    def mesh_complete(self, nodes: Sequence[SandboxNode], kept: Sequence[str] = ()
+                      ) -> dict[str, list[str]] | None:
         """Every node has a block, and a kernel route to every other node's blocks, and no
-        route to a block of a node outside `nodes`. Returns the blocks, or None."""
+        route to a block of a node outside `nodes`, except the blocks (by `status`) of the
+        members named in `kept`: failed peers whose routes the grace keeps (`--route-grace`).
+        Returns the blocks, or None."""
         blocks = self.blocks_of(nodes)
         if len(blocks) != len(nodes):
             return None
+        doc = self.status(nodes[0]) if kept else None
+        allowed = {b["block"] for b in (doc or {}).get("blocks", []) if b["owner"] in kept}
         for node in nodes:
             routes = self.dataplane(node).all_routes()
             wanted = {b for other, owned in blocks.items() if other != node.name for b in owned}
-            if routes != wanted:
+            if routes - allowed != wanted - allowed:
                 return None
         return blocks
 
-    def wait_mesh(self, nodes: Sequence[SandboxNode] | None = None, timeout: float = 45
-                  ) -> dict[str, list[str]]:
+    def wait_mesh(self, nodes: Sequence[SandboxNode] | None = None, timeout: float = 45,
+                  kept: Sequence[str] = ()) -> dict[str, list[str]]:
         nodes = list(nodes if nodes is not None else self.box.nodes)
         return self.wait(f"routes between all of {[n.name for n in nodes]}",
-                         lambda: self.mesh_complete(nodes), timeout, interval=0.2)
+                         lambda: self.mesh_complete(nodes, kept), timeout, interval=0.2)
 
 
 def gateway_of(block: str) -> str:

@@ -14,9 +14,17 @@ distribution of convergence times. Theory of operation:
   other nodes it can reach by ground truth (agent running and not stopped, cables in, no drop
   either way). Its VXLAN routes must be exactly the blocks of those peers, each gateway must
   have a permanent neighbour whose MAC has an FDB entry pointing at the owner's underlay
-  address, and there must be no neighbour or FDB entry for anyone else. After each ground-truth
-  change the checker measures how long until every live node matches (a convergence time);
-  no match within the bound is a violation with each node's difference as evidence. A change
+  address, and there must be no neighbour or FDB entry for anyone else. Routes follow block
+  ownership (`--route-grace`, weavepy.reconcile): a peer a node cannot reach keeps its
+  entries there while it owns its blocks, for the grace after its failure. So with
+  `route_grace` set, the last known blocks of a peer unreachable from a node for less than
+  `route_grace` plus the bound (detection is within the bound) are *kept*: their routes may
+  be present (then pointing at that peer, like the expected ones) or absent, and only after
+  that are they extra. The checker sees no reclaim, so a block reclaimed meanwhile is still
+  tolerated, unless a reachable node owns it now (then its route must point at the new
+  owner). After each ground-truth change the checker measures how long until every live
+  node matches (a convergence time); no match within the bound is a violation with each
+  node's difference as evidence. A change
   whose outcome is not defined (an asymmetric partition, a stall in progress: gossip may or
   may not declare the node dead) starts no measurement; the next defined change does. A
   mismatch that appears in a settled cluster is measured the same way (a "drift"), so it is a
@@ -258,8 +266,10 @@ class LiveChecker:
 
     def __init__(self, underlay: Mapping[str, str], convergence_bound: float,
                  start: float, seed: int | None = None, grace: float = DEFAULT_GRACE,
-                 max_samples: int = 20, isolated_bound: float | None = None) -> None:
+                 max_samples: int = 20, isolated_bound: float | None = None,
+                 route_grace: float = 0.0) -> None:
         self.underlay = dict(underlay)
+        self.route_grace = route_grace  # the agents' --route-grace
         self.nodes = sorted(self.underlay, key=lambda n: (len(n), n))
         self.bound = convergence_bound
         self.isolated_bound = max(convergence_bound, isolated_bound or 0.0)
@@ -420,30 +430,60 @@ class LiveChecker:
                     wanted[block] = peer
         return wanted
 
-    def kernel_difference(self, node: str, kernel: KernelView) -> list[str]:
-        """What is wrong with `node`'s kernel state under the current truth ([] if nothing)."""
+    def kept_routes(self, node: str, now: float) -> dict[str, str]:
+        """Block -> owner for every block `node` may still route to at `now` although it cannot
+        reach the owner: the route grace (module docstring, invariant 2)."""
+        if self.route_grace <= 0:
+            return {}
+        wanted = self.expected_routes(node)
+        kept: dict[str, str] = {}
+        for peer in self.nodes:
+            if peer == node or self.truth.reachable(node, peer):
+                continue
+            since = self._unreachable_since(node, peer)
+            if since is not None and now < since + self.route_grace + self.bound:
+                kept.update({b: peer for b in self.blocks.get(peer, ()) if b not in wanted})
+        return kept
+
+    def _unreachable_since(self, a: str, b: str) -> float | None:
+        """When a and b last stopped reaching each other by ground truth (None: they can)."""
+        since: float | None = None
+        for t, truth in self._truths:
+            if truth.reachable(a, b):
+                since = None
+            elif since is None:
+                since = t
+        return since
+
+    def kernel_difference(self, node: str, kernel: KernelView,
+                          now: float | None = None) -> list[str]:
+        """What is wrong with `node`'s kernel state under the current truth ([] if nothing);
+        with `now`, the routes the grace keeps are allowed (`kept_routes`)."""
         problems: list[str] = []
         wanted = self.expected_routes(node)
+        kept = self.kept_routes(node, now) if now is not None else {}
         have = dict(kernel.routes)
         for block in sorted(set(wanted) - set(have)):
             problems.append(f"missing route {block} (owner {wanted[block]})")
-        for block in sorted(set(have) - set(wanted)):
+        for block in sorted(set(have) - set(wanted) - set(kept)):
             problems.append(f"extra route {block} via {have[block]}")
-        gateways = {have[b] for b in wanted if b in have}
-        for block in sorted(set(wanted) & set(have)):
+        owners = {**kept, **wanted}
+        present = set(owners) & set(have)
+        gateways = {have[b] for b in present}
+        for block in sorted(present):
             gateway = have[block]
             mac = kernel.neighbours.get(gateway)
             if mac is None:
                 problems.append(f"route {block}: no neighbour for gateway {gateway}")
                 continue
             dst = kernel.fdb.get(mac)
-            owner_ip = self.underlay[wanted[block]]
+            owner_ip = self.underlay[owners[block]]
             if dst != owner_ip:
                 problems.append(f"route {block}: FDB for {mac} points at {dst}, "
-                                f"not {wanted[block]}'s {owner_ip}")
+                                f"not {owners[block]}'s {owner_ip}")
         for gateway in sorted(set(kernel.neighbours) - gateways):
             problems.append(f"extra neighbour {gateway} -> {kernel.neighbours[gateway]}")
-        expected_dsts = {self.underlay[owner] for owner in wanted.values()}
+        expected_dsts = {self.underlay[owner] for owner in owners.values()}
         for mac, dst in sorted(kernel.fdb.items()):
             if dst not in expected_dsts:
                 problems.append(f"extra FDB entry {mac} -> {dst}")
@@ -457,7 +497,7 @@ class LiveChecker:
         for name, snap in live.items():
             if snap.kernel is None:
                 continue
-            problems = self.kernel_difference(name, snap.kernel)
+            problems = self.kernel_difference(name, snap.kernel, now)
             if problems:
                 diff[name] = problems
         pending = self._pending

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from weavepy.config import DEFAULT_ROUTE_GRACE
 from weavepy.devtools.agentbox import (
     REPO,
     AgentBox,
@@ -111,7 +112,8 @@ class _Run:
                                    schedule.convergence_bound_s, time.monotonic(),
                                    seed=schedule.seed,
                                    isolated_bound=isolated_bound(len(box.nodes),
-                                                                 self.rig.profile))
+                                                                 self.rig.profile),
+                                   route_grace=DEFAULT_ROUTE_GRACE)  # the agents' default
         self.truth = Truth(defined=False)
         self.pool = ThreadPoolExecutor(max_workers=len(box.nodes))
         self.pod_netns: dict[str, str] = {}
