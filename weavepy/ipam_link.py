@@ -58,7 +58,7 @@ from weavepy.ipam.status import (
     RemovedFromCluster,
     SlotDecided,
 )
-from weavepy.ipam.store import StateFile
+from weavepy.ipam.store import SlotStateFile, StateFile, slot_paths
 from weavepy.ipam.wire import is_ipam
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CORE_FILE",
     "PODS_FILE",
+    "PODS_FILES",
     "CniAllocator",
     "IpamDelegate",
     "IpamLink",
@@ -78,7 +79,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CORE_FILE = "ipam-core.json"
-PODS_FILE = "ipam-pods.json"
+PODS_FILE = "ipam-pods.json"  # from before the slots; now the slots' base name
+# every file that holds pod allocations: the slots, and the single file they replaced
+PODS_FILES = (*(slot.name for slot in slot_paths(PODS_FILE)), PODS_FILE)
 INBOX_SIZE = 4096
 BATCH = 256
 ADDRESS_WAIT = 8.0  # seconds a CNI ADD waits for a block before answering "try again later"
@@ -96,7 +99,7 @@ class IpamLinkError(Exception):
 def corrupt_leftovers(state_dir: Path) -> list[Path]:
     """State files an earlier start found corrupt and moved aside (they block a new start)."""
     found: list[Path] = []
-    for name in (CORE_FILE, PODS_FILE):
+    for name in (CORE_FILE, *PODS_FILES):
         found.extend(sorted(state_dir.glob(f"{name}.corrupt-*")))
     return found
 
@@ -168,7 +171,7 @@ class IpamLink:
         self.observer = config.ipalloc_init is not None and \
             config.ipalloc_init.mode == "observer"
         self.core_file = StateFile(config.state_dir / CORE_FILE, "ipam-core")
-        self.pods_file = StateFile(config.state_dir / PODS_FILE, "ipam-pods")
+        self.pods_file = SlotStateFile(config.state_dir / PODS_FILE, "ipam-pods")
         bootstrap, found_alone_after = bootstrap_for(config)
         try:
             core_snapshot = self.core_file.load()
@@ -376,7 +379,7 @@ class IpamLink:
             await trio.to_thread.run_sync(self.pods_file.save, snapshot)
         except OSError as exc:  # the CNI request that changed it fails (see `allocate`)
             self.drops["persist_failed"] += 1
-            log.error("cannot save pod allocations to %s: %s", self.pods_file.path, exc)
+            log.error("cannot save pod allocations in %s: %s", self.config.state_dir, exc)
             return
         self.allocator.mark_persisted(int(snapshot["seq"]))
 
@@ -516,7 +519,7 @@ class IpamLink:
                 self._address_waits.pop(key, None)
                 raise NoAddress(Unavailable(self.core.status(trio.current_time()).state,
                                             f"cannot save pod allocations in "
-                                            f"{self.pods_file.path}"))
+                                            f"{self.config.state_dir}"))
         if isinstance(result, Allocation):
             self._address_waits.pop(key, None)
             return result
@@ -584,18 +587,27 @@ class CniAllocator:
 
         return PodAddress(IPv4Interface(allocation.interface), IPv4Address(allocation.gateway))
 
-    def allocate(self, attachment: Any, owner: str) -> Any:
+    def allocate(self, attachment: Any, owner: str) -> tuple[Any, bool]:
         from weavepy.cni.backend import AddressesExhausted
         from weavepy.cni.server import AnswerLater
 
         try:
-            allocation = self._run(self._link.allocate, attachment.container_id,
-                                   attachment.ifname)
+            allocation, fresh = self._run(self._allocate, attachment.container_id,
+                                          attachment.ifname)
         except NoAddress as exc:
             raise AddressesExhausted(str(exc)) from None
         if not isinstance(allocation, Allocation):
             raise AnswerLater(allocation)
-        return self._pod_address(allocation)
+        return self._pod_address(allocation), fresh
+
+    async def _allocate(self, container_id: str, ifname: str
+                        ) -> tuple[Allocation | Callable[[], Awaitable[None]], bool]:
+        """The link's answer and whether it is a new address, in one hop onto the loop."""
+        held = await self._link.lookup(container_id, ifname)
+        allocation = await self._link.allocate(container_id, ifname)
+        fresh = isinstance(allocation, Allocation) and (
+            held is None or held.address != allocation.address)
+        return allocation, fresh
 
     def lookup(self, attachment: Any) -> Any:
         found = self._run(self._link.lookup, attachment.container_id, attachment.ifname)

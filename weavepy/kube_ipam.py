@@ -21,10 +21,10 @@ Theory of operation
   while the API is unreachable the node keeps its podCIDR, its routes and its pods, and keeps
   serving new pods (Weave crash-looped while the API was down, weave#3191).
 * **Pod addresses.** `PodAllocator` hands out addresses from the podCIDR (its block size is the
-  podCIDR's prefix; `.1` is the bridge's gateway) and saves them (`ipam-pods.json`) before a
-  CNI ADD is answered, as with weavepy's IPAM. While this node has no usable podCIDR, an ADD
-  is refused at once with the state and its detail (CNI "try again later"; the kubelet
-  retries).
+  podCIDR's prefix; `.1` is the bridge's gateway) and saves them (`ipam-pods.0.json` and
+  `.1.json`, `store.SlotStateFile`) before a CNI ADD is answered, as with weavepy's IPAM.
+  While this node has no usable podCIDR, an ADD is refused at once with the state and its
+  detail (CNI "try again later"; the kubelet retries).
 * **No IPAM protocol.** No IPAM messages, voters or leases exist in this mode: the gossip
   delegate sends nothing, and counts any IPAM payload a peer sends (a peer launched with
   `--ipam weavepy`) in `dropped`. The cluster ID is `kubernetes`, so a peer of the other mode
@@ -53,7 +53,7 @@ from weavepy.ipam.errors import CorruptStateError, IpamDecodeError
 from weavepy.ipam.podcidr import PodCidrTable, pod_cidr_table
 from weavepy.ipam.report import status_document
 from weavepy.ipam.status import IpamState, IpamStatus, MemberView
-from weavepy.ipam.store import StateFile
+from weavepy.ipam.store import SlotStateFile, StateFile
 from weavepy.ipam.wire import is_ipam
 from weavepy.ipam_link import (
     PODS_FILE,
@@ -157,7 +157,7 @@ class KubeIpam:
                 f"{leftovers[0]}; this node would forget its pods' addresses, so it will not "
                 f"start: restore the file, or run `weavepy reset` (drain the node first)")
         self.table_file = StateFile(config.state_dir / POD_CIDRS_FILE, "ipam-pod-cidrs")
-        self.pods_file = StateFile(config.state_dir / PODS_FILE, "ipam-pods")
+        self.pods_file = SlotStateFile(config.state_dir / PODS_FILE, "ipam-pods")
         try:
             saved = self.table_file.load()
             pods = self.pods_file.load()
@@ -354,7 +354,7 @@ class KubeIpam:
             await trio.to_thread.run_sync(self.pods_file.save, snapshot)
         except OSError as exc:  # the CNI request that changed it fails (see `allocate`)
             self.drops["persist_failed"] += 1
-            log.error("cannot save pod allocations to %s: %s", self.pods_file.path, exc)
+            log.error("cannot save pod allocations in %s: %s", self.config.state_dir, exc)
             return
         self.allocator.mark_persisted(int(snapshot["seq"]))
 
@@ -389,7 +389,7 @@ class KubeIpam:
             await self._persist_pods()
             if self.allocator.persist_needed:
                 raise NoAddress(Unavailable(self.table.state, f"cannot save pod allocations "
-                                                              f"in {self.pods_file.path}"))
+                                                              f"in {self.config.state_dir}"))
         if isinstance(result, Allocation):
             return result
         if result.state is IpamState.OUT_OF_SPACE:

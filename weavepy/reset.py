@@ -125,12 +125,12 @@ def _state_files(config: AgentConfig) -> Iterator[Path]:
     """weavepy's own files in the state and run directories (nothing else is touched)."""
     from weavepy.apitoken import TOKEN_FILE
     from weavepy.identity import IDENTITY_FILE
-    from weavepy.ipam_link import CORE_FILE, PODS_FILE
+    from weavepy.ipam_link import CORE_FILE, PODS_FILES
     from weavepy.kube_ipam import POD_CIDRS_FILE
     from weavepy.peerstore import EXTERNAL_PEERS_FILE, KNOWN_PEERS_FILE
     from weavepy.reconcile import PROGRAMMED_FILE
 
-    for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE, KNOWN_PEERS_FILE, EXTERNAL_PEERS_FILE,
+    for name in (IDENTITY_FILE, CORE_FILE, *PODS_FILES, KNOWN_PEERS_FILE, EXTERNAL_PEERS_FILE,
                  TOKEN_FILE, POD_CIDRS_FILE):
         yield config.state_dir / name
         if config.state_dir.is_dir():

@@ -51,8 +51,9 @@ class PodAddress:
 
 
 class PodAllocator(Protocol):
-    def allocate(self, attachment: Attachment, owner: str) -> PodAddress:
-        """The attachment's address, allocating one if it has none (idempotent)."""
+    def allocate(self, attachment: Attachment, owner: str) -> tuple[PodAddress, bool]:
+        """The attachment's address, allocating one if it has none (idempotent), and whether
+        it is new (held by no one before this call: an ADD that fails releases only that)."""
 
     def lookup(self, attachment: Attachment) -> PodAddress | None: ...
 
@@ -130,10 +131,10 @@ class StaticBlockAllocator:
     def _address(self, ip: ipaddress.IPv4Address) -> PodAddress:
         return PodAddress(ipaddress.IPv4Interface(f"{ip}/{self.block.prefixlen}"), self.gateway)
 
-    def allocate(self, attachment: Attachment, owner: str) -> PodAddress:
+    def allocate(self, attachment: Attachment, owner: str) -> tuple[PodAddress, bool]:
         held = self._owners.get(attachment)
         if held is not None:
-            return self._address(held[0])
+            return self._address(held[0]), False
         used = {ip for ip, _ in self._owners.values()}
         first = int(self.gateway) + 1
         last = int(self.block.broadcast_address) - 1
@@ -145,7 +146,7 @@ class StaticBlockAllocator:
                 self._owners[attachment] = (candidate, owner)
                 self._last = int(candidate)
                 self._save()
-                return self._address(candidate)
+                return self._address(candidate), True
         raise AddressesExhausted(f"block {self.block} has no free address")
 
     def lookup(self, attachment: Attachment) -> PodAddress | None:
@@ -189,9 +190,8 @@ class BridgeBackend:
     def add(self, request: CniRequest) -> Result:
         attachment = request.attachment
         owner = request.pod.label() if request.pod else request.container_id
-        had_address = self.allocator.lookup(attachment) is not None
         try:
-            pod = self.allocator.allocate(attachment, owner)
+            pod, fresh = self.allocator.allocate(attachment, owner)
         except AddressesExhausted as exc:
             raise CniError(ErrorCode.TRY_AGAIN_LATER, "no free pod address on this node",
                            str(exc)) from None
@@ -205,7 +205,7 @@ class BridgeBackend:
         try:
             built = self.podnet.add_pod(spec)
         except BaseException as exc:
-            if not had_address:
+            if fresh:
                 self.allocator.release(attachment)
             if isinstance(exc, PodNetError):
                 raise self._cni_error(exc, "ADD") from None
