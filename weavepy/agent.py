@@ -95,6 +95,8 @@ from weavepy.metrics import AgentMetrics
 from weavepy.peerstore import load_external_peers
 from weavepy.policy.applier import PolicyApplier
 from weavepy.policy.compiler import DEFAULT_TABLE, CompileOptions
+from weavepy.policy.droplog import DropLog
+from weavepy.policy.dropreader import DropReader
 from weavepy.policy.enforcer import ApplyRecord, PolicyEnforcer
 from weavepy.policy.sources import DirectorySource
 from weavepy.reconcile import DesiredDataPlane, HostRulesKeeper, Reconciler, desired_data_plane
@@ -318,6 +320,7 @@ class Agent:
         self.kube: KubeLink | None = None  # with --kube-peers
         self.policy: PolicyEnforcer | None = None  # NetworkPolicy (see `_build_policy`)
         self.policy_source: DirectorySource | KubePolicySource | None = None
+        self.drop_reader: DropReader | None = None  # the policy table's NFLOG group
         self.policy_ready = trio.Event()
         if self.ipam.cluster_id is not None:
             self._cluster_id_learned(self.ipam.cluster_id)
@@ -502,12 +505,24 @@ class Agent:
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._check_policy, enforcer)
+            if self.drop_reader is not None:
+                nursery.start_soon(self._read_drops, self.drop_reader)
             states = (source.watch() if isinstance(source, DirectorySource)
                       else source.watch_state())
             async with states as stream:
                 async for state in stream:
                     await trio.to_thread.run_sync(enforcer.set_source, state)
                     self.policy_ready.set()
+
+    async def _read_drops(self, reader: DropReader) -> None:
+        """Drop logs with pod names; without them (the group is taken, no CAP_NET_ADMIN)
+        policy is still enforced and counted, so this never stops the agent."""
+        try:
+            await reader.run()
+        except OSError as exc:
+            self.drop_reader = None
+            log.warning("NetworkPolicy drop logs are off: cannot listen to NFLOG group %d: "
+                        "%s (drops are still counted)", reader.group, exc)
 
     async def _check_policy(self, enforcer: PolicyEnforcer) -> None:
         passes = 0
@@ -670,9 +685,11 @@ def _build_policy(agent: Agent) -> None:
 
         assert agent.kube is not None
         agent.policy_source = KubePolicySource(agent.kube.source.client)
-    agent.policy = PolicyEnforcer(config.name, PolicyApplier(nft),
-                                  CompileOptions(audit=config.policy_audit),
+    options = CompileOptions(audit=config.policy_audit)
+    agent.policy = PolicyEnforcer(config.name, PolicyApplier(nft), options,
                                   run_dir=config.run_dir, on_apply=agent._policy_applied)
+    agent.drop_reader = DropReader(DropLog(), options.log_group,
+                                   snapshot=agent.policy.snapshot)
     log.info("NetworkPolicy: enforced from %s%s", described,
              " in audit mode (logged and counted, never dropped)" if config.policy_audit
              else "")

@@ -283,7 +283,10 @@ class NodeControl:
             summary["counter_error"] = str(exc)
             counters = {}
         state, compiled = enforcer.snapshot()
-        return summary | status_document(state, compiled, self.agent.config.name, counters)
+        reader = self.agent.drop_reader
+        drops = reader.status() if reader is not None else None
+        return summary | status_document(state, compiled, self.agent.config.name, counters) | {
+            "drop_log": drops}
 
     def explain(self, src: str, dst: str, port: str) -> dict[str, Any]:
         """`weavepy policy explain` (`GET /policy/explain`): the reference evaluator's verdict

@@ -70,11 +70,19 @@ weavepy_policy_drops_total                      counter    policy, direction
 weavepy_policy_pod_drops_total                  counter    namespace, pod, direction
 weavepy_policy_applies_total                    counter    kind (full incremental error)
 weavepy_policy_apply_duration_seconds           histogram
+weavepy_policy_logged_drops_total               counter    direction, verdict (drop audit)
+weavenpc_blocked_connections_total              counter    protocol (tcp udp), dport
 
 Drops are packets (in audit mode: packets that would have been dropped) read from the policy
 table's named counters at scrape time. A packet dropped for a pod that several policies
 isolate counts for each of them (none allowed it). Labels are bounded by the policies and the
 pods of this node.
+
+The last two come from the drop log (weavepy.policy.droplog, fed by the NFLOG reader), so they
+count logged drops: the kernel rate-limits the log rule (10/s, burst 20, per node).
+`weavenpc_blocked_connections_total` keeps weave-npc's name, labels and meaning (a TCP SYN
+without ACK, or a UDP packet, dropped; audit mode blocks nothing), so dashboards written for
+weave-npc keep working. `weavepy_policy_logged_drops_total` counts every logged packet.
 """
 
 from __future__ import annotations
@@ -409,6 +417,8 @@ class PolicySnapshot:
     isolated: Mapping[str, int] = field(default_factory=dict)
     policy_drops: Mapping[tuple[str, str], int] = field(default_factory=dict)
     pod_drops: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+    blocked: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    logged: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
     @classmethod
     def from_status(cls, doc: Mapping[str, Any]) -> PolicySnapshot:
@@ -422,9 +432,14 @@ class PolicySnapshot:
             for direction, packets in _section(entry, "drops").items():
                 pod_drops[(namespace, name, str(direction))] = _count(packets)
         isolated = _section(doc, "isolated_pods")
+        drop_log = _section(doc, "drop_log")
+        blocked = {(str(e.get("protocol")), str(e.get("dport"))): _count(e.get("count"))
+                   for e in _items(drop_log, "blocked")}
+        logged = {(str(e.get("direction")), str(e.get("verdict"))): _count(e.get("count"))
+                  for e in _items(drop_log, "logged")}
         return cls(True, len(_items(doc, "policies")),
                    {d: _count(isolated.get(d)) for d in POLICY_DIRECTIONS},
-                   policy_drops, pod_drops)
+                   policy_drops, pod_drops, blocked, logged)
 
 
 class _PolicyCounters:
@@ -453,6 +468,22 @@ class _PolicyCounters:
         for (namespace, pod, direction), value in sorted(snap.pod_drops.items()):
             by_pod.add_metric([namespace, pod, _bounded(direction, POLICY_DIRECTIONS)], value)
         yield by_pod
+        logged = CounterMetricFamily("weavepy_policy_logged_drops", "Drops the policy table "
+                                     "logged (audit: would have dropped), by direction and "
+                                     "verdict; the log is rate-limited",
+                                     labels=["direction", "verdict"])
+        for (direction, verdict), value in sorted(snap.logged.items()):
+            logged.add_metric([_bounded(direction, POLICY_DIRECTIONS),
+                               _bounded(verdict, ("drop", "audit"))], value)
+        yield logged
+        if not snap.enabled:
+            return  # weave-npc's name only where policy is enforced: never a fake zero
+        blocked = CounterMetricFamily("weavenpc_blocked_connections", "Connection attempts "
+                                      "blocked by policy controller.",
+                                      labels=["protocol", "dport"])
+        for (protocol, dport), value in sorted(snap.blocked.items()):
+            blocked.add_metric([_bounded(protocol, ("tcp", "udp")), dport], value)
+        yield blocked
 
 
 class AgentMetrics:

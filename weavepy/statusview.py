@@ -13,6 +13,7 @@ it; a missing or malformed field renders as `-`, never as a traceback.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -416,7 +417,34 @@ def render_policy(doc: Doc) -> Output:
                      f"{drops.get('ingress', 0)}/{drops.get('egress', 0)}"))
     out.append(Table("isolated pods on this node", ("POD", "IP", "INGRESS BY", "EGRESS BY",
                                                      "DROPS IN/EG"), tuple(pod_rows)))
+    out.extend(_render_recent_drops(doc))
     return out
+
+
+RECENT_DROPS_SHOWN = 10
+
+
+def _render_recent_drops(doc: Doc) -> Output:
+    """The drop log's newest drops (`drop_log` of `GET /policy`), newest first."""
+    if not isinstance(doc.get("drop_log"), Mapping):
+        return ["  recent drops: not available (the NFLOG group could not be read)"]
+    drop_log = _map(doc, "drop_log")
+    rows = []
+    for drop in reversed(_list(drop_log, "recent")[-RECENT_DROPS_SHOWN:]):
+        def end(pod: object, address: object, port: object) -> str:
+            where = f"{_text(address)}:{port}" if port is not None else _text(address)
+            return f"{pod} ({where})" if pod else where
+
+        at = drop.get("at")
+        when = (time.strftime("%H:%M:%S", time.localtime(at)) if isinstance(at, (int, float))
+                else "-")
+        rows.append((when, _text(drop.get("verdict")), _text(drop.get("protocol")),
+                     end(drop.get("src_pod"), drop.get("src"), drop.get("sport")),
+                     end(drop.get("dst_pod"), drop.get("dst"), drop.get("dport")),
+                     _text(drop.get("direction")), _text(drop.get("policies"))))
+    return [Table("recent drops (logged, newest first)",
+                  ("TIME", "VERDICT", "PROTO", "FROM", "TO", "DIRECTION", "POLICIES"),
+                  tuple(rows))]
 
 
 def render_explain(doc: Doc) -> Output:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -199,6 +200,18 @@ def test_a_pod_is_isolated_when_its_add_returns_on_the_bridge_and_across_vxlan(
                       "'http://127.0.0.1:6782/metrics').read().decode())"], check=False)
     assert 'weavepy_policy_drops_total{direction="ingress",policy="x/server-ingress"}' in (
         metrics.stdout), metrics.stdout[-2000:]
+
+    # the drop log (the agent's NFLOG reader) names the pods: in status, the log and metrics
+    recent = doc["drop_log"]["recent"]
+    assert any(d["src_pod"] == "x/other" and d["dst_pod"] == "x/server" and d["dport"] == 80
+               and d["policies"] == ["x/server-ingress"] and d["direction"] == "ingress"
+               for d in recent), doc["drop_log"]
+    assert "recent drops" in text.stdout and "x/other (" in text.stdout, text.stdout
+    assert re.search(r"blocked by weavepy policy: TCP x/other \(198\.19\.[0-9.]+:\d+\) -> "
+                     r"x/server \(198\.19\.[0-9.]+:80\) ingress, policies: "
+                     r"x/server-ingress", rig.rig.log(n1)), rig.rig.logs_tail()
+    assert re.search(r'weavenpc_blocked_connections_total\{dport="80",protocol="tcp"\} '
+                     r'[1-9]', metrics.stdout), metrics.stdout[-2000:]
 
     # a change of the directory is enforced on both nodes: other becomes a client
     (rig.policy_dir / "pods.yaml").write_text(PODS.replace("role: other", "role: client"))

@@ -19,8 +19,8 @@ import trio
 from weavepy.nft import Nft
 from weavepy.policy.applier import PolicyApplier
 from weavepy.policy.compiler import CompileOptions, compile_policy
-from weavepy.policy.dropreader import DropReader
 from weavepy.policy.droplog import DropLog
+from weavepy.policy.dropreader import DropReader
 from weavepy.policy.sources import PolicyStore
 
 

@@ -185,6 +185,8 @@ class DropLog:
             "recent": [drop.as_dict() for drop in self.recent],
             "logged": [{"direction": d, "verdict": v, "count": n}
                        for (d, v), n in sorted(self.logged.items())],
+            "blocked": [{"protocol": p, "dport": d, "count": n}
+                        for (p, d), n in sorted(self.blocked.items())],
             "unattributed": self.unattributed,
             "suppressed_lines": self.suppressed_lines,
         }

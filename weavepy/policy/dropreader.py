@@ -23,7 +23,9 @@ from typing import Any
 
 import trio
 
+from weavepy.policy.compiler import CompiledPolicy
 from weavepy.policy.droplog import DropLog
+from weavepy.policy.model import ClusterState
 from weavepy.policy.nflog import (
     NETLINK_NETFILTER,
     LoggedPacket,
@@ -103,10 +105,14 @@ def _interface_name(index: int | None) -> str | None:
 
 
 class DropReader:
-    """Reads the NFLOG group and feeds `drops`. `clock` is monotonic (rate limits),
-    `wallclock` stamps drops for status; `write` gets each log line (default: a warning)."""
+    """Reads the NFLOG group and feeds `drops`. `snapshot` (the enforcer's) gives the live
+    state and table; it is read when a drop arrives, and the drop log updated when the table
+    changed. `clock` is monotonic (rate limits), `wallclock` stamps drops for status; `write`
+    gets each log line (default: a warning)."""
 
     def __init__(self, drops: DropLog, group: int, *,
+                 snapshot: Callable[[], tuple[ClusterState, CompiledPolicy | None]]
+                 | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wallclock: Callable[[], float] = time.time,
                  write: Callable[[str], None] | None = None) -> None:
@@ -116,10 +122,18 @@ class DropReader:
         self.clock = clock
         self.wallclock = wallclock
         self.write = write or log.warning
+        self.snapshot = snapshot
         self.socket: NflogSocket | None = None
+        self._seen: CompiledPolicy | None = None
 
     def handle(self, datagram: bytes) -> None:
-        for packet in self.decoder.feed(datagram):
+        packets = self.decoder.feed(datagram)
+        if packets and self.snapshot is not None:
+            state, compiled = self.snapshot()
+            if compiled is not None and compiled is not self._seen:
+                self.drops.update(state, compiled)
+                self._seen = compiled
+        for packet in packets:
             named = replace(packet, in_name=_interface_name(packet.physindev or packet.indev),
                             out_name=_interface_name(packet.physoutdev or packet.outdev))
             self._observe(named)

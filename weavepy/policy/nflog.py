@@ -14,7 +14,6 @@ goes into `NflogDecoder.counts` (`malformed`, `errors`, `overrun`, `other`).
 
 from __future__ import annotations
 
-import socket
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ __all__ = [
 ]
 
 NETLINK_NETFILTER = 12
+AF_UNSPEC = 0
+AF_INET = 2  # NFPROTO_IPV4 too
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
@@ -86,7 +87,7 @@ class LoggedPacket:
 
     group: int
     prefix: str
-    family: int = socket.AF_INET
+    family: int = AF_INET
     hook: int | None = None
     timestamp: float | None = None
     indev: int | None = None
@@ -133,11 +134,11 @@ def bind_requests(group: int, *, seq: int = 1, copy_range: int = COPY_RANGE,
     sequence numbers from `seq`."""
     mode = struct.pack("!IBB", copy_range, NFULNL_COPY_PACKET, 0)
     return [
-        _message(MSG_CONFIG, seq, socket.AF_INET, 0,
+        _message(MSG_CONFIG, seq, AF_INET, 0,
                  [(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_PF_BIND]))]),
-        _message(MSG_CONFIG, seq + 1, socket.AF_UNSPEC, group,
+        _message(MSG_CONFIG, seq + 1, AF_UNSPEC, group,
                  [(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))]),
-        _message(MSG_CONFIG, seq + 2, socket.AF_UNSPEC, group,
+        _message(MSG_CONFIG, seq + 2, AF_UNSPEC, group,
                  [(NFULA_CFG_MODE, mode),
                   (NFULA_CFG_QTHRESH, struct.pack("!I", queue_threshold)),
                   (NFULA_CFG_TIMEOUT, struct.pack("!I", timeout_cs))]),
@@ -145,7 +146,7 @@ def bind_requests(group: int, *, seq: int = 1, copy_range: int = COPY_RANGE,
 
 
 def unbind_request(group: int, *, seq: int = 1) -> bytes:
-    return _message(MSG_CONFIG, seq, socket.AF_UNSPEC, group,
+    return _message(MSG_CONFIG, seq, AF_UNSPEC, group,
                     [(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_UNBIND]))])
 
 
@@ -213,7 +214,7 @@ def _decode_packet(group: int, family: int, attrs: dict[int, bytes]) -> LoggedPa
         timestamp = seconds + micros / 1e6
     src = dst = protocol = sport = dport = flags = None
     payload = attrs.get(NFULA_PAYLOAD)
-    if payload is not None and family == socket.AF_INET:
+    if payload is not None and family == AF_INET:
         if len(payload) < 20 or payload[0] >> 4 != 4 or payload[0] & 0xF < 5:
             raise ValueError("payload is not an IPv4 header")
         src, dst, protocol = IPv4Address(payload[12:16]), IPv4Address(payload[16:20]), payload[9]
