@@ -56,6 +56,9 @@ __all__ = ["ApplyRecord", "ExplainError", "PolicyApplyError", "PolicyEnforcer", 
 log = logging.getLogger(__name__)
 
 ATTACHMENTS_FILE = "policy-pods.json"
+# IP protocols without ports that explain takes by name (policy allows them only through a
+# rule without ports)
+PORTLESS_PROTOCOLS = ("ICMP", "IGMP", "GRE", "ESP", "AH", "VRRP")
 
 
 class PolicyApplyError(Exception):
@@ -284,6 +287,9 @@ def parse_port(text: str) -> tuple[int | None, str]:
     """`80/TCP`, `53/udp`, `80` (TCP) or `ICMP` -> (port, protocol)."""
     number, _, protocol = text.strip().partition("/")
     if not protocol and not number.isdigit():
+        if number.upper() not in PORTLESS_PROTOCOLS:
+            raise ExplainError(f"port {text!r}: expected PORT/PROTOCOL, like 80/TCP, or a "
+                               f"protocol without ports: {', '.join(PORTLESS_PROTOCOLS)}")
         return None, number.upper()
     protocol = (protocol or "TCP").upper()
     try:
