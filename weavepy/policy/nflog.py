@@ -26,7 +26,6 @@ __all__ = [
     "NflogDecoder",
     "bind_requests",
     "parse_acks",
-    "unbind_request",
 ]
 
 NETLINK_NETFILTER = 12
@@ -47,7 +46,6 @@ NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 
 # packet attributes (enum nfulnl_attr_type)
 NFULA_PACKET_HDR = 1
-NFULA_MARK = 2
 NFULA_TIMESTAMP = 3
 NFULA_IFINDEX_INDEV = 4
 NFULA_IFINDEX_OUTDEV = 5
@@ -62,7 +60,6 @@ NFULA_CFG_MODE = 2
 NFULA_CFG_TIMEOUT = 4
 NFULA_CFG_QTHRESH = 5
 NFULNL_CFG_CMD_BIND = 1
-NFULNL_CFG_CMD_UNBIND = 2
 NFULNL_CFG_CMD_PF_BIND = 3
 NFULNL_COPY_PACKET = 2
 
@@ -143,11 +140,6 @@ def bind_requests(group: int, *, seq: int = 1, copy_range: int = COPY_RANGE,
                   (NFULA_CFG_QTHRESH, struct.pack("!I", queue_threshold)),
                   (NFULA_CFG_TIMEOUT, struct.pack("!I", timeout_cs))]),
     ]
-
-
-def unbind_request(group: int, *, seq: int = 1) -> bytes:
-    return _message(MSG_CONFIG, seq, AF_UNSPEC, group,
-                    [(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_UNBIND]))])
 
 
 def _messages(data: bytes) -> tuple[list[tuple[int, int, bytes]], bool]:
