@@ -109,10 +109,12 @@ def lab(sandbox_factory: Any) -> Iterator[tuple[Worker, Callable[[], bool]]]:
 
     worker = Worker(node)
     try:
-        for _ in range(20):
+        for _ in range(20):  # the pods reach each other before any policy
             if connect():
                 break
             time.sleep(0.25)
+        else:
+            pytest.fail("x/a cannot reach y/b before any policy is applied")
         yield worker, connect
     finally:
         worker.close()
