@@ -71,27 +71,10 @@ class LiveApi(ReplayApi):
                 return denied
             return JSONResponse(self.nodes.get(request.path_params["name"], {}))
 
-        def empty(kind: str) -> Any:
-            async def listing(request: Request) -> Response:
-                denied = await self._record(request)
-                if denied is not None:
-                    return denied
-                if request.query_params.get("watch") in ("true", "1"):
-                    return StreamingResponse(_quiet_stream(), media_type="application/json")
-                return JSONResponse({"kind": f"{kind}List", "apiVersion": "v1",
-                                     "metadata": {"resourceVersion": str(self.version)},
-                                     "items": []})
-
-            return listing
-
         return Starlette(routes=[
             Route("/api/v1/nodes", nodes, methods=["GET"]),
             Route("/api/v1/nodes/{name}/status", node_status, methods=["PATCH"]),
-            # what the agent's NetworkPolicy source lists and watches: nothing, here
-            Route("/api/v1/pods", empty("Pod"), methods=["GET"]),
-            Route("/api/v1/namespaces", empty("Namespace"), methods=["GET"]),
-            Route("/apis/networking.k8s.io/v1/networkpolicies", empty("NetworkPolicy"),
-                  methods=["GET"]),
+            *self.policy_routes(),
         ])
 
     def _live_watch(self) -> Response:
@@ -121,12 +104,6 @@ class LiveApi(ReplayApi):
                 send.send_nowait({"type": kind, "object": node})
             except (trio.BrokenResourceError, trio.WouldBlock):
                 self.watchers.remove(send)
-
-
-async def _quiet_stream() -> Any:
-    """A watch on which nothing happens (until the client ends it)."""
-    await trio.sleep_forever()
-    yield ""
 
 
 async def follow_commands(api: LiveApi, path: Path) -> None:
