@@ -721,6 +721,8 @@ def _remove_policy_table(why: str) -> None:
             return
         PolicyApplier(nft).remove(DEFAULT_TABLE)
     except NftError as exc:
+        if "python3-nftables" in str(exc):  # no binding: no earlier run could have placed it
+            return
         log.warning("NetworkPolicy is off (%s), but the policy table %s left by an earlier "
                     "run could not be removed: %s", why, DEFAULT_TABLE, exc)
         return

@@ -9,7 +9,8 @@ events since then first, as the API server does); the NetworkUnavailable patch i
 
 Each node's agent gets its own stand-in inside that node's network namespace, on 127.0.0.1, so
 no test traffic leaves the namespace; all of them follow one command file, so they serve the
-same table. The test changes the table by appending commands, one JSON object a line:
+same table (and empty Pods, Namespaces and NetworkPolicies, for the agent's policy source).
+The test changes the table by appending commands, one JSON object a line:
 
     {"op": "put", "node": NODE}        ADDED (MODIFIED if a node of that name exists)
     {"op": "delete", "name": NAME}     DELETED
@@ -85,6 +86,7 @@ class LiveApi(ReplayApi):
         return Starlette(routes=[
             Route("/api/v1/nodes", nodes, methods=["GET"]),
             Route("/api/v1/nodes/{name}/status", node_status, methods=["PATCH"]),
+            *self.policy_routes(),
         ])
 
     def _live_watch(self, since: str | None) -> Response:

@@ -4,8 +4,9 @@ No API server can run on this machine (tests/deploy/kube_api/README.md), so the 
 `--kube-peers` talk to this instead: the replay server of tests/deploy/kube_replay.py (HTTPS on
 127.0.0.1 with a throw-away CA, bearer-token check) serving a live node table rather than
 recorded answers: `GET /api/v1/nodes` lists it, `?watch=true` streams its changes as they
-happen, and the NetworkUnavailable patch is accepted. The test changes the table by appending
-commands to a file the stand-in follows, one JSON object a line:
+happen, and the NetworkUnavailable patch is accepted; Pods, Namespaces and NetworkPolicies
+(what the agent's NetworkPolicy source lists and watches) are served as empty lists. The test
+changes the table by appending commands to a file the stand-in follows, one JSON object a line:
 
     {"op": "add", "name": "n3", "address": "198.18.0.13"}     ADDED (MODIFIED if it exists)
     {"op": "delete", "name": "n3"}                            DELETED
@@ -73,6 +74,7 @@ class LiveApi(ReplayApi):
         return Starlette(routes=[
             Route("/api/v1/nodes", nodes, methods=["GET"]),
             Route("/api/v1/nodes/{name}/status", node_status, methods=["PATCH"]),
+            *self.policy_routes(),
         ])
 
     def _live_watch(self) -> Response:

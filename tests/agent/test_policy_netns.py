@@ -304,10 +304,11 @@ def test_a_denied_flow_stays_denied_across_an_agent_restart(
     # bad content in the directory: one readable error in status, the last good state stays
     (rig.policy_dir / "policy.yaml").write_text(POLICY.replace("podSelector: {matchLabels",
                                                                "podSelector: {matchLabelz"))
-    rig.rig.wait("the source error in status", lambda: (
-        rig.policy_status(n1)["source_status"]["invalid"] or None), timeout=30)
+    time.sleep(1)  # the directory is watched: a wrong state would be in force by now
     assert rig.probe("other", "server") == "timeout"
     assert rig.probe("client", "server") == "refused"
+    rig.rig.wait("the source error in status", lambda: (
+        rig.policy_status(n1)["source_status"]["invalid"] or None), timeout=30)
     text = rig.cli(n1, "status", "policy")
     assert "source error (last good version kept)" in text.stdout, text.stdout
 
@@ -325,3 +326,19 @@ def test_a_denied_flow_stays_denied_across_an_agent_restart(
     assert reset.returncode == 0, reset
     assert "weavepy-policy" not in n1.run(["nft", "list", "tables"], check=False).stdout
 
+
+
+@pytest.mark.timeout(600)
+def test_audit_mode_counts_what_it_would_drop_and_lets_it_pass(
+        sandbox_factory: Callable[..., Any]) -> None:
+    rig = PolicyRig(sandbox_factory, nodes=1, extra=("--policy-audit",))
+    [n1] = rig.box.nodes
+    rig.add(n1, "server")
+    rig.add(n1, "other")
+    assert rig.probe("other", "server") == "refused"  # reached the pod: not dropped
+    doc = rig.policy_status(n1)
+    assert doc["audit"] is True, doc
+    [pod] = doc["pods"]
+    assert pod["pod"] == "x/server" and pod["drops"]["ingress"] > 0, pod
+    explained = rig.cli(n1, "policy", "explain", "x/other", "x/server", "80/TCP")
+    assert explained.returncode == 1 and "audit mode" in explained.stdout, explained
