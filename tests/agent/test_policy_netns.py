@@ -342,3 +342,9 @@ def test_audit_mode_counts_what_it_would_drop_and_lets_it_pass(
     assert pod["pod"] == "x/server" and pod["drops"]["ingress"] > 0, pod
     explained = rig.cli(n1, "policy", "explain", "x/other", "x/server", "80/TCP")
     assert explained.returncode == 1 and "audit mode" in explained.stdout, explained
+    # the drop log says what would have been blocked, by pod name, and that it passed
+    assert [(d["verdict"], d["src_pod"], d["dst_pod"]) for d in doc["drop_log"]["recent"]][
+        :1] == [("audit", "x/other", "x/server")], doc["drop_log"]
+    assert re.search(r"would be blocked by weavepy policy \(audit mode, passed\): TCP x/other "
+                     r"\(198\.19\.[0-9.]+:\d+\) -> x/server", rig.rig.log(n1)), (
+        rig.rig.logs_tail())
