@@ -93,6 +93,13 @@ from weavepy.ipam_mode import NodeIpam, node_observers, open_ipam
 from weavepy.joiner import Joiner
 from weavepy.metrics import AgentMetrics
 from weavepy.peerstore import load_external_peers
+from weavepy.policy.applier import PolicyApplier
+from weavepy.policy.compiler import DEFAULT_TABLE, CompileOptions
+from weavepy.policy.droplog import DropLog
+from weavepy.policy.dropreader import DropReader
+from weavepy.policy.enforcer import ApplyRecord, PolicyEnforcer
+from weavepy.policy.model import Pod
+from weavepy.policy.sources import DirectorySource
 from weavepy.reconcile import DesiredDataPlane, HostRulesKeeper, Reconciler, desired_data_plane
 from weavepy.targets import normalise_addresses
 from weavepy.wgpath import (
@@ -107,6 +114,7 @@ from weavepy.wgpath import (
 
 if TYPE_CHECKING:
     from weavepy.kube import KubeLink
+    from weavepy.policy.kubesource import KubePolicySource
 
 __all__ = ["Agent", "AgentError", "Prepared", "prepare", "run_agent"]
 
@@ -119,6 +127,8 @@ LEAVE_TIMEOUT = 3.0
 # pod), where both nodes share the same cores; on a real host with cores to spare they should
 # win. Measure before turning this on (python -m bench wireguard_ab).
 AGENT_WORKERS = False
+POLICY_READY_WAIT = 5.0  # seconds a CNI ADD waits at a time for the policy source's first state
+POLICY_VERIFY_EVERY = 10  # every Nth policy check compares the whole table, not its skeleton
 
 
 class AgentError(Exception):
@@ -212,6 +222,8 @@ def prepare(config: AgentConfig) -> Prepared:
         api_token = load_or_create_token(config.state_dir)
     except TokenError as exc:
         raise AgentError(str(exc)) from None
+    if config.policy_dir is not None and not config.policy_dir.is_dir():
+        raise AgentError(f"--policy-dir {config.policy_dir}: no such directory")
     if config.install_cni:
         _install_cni(config)
     bridge_netfilter = _switch_on_bridge_netfilter()
@@ -307,6 +319,11 @@ class Agent:
         self.metrics = AgentMetrics()
         self.vxlan_counters = LinkCounterSampler(self.config.vxlan_device)
         self.kube: KubeLink | None = None  # with --kube-peers
+        self.policy: PolicyEnforcer | None = None  # NetworkPolicy (see `_build_policy`)
+        self.policy_source: DirectorySource | KubePolicySource | None = None
+        self.drop_reader: DropReader | None = None  # the policy table's NFLOG group
+        self.policy_ready = trio.Event()
+        self.trio_token: trio.lowlevel.TrioToken | None = None  # set when `run` starts
         if self.ipam.cluster_id is not None:
             self._cluster_id_learned(self.ipam.cluster_id)
         self.cni_listening = False
@@ -379,6 +396,7 @@ class Agent:
 
     async def run(self) -> None:
         config = self.config
+        self.trio_token = trio.lowlevel.current_trio_token()
         tags = self.tags()
         try:
             encode_tags(tags)  # fails now, not in the middle of the cluster, if too large
@@ -403,6 +421,7 @@ class Agent:
                 nursery.start_soon(self.joiner.settle, self.reconciler.settle)
                 nursery.start_soon(self.joiner.run, svc)
                 nursery.start_soon(self._signals)
+                nursery.start_soon(self._enforce_policy)
                 await nursery.start(self._serve_cni)
                 from weavepy.api import build_app, serve_api
 
@@ -481,6 +500,59 @@ class Agent:
                     self.reconciler.poke("member resync")
             self.joiner.save_known(svc)
 
+    async def _enforce_policy(self) -> None:
+        """The policy source's states -> the enforcer -> the kernel, and the periodic check.
+        With policy off (or no source), a table left by an earlier run is removed once."""
+        enforcer, source = self.policy, self.policy_source
+        if enforcer is None or source is None:
+            await trio.to_thread.run_sync(_remove_policy_table, policy_mode(self.config)[1])
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._check_policy, enforcer)
+            if self.drop_reader is not None:
+                nursery.start_soon(self._read_drops, self.drop_reader)
+            states = (source.watch() if isinstance(source, DirectorySource)
+                      else source.watch_state())
+            async with states as stream:
+                async for state in stream:
+                    await trio.to_thread.run_sync(enforcer.set_source, state)
+                    self.policy_ready.set()
+
+    async def _read_drops(self, reader: DropReader) -> None:
+        """Drop logs with pod names; without them (the group is taken, no CAP_NET_ADMIN)
+        policy is still enforced and counted, so this never stops the agent."""
+        try:
+            await reader.run()
+        except OSError as exc:
+            self.drop_reader = None
+            log.warning("NetworkPolicy drop logs are off: cannot listen to NFLOG group %d: "
+                        "%s (drops are still counted)", reader.group, exc)
+
+    async def _check_policy(self, enforcer: PolicyEnforcer) -> None:
+        passes = 0
+        while True:
+            await trio.sleep(self.config.reconcile_interval)
+            passes += 1
+            await trio.to_thread.run_sync(enforcer.check, passes % POLICY_VERIFY_EVERY == 0)
+
+    async def _wait_policy_ready(self) -> None:
+        """For a CNI ADD that came before the policy source's first state."""
+        with trio.move_on_after(POLICY_READY_WAIT):
+            await self.policy_ready.wait()
+
+    def _lookup_pod(self, namespace: str, name: str) -> Pod | None:
+        """On the CNI worker thread: read a pod the policy source does not know yet from the
+        Kubernetes API (bounded; None if it cannot)."""
+        source = self.policy_source
+        if self.trio_token is None or source is None or isinstance(source, DirectorySource):
+            return None
+        found: Pod | None = trio.from_thread.run(source.fetch_pod, namespace, name,
+                                                 trio_token=self.trio_token)
+        return found
+
+    def _policy_applied(self, record: ApplyRecord) -> None:
+        self.metrics.observe_policy_apply(record.kind, record.seconds)
+
     async def _serve_cni(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                          ) -> None:
         from weavepy.cni.server import CniServer
@@ -517,8 +589,16 @@ class Agent:
         if token is None:
             raise RuntimeError("the IPAM link is not running")
         gso = FAST_PATH_GSO_MAX_SIZE if encryption_configured(self.config) else None
-        return BridgeBackend(CniAllocator(self.ipam, token), bridge=self.config.bridge,
-                             settings=PodLinkSettings(mtu=self.prepared.mtu, gso_max_size=gso))
+        backend = BridgeBackend(CniAllocator(self.ipam, token), bridge=self.config.bridge,
+                                settings=PodLinkSettings(mtu=self.prepared.mtu,
+                                                         gso_max_size=gso))
+        if self.policy is None:
+            return backend
+        from weavepy.cni.policy_backend import PolicyBackend
+
+        with_policy = PolicyBackend(backend, self.policy, self._wait_policy_ready)
+        with_policy.forget_gone()
+        return with_policy
 
 
 @dataclasses.dataclass
@@ -576,6 +656,7 @@ def run_agent(config: AgentConfig) -> None:
                                                observers=observers))
         except KubeError as exc:
             raise AgentError(str(exc)) from None
+    _build_policy(agent)
     try:
         trio.run(agent.run)
     except BaseExceptionGroup as group:  # a task failed; surface our own one-line errors
@@ -583,6 +664,71 @@ def run_agent(config: AgentConfig) -> None:
         if ours is None:
             raise
         raise _first_leaf(ours) from None
+
+
+def policy_mode(config: AgentConfig) -> tuple[str, str]:
+    """Where this node's NetworkPolicy comes from ("directory", "kubernetes" or "off"), and
+    why, in words for the status and the log."""
+    if not config.policy:
+        return "off", "turned off (--no-policy)"
+    if config.policy_dir is not None:
+        return "directory", f"the directory {config.policy_dir} (--policy-dir)"
+    if config.kube_peers:
+        return "kubernetes", "the Kubernetes API (--kube-peers)"
+    return "off", "no source: set --policy-dir, or --kube-peers to follow the Kubernetes API"
+
+
+def _build_policy(agent: Agent) -> None:
+    """The enforcer and its source, when policy is on; AgentError if they cannot be built."""
+    config = agent.config
+    mode, described = policy_mode(config)
+    if mode == "off":
+        return
+    from weavepy.nft import Nft, NftError
+
+    try:
+        nft = Nft()
+    except NftError as exc:
+        raise AgentError(f"NetworkPolicy: {exc} (or turn policy off with --no-policy)"
+                         ) from None
+    if config.policy_dir is not None:
+        agent.policy_source = DirectorySource(config.policy_dir)
+    lookup = None
+    if mode == "kubernetes":
+        from weavepy.policy.kubesource import KubePolicySource
+
+        assert agent.kube is not None
+        agent.policy_source = KubePolicySource(agent.kube.source.client)
+        lookup = agent._lookup_pod
+    options = CompileOptions(audit=config.policy_audit)
+    agent.policy = PolicyEnforcer(config.name, PolicyApplier(nft), options,
+                                  run_dir=config.run_dir, on_apply=agent._policy_applied,
+                                  lookup=lookup)
+    agent.drop_reader = DropReader(DropLog(), options.log_group,
+                                   snapshot=agent.policy.snapshot)
+    log.info("NetworkPolicy: enforced from %s%s", described,
+             " in audit mode (logged and counted, never dropped)" if config.policy_audit
+             else "")
+
+
+def _remove_policy_table(why: str) -> None:
+    """Policy is off: remove the table an earlier run left, so that no stale policy stays
+    in force (the agent runs in the node's namespace)."""
+    from weavepy.nft import Nft, NftError
+
+    try:
+        nft = Nft()
+        if nft.list_table("inet", DEFAULT_TABLE) is None:
+            return
+        PolicyApplier(nft).remove(DEFAULT_TABLE)
+    except NftError as exc:
+        if "python3-nftables" in str(exc):  # no binding: no earlier run could have placed it
+            return
+        log.warning("NetworkPolicy is off (%s), but the policy table %s left by an earlier "
+                    "run could not be removed: %s", why, DEFAULT_TABLE, exc)
+        return
+    log.warning("NetworkPolicy is off (%s): removed the policy table %s left by an earlier "
+                "run; pods are no longer isolated", why, DEFAULT_TABLE)
 
 
 def _first_leaf(group: BaseException) -> BaseException:

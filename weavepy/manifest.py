@@ -342,6 +342,12 @@ def render_objects(settings: ManifestSettings) -> list[dict[str, Any]]:
         "rules": [
             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+            # NetworkPolicy (docs/policy.md): the policies and the pods and namespaces they
+            # select, watched by every agent
+            {"apiGroups": [""], "resources": ["pods", "namespaces"],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+             "verbs": ["get", "list", "watch"]},
         ],
     })
     objects.append({

@@ -13,6 +13,7 @@ it; a missing or malformed field renders as `-`, never as a traceback.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -243,6 +244,8 @@ def render_summary(doc: Doc) -> Output:
                  + ("pending" if not last else "ok" if last.get("ok") else "with errors"))
     if "host_rules" in doc:
         lines.append(f"  host rules:   {_host_rules(doc)}")
+    if "policy" in doc:
+        lines.append(f"  policy:       {_policy_line(_map(doc, 'policy'))}")
     warning = _BRIDGE_NETFILTER_WARNINGS.get(str(dataplane.get("bridge_netfilter")))
     if warning is not None:
         lines.append(f"  warning:      {warning}")
@@ -372,3 +375,101 @@ def render_report(doc: Doc) -> Output:
     """`weavepy report` without --json: every section."""
     return [*render_summary(doc), *render_peers(doc), *render_connections(doc),
             *render_targets(doc), *render_ipam(doc)]
+
+
+def _policy_line(policy: Mapping[str, Any]) -> str:
+    if policy.get("mode") == "off":
+        return f"off: {_text(policy.get('source'))}"
+    if not policy.get("ready"):
+        return f"{_text(policy.get('mode'))}: waiting for the source's first state"
+    isolated = _map(policy, "isolated_pods")
+    line = (f"{_text(policy.get('mode'))}, {_text(policy.get('policies'))} policies, pods "
+            f"isolated: {_text(isolated.get('ingress'))} ingress, "
+            f"{_text(isolated.get('egress'))} egress"
+            + (" (AUDIT: nothing dropped)" if policy.get("audit") else ""))
+    problems = [p for p in (policy.get("last_error"),) if p]
+    if _map(_map(policy, "source_status"), "invalid"):
+        problems.append("the source has invalid objects (weavepy status policy)")
+    return line + "".join(f"; {p}" for p in problems)
+
+
+def render_policy(doc: Doc) -> Output:
+    """`weavepy status policy`: where policy comes from, the policies and the pods of this
+    node they isolate, drops, notes and the source's errors (`GET /policy`)."""
+    out: Output = [f"NetworkPolicy: {_text(doc.get('mode'))} ({_text(doc.get('source'))})"
+                   + (", AUDIT mode (nothing is dropped)" if doc.get("audit") else "")]
+    if doc.get("mode") == "off":
+        return out
+    isolated = _map(doc, "isolated_pods")
+    out.append(f"  ready {_text(doc.get('ready'))}; {len(_list(doc, 'policies'))} policies; "
+               f"{_text(doc.get('local_pods'))} pods on this node, isolated for ingress "
+               f"{_text(isolated.get('ingress'))}, egress {_text(isolated.get('egress'))}")
+    out.append(f"  table {_text(doc.get('table'))}: {_text(doc.get('applies'))} applies, "
+               f"{_text(doc.get('apply_errors'))} errors, {_text(doc.get('repairs'))} repairs")
+    for key in ("last_error", "last_repair", "counter_error"):
+        if doc.get(key):
+            out.append(f"  {key.replace('_', ' ')}: {doc[key]}")
+    source = _map(doc, "source_status")
+    for what, problem in sorted(_map(source, "invalid").items()):
+        out.append(f"  source error (last good version kept): {what}: {problem}")
+    for line in source.get("duplicates") or ():
+        out.append(f"  source: {line}")
+    for kind, status in sorted(_map(source, "kinds").items()):
+        if isinstance(status, Mapping) and status.get("last_error"):
+            out.append(f"  Kubernetes {kind}: {status['last_error']}")
+    for note in doc.get("notes") or ():
+        out.append(f"  note: {note}")
+    rows = []
+    for policy in _list(doc, "policies"):
+        drops = _map(policy, "drops")
+        rows.append((_text(policy.get("policy")), _text(policy.get("types")),
+                     _text(policy.get("pods")),
+                     f"{drops.get('ingress', 0)}/{drops.get('egress', 0)}"))
+    out.append(Table("policies", ("POLICY", "TYPES", "PODS HERE", "DROPS IN/EG"), tuple(rows)))
+    pod_rows = []
+    for pod in _list(doc, "pods"):
+        isolated_by = _map(pod, "isolated")
+        drops = _map(pod, "drops")
+        pod_rows.append((_text(pod.get("pod")), _text(pod.get("ip")),
+                     _text(isolated_by.get("ingress")), _text(isolated_by.get("egress")),
+                     f"{drops.get('ingress', 0)}/{drops.get('egress', 0)}"))
+    out.append(Table("isolated pods on this node", ("POD", "IP", "INGRESS BY", "EGRESS BY",
+                                                     "DROPS IN/EG"), tuple(pod_rows)))
+    out.extend(_render_recent_drops(doc))
+    return out
+
+
+RECENT_DROPS_SHOWN = 10
+
+
+def _render_recent_drops(doc: Doc) -> Output:
+    """The drop log's newest drops (`drop_log` of `GET /policy`), newest first."""
+    if not isinstance(doc.get("drop_log"), Mapping):
+        return ["  recent drops: not available (the NFLOG group could not be read)"]
+    drop_log = _map(doc, "drop_log")
+    rows = []
+    for drop in reversed(_list(drop_log, "recent")[-RECENT_DROPS_SHOWN:]):
+        def end(pod: object, address: object, port: object) -> str:
+            where = f"{_text(address)}:{port}" if port is not None else _text(address)
+            return f"{pod} ({where})" if pod else where
+
+        at = drop.get("at")
+        when = (time.strftime("%H:%M:%S", time.localtime(at)) if isinstance(at, (int, float))
+                else "-")
+        rows.append((when, _text(drop.get("verdict")), _text(drop.get("protocol")),
+                     end(drop.get("src_pod"), drop.get("src"), drop.get("sport")),
+                     end(drop.get("dst_pod"), drop.get("dst"), drop.get("dport")),
+                     _text(drop.get("direction")), _text(drop.get("policies"))))
+    return [Table("recent drops (logged, newest first)",
+                  ("TIME", "VERDICT", "PROTO", "FROM", "TO", "DIRECTION", "POLICIES"),
+                  tuple(rows))]
+
+
+def render_explain(doc: Doc) -> Output:
+    """`weavepy policy explain`: the verdict, the reason, and each end's decision."""
+    out: Output = [str(line) for line in str(doc.get("text", "")).splitlines()]
+    if doc.get("audit"):
+        out.append("  (audit mode: a denied connection is logged and counted, and passes)")
+    for note in doc.get("notes") or ():
+        out.append(f"  note: {note}")
+    return out

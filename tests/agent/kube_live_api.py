@@ -10,8 +10,9 @@ events since then first, as the API server does); the NetworkUnavailable patch i
 Each node's agent gets its own stand-in inside that node's network namespace, on 127.0.0.1, so
 no test traffic leaves the namespace. Each stand-in follows a command file of its own, so a
 test can show a change to some agents and not to others, as an API server that part of the
-cluster cannot reach would; by default a change goes to every node's file. One JSON object a
-line:
+cluster cannot reach would; by default a change goes to every node's file. Pods, Namespaces
+and NetworkPolicies (what the agent's policy source lists and watches) are served empty. One
+JSON object a line:
 
     {"op": "put", "node": NODE}        ADDED (MODIFIED if a node of that name exists)
     {"op": "delete", "name": NAME}     DELETED
@@ -87,6 +88,7 @@ class LiveApi(ReplayApi):
         return Starlette(routes=[
             Route("/api/v1/nodes", nodes, methods=["GET"]),
             Route("/api/v1/nodes/{name}/status", node_status, methods=["PATCH"]),
+            *self.policy_routes(),
         ])
 
     def _live_watch(self, since: str | None) -> Response:

@@ -58,6 +58,11 @@ class Seen:
     body: bytes
 
 
+async def _quiet_stream() -> Any:
+    await trio.sleep_forever()
+    yield ""
+
+
 class ReplayApi:
     """The scripted API. Lists and watches are served in order; when the watch script runs out
     the server holds the stream open (like a quiet cluster)."""
@@ -89,7 +94,29 @@ class ReplayApi:
         return Starlette(routes=[
             Route("/api/v1/nodes", nodes, methods=["GET"]),
             Route("/api/v1/nodes/{name}/status", node_status, methods=["PATCH"]),
+            *self.policy_routes(),
         ])
+
+    def policy_routes(self) -> list[Route]:
+        """What the agent's NetworkPolicy source lists and watches (Pods, Namespaces and
+        NetworkPolicies of every namespace), served empty: lists with no items, and watches
+        on which nothing happens (until the client ends them)."""
+        def empty(kind: str) -> Any:
+            async def listing(request: Request) -> Response:
+                denied = await self._record(request)
+                if denied is not None:
+                    return denied
+                if request.query_params.get("watch") in ("true", "1"):
+                    return StreamingResponse(_quiet_stream(), media_type="application/json")
+                return JSONResponse({"kind": f"{kind}List", "apiVersion": "v1",
+                                     "metadata": {"resourceVersion": "1"}, "items": []})
+
+            return listing
+
+        return [Route("/api/v1/pods", empty("Pod"), methods=["GET"]),
+                Route("/api/v1/namespaces", empty("Namespace"), methods=["GET"]),
+                Route("/apis/networking.k8s.io/v1/networkpolicies", empty("NetworkPolicy"),
+                      methods=["GET"])]
 
     async def _record(self, request: Request) -> Response | None:
         self.seen.append(Seen(request.method, request.url.path, dict(request.query_params),

@@ -12,7 +12,13 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from weavepy.metrics import IPAM_STATES, WEAVE_CONNECTION_STATES, AgentMetrics, StatusSnapshot
+from weavepy.metrics import (
+    IPAM_STATES,
+    WEAVE_CONNECTION_STATES,
+    AgentMetrics,
+    PolicySnapshot,
+    StatusSnapshot,
+)
 
 EXPECTED_FAMILIES = {
     "weavepy_build_info", "weavepy_ready", "weavepy_members", "weavepy_connections",
@@ -236,3 +242,24 @@ def test_host_rules_show_presence_restorations_and_what_was_masqueraded() -> Non
     doc["host_rules"].update(present=False, errors=["nftables: Operation not permitted"])
     metrics.update_from_status(doc)
     assert value(scrape(metrics), "weavepy_host_rules_present") == 0
+
+
+def test_policy_drop_log_counts_keep_weave_npcs_name_and_labels() -> None:
+    metrics = AgentMetrics()
+    doc = {"policies": [{"policy": "y/deny", "drops": {"ingress": 7, "egress": 0}}],
+           "pods": [], "isolated_pods": {"ingress": 1, "egress": 0},
+           "drop_log": {"blocked": [{"protocol": "tcp", "dport": "80", "count": 3},
+                                    {"protocol": "udp", "dport": "53", "count": 2}],
+                        "logged": [{"direction": "ingress", "verdict": "drop", "count": 6}]}}
+    metrics.update_policy(PolicySnapshot.from_status(doc))
+    samples = scrape(metrics)
+    assert value(samples, "weavenpc_blocked_connections_total", protocol="tcp",
+                 dport="80") == 3
+    assert value(samples, "weavenpc_blocked_connections_total", protocol="udp",
+                 dport="53") == 2
+    assert value(samples, "weavepy_policy_logged_drops_total", direction="ingress",
+                 verdict="drop") == 6
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert families["weavenpc_blocked_connections"].type == "counter"
+    assert families["weavenpc_blocked_connections"].documentation == (
+        "Connection attempts blocked by policy controller.")

@@ -20,6 +20,7 @@ from weavepy.statusview import (
     render_connections,
     render_ipam,
     render_peers,
+    render_policy,
     render_report,
     render_summary,
     render_targets,
@@ -246,3 +247,17 @@ def test_views_of_kubernetes_ipam() -> None:
     assert_snapshot("stored-kubernetes.txt", plain(
         render_summary(doc) + render_ipam(doc) + render_summary(waiting)
         + render_ipam(waiting)))
+
+
+def test_policy_status_shows_recent_drops_newest_first() -> None:
+    drop = {"at": 0, "verdict": "drop", "protocol": "TCP", "src": "198.19.2.3", "sport": 40112,
+            "dst": "198.19.1.4", "dport": 80, "src_pod": "x/other", "dst_pod": "x/server",
+            "direction": "ingress", "policies": ["x/server-ingress"]}
+    older = drop | {"src_pod": None, "src": "198.18.9.2", "sport": 5}
+    doc = {"mode": "directory", "source": "d", "policies": [], "pods": [],
+           "drop_log": {"recent": [older, drop, "junk"]}}
+    text = plain(render_policy(doc))
+    assert text.index("x/other (198.19.2.3:40112)") < text.index("198.18.9.2:5")
+    assert "x/server (198.19.1.4:80)" in text and "x/server-ingress" in text
+    no_reader = plain(render_policy({"mode": "directory", "source": "d"}))
+    assert "recent drops: not available" in no_reader

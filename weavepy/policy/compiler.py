@@ -62,11 +62,12 @@ from weavepy.policy.ruleset import (
 )
 
 __all__ = ["DEFAULT_LOG_GROUP", "DEFAULT_TABLE", "CompileOptions", "CompiledPolicy",
-           "compile_policy"]
+           "compile_policy", "drop_log_prefix", "parse_drop_log_prefix"]
 
 DEFAULT_TABLE = "weavepy-policy"
 DEFAULT_LOG_GROUP = 6784
 LOG_LIMIT = "drop-log"
+LOG_PREFIX = "weavepy-policy"
 SELF_SET = "self"
 COMMENT_MAX = 120  # nftables allows 128 bytes
 NAME_MAX = 200  # nftables allows 256 for chain, set and object names
@@ -103,6 +104,25 @@ class CompiledPolicy:
     drop_counters: dict[str, tuple[str, Direction]] = field(default_factory=dict)
     isolated: dict[str, dict[Direction, str]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+
+
+def drop_log_prefix(audit: bool, chain: str) -> str:
+    """The NFLOG prefix of a signature chain's log rule: `weavepy-policy drop ingress-<hash> `
+    (`audit` instead of `drop` in audit mode). The chain names the direction and, through
+    `CompiledPolicy.signatures`, the policies; the drop log reads it back."""
+    return f"{LOG_PREFIX} {'audit' if audit else 'drop'} {chain} "
+
+
+def parse_drop_log_prefix(prefix: str) -> tuple[bool, Direction, str] | None:
+    """(audit, direction, signature chain) of a prefix `drop_log_prefix` made, else None."""
+    words = prefix.split()
+    if len(words) != 3 or words[0] != LOG_PREFIX or words[1] not in ("drop", "audit"):
+        return None
+    chain = words[2]
+    for direction in DIRECTIONS:
+        if chain.startswith(f"{direction}-"):
+            return words[1] == "audit", direction, chain
+    return None
 
 
 def _digest(text: str, length: int = 10) -> str:
@@ -255,7 +275,7 @@ class _Compilation:
                           _comment(f"policy {p.key}")) for p in policies]
         word = "audit" if options.audit else "drop"
         rules.append(RuleDecl(({"limit": LOG_LIMIT},
-                               {"log": {"prefix": f"weavepy-policy {word} {name} ",
+                               {"log": {"prefix": drop_log_prefix(options.audit, name),
                                         "group": options.log_group}}), "log"))
         pod_address = _payload("ip", ADDRESS_FIELD[direction])
         rules.append(RuleDecl(({"counter": {"map": {"key": pod_address,
