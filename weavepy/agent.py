@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import random
@@ -62,6 +63,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -97,8 +99,8 @@ from weavepy.policy.applier import PolicyApplier
 from weavepy.policy.compiler import DEFAULT_TABLE, CompileOptions
 from weavepy.policy.droplog import DropLog
 from weavepy.policy.dropreader import DropReader
-from weavepy.policy.enforcer import ApplyRecord, PolicyEnforcer
-from weavepy.policy.model import Pod
+from weavepy.policy.enforcer import POLICY_CACHE_FILE, ApplyRecord, PolicyEnforcer
+from weavepy.policy.model import ClusterState, Pod
 from weavepy.policy.sources import DirectorySource
 from weavepy.reconcile import DesiredDataPlane, HostRulesKeeper, Reconciler, desired_data_plane
 from weavepy.targets import normalise_addresses
@@ -129,6 +131,8 @@ LEAVE_TIMEOUT = 3.0
 AGENT_WORKERS = False
 POLICY_READY_WAIT = 5.0  # seconds a CNI ADD waits at a time for the policy source's first state
 POLICY_VERIFY_EVERY = 10  # every Nth policy check compares the whole table, not its skeleton
+POLICY_CACHE_AFTER = 3.0  # seconds after start before the saved state is used
+POLICY_CACHE_PERIOD = 5.0  # the saved state is written at most this often
 
 
 class AgentError(Exception):
@@ -324,6 +328,7 @@ class Agent:
         self.drop_reader: DropReader | None = None  # the policy table's NFLOG group
         self.policy_ready = trio.Event()
         self.trio_token: trio.lowlevel.TrioToken | None = None  # set when `run` starts
+        self.policy_stale = False  # enforcing the saved state: the API has not answered yet
         if self.ipam.cluster_id is not None:
             self._cluster_id_learned(self.ipam.cluster_id)
         self.cni_listening = False
@@ -511,12 +516,35 @@ class Agent:
             nursery.start_soon(self._check_policy, enforcer)
             if self.drop_reader is not None:
                 nursery.start_soon(self._read_drops, self.drop_reader)
-            states = (source.watch() if isinstance(source, DirectorySource)
-                      else source.watch_state())
+            if isinstance(source, DirectorySource):
+                states = source.watch()
+            else:
+                states = source.watch_state()
+                cache = _PolicyCache(self.config.state_dir / POLICY_CACHE_FILE, source)
+                nursery.start_soon(self._policy_from_cache, enforcer, cache)
+                nursery.start_soon(cache.run)
             async with states as stream:
                 async for state in stream:
                     await trio.to_thread.run_sync(enforcer.set_source, state)
+                    self.policy_stale = False
                     self.policy_ready.set()
+                    if not isinstance(source, DirectorySource):
+                        cache.changed.set()
+
+    async def _policy_from_cache(self, enforcer: PolicyEnforcer, cache: _PolicyCache) -> None:
+        """The Kubernetes API has not answered soon after start: enforce the state saved
+        last time (so pods can start while the API is away), until the API answers."""
+        with trio.move_on_after(POLICY_CACHE_AFTER):
+            await self.policy_ready.wait()
+            return
+        state = await trio.to_thread.run_sync(cache.load)
+        if state is None or self.policy_ready.is_set():
+            return
+        log.warning("NetworkPolicy: the Kubernetes API has not answered; enforcing the state "
+                    "saved at %s until it does", cache.saved_at or "?")
+        self.policy_stale = True
+        await trio.to_thread.run_sync(enforcer.set_source, state)
+        self.policy_ready.set()
 
     async def _read_drops(self, reader: DropReader) -> None:
         """Drop logs with pod names; without them (the group is taken, no CAP_NET_ADMIN)
@@ -599,6 +627,53 @@ class Agent:
         with_policy = PolicyBackend(backend, self.policy, self._wait_policy_ready)
         with_policy.forget_gone()
         return with_policy
+
+
+class _PolicyCache:
+    """The Kubernetes policy source's objects (what policy reads of them), saved in the state
+    directory at most every POLICY_CACHE_PERIOD s after a change, and read back at a start
+    the API does not answer."""
+
+    def __init__(self, path: Path, source: KubePolicySource) -> None:
+        self.path = path
+        self.source = source
+        self.changed = trio.Event()
+        self.saved_at: str | None = None
+
+    async def run(self) -> None:
+        while True:
+            await self.changed.wait()
+            self.changed = trio.Event()
+            dumped = self.source.store.dump()
+            await trio.to_thread.run_sync(self._save, dumped)
+            await trio.sleep(POLICY_CACHE_PERIOD)
+
+    def _save(self, dumped: dict[str, Any]) -> None:
+        from weavepy.fileio import atomic_write
+
+        saved_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        try:
+            atomic_write(self.path, json.dumps({"saved_at": saved_at, "objects": dumped},
+                                               separators=(",", ":")).encode())
+        except OSError as exc:
+            log.warning("cannot save the NetworkPolicy state in %s: %s", self.path, exc)
+
+    def load(self) -> ClusterState | None:
+        from weavepy.policy.sources import PolicyStore
+
+        try:
+            doc = json.loads(self.path.read_text())
+            objects = doc["objects"]
+            self.saved_at = str(doc.get("saved_at"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("the saved NetworkPolicy state %s is unreadable (%s); waiting for the "
+                        "Kubernetes API", self.path, exc)
+            return None
+        store = PolicyStore()
+        store.load(objects if isinstance(objects, dict) else {})
+        return store.snapshot()
 
 
 @dataclasses.dataclass

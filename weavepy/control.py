@@ -247,6 +247,7 @@ class NodeControl:
         counts = enforcer.counts
         out.update({
             "ready": enforcer.ready,
+            "stale": agent.policy_stale,
             "policies": len(state.policies) if enforcer.ready else None,
             "local_pods": len(enforcer.attachments),
             "isolated_pods": ({d: sum(1 for dirs in compiled.isolated.values() if d in dirs)

@@ -18,7 +18,8 @@ What it removes, in the node's network namespace and directories:
   place when it stops so that isolated pods stay isolated across a restart;
 * weavepy's own files in the state directory: the identity (name, VTEP MAC, WireGuard key,
   cluster ID), the IPAM state and pod allocations, the known peers, the external peers
-  declared through the API and the API token, together with their moved-aside copies
+  declared through the API, the API token and the saved NetworkPolicy state, together with
+  their moved-aside copies
   (`NAME.corrupt-*`) and leftover temporaries (`.NAME.*`); and in the run directory the list
   of programmed peers.
 
@@ -150,11 +151,11 @@ def _state_files(config: AgentConfig) -> Iterator[Path]:
     from weavepy.ipam_link import CORE_FILE, PODS_FILES
     from weavepy.kube_ipam import POD_CIDRS_FILE
     from weavepy.peerstore import EXTERNAL_PEERS_FILE, KNOWN_PEERS_FILE
-    from weavepy.policy.enforcer import ATTACHMENTS_FILE
+    from weavepy.policy.enforcer import ATTACHMENTS_FILE, POLICY_CACHE_FILE
     from weavepy.reconcile import PROGRAMMED_FILE
 
     for name in (IDENTITY_FILE, CORE_FILE, *PODS_FILES, KNOWN_PEERS_FILE, EXTERNAL_PEERS_FILE,
-                 TOKEN_FILE, POD_CIDRS_FILE):
+                 TOKEN_FILE, POD_CIDRS_FILE, POLICY_CACHE_FILE):
         yield config.state_dir / name
         if config.state_dir.is_dir():
             yield from sorted(config.state_dir.glob(f"{name}.corrupt-*"))

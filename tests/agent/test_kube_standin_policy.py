@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.agent.kube_standin import LiveApi
+from tests.agent.kube_live_api import LiveApi
 from tests.deploy.kube_fixtures import TOKEN, account  # noqa: F401 (the service-account fixture)
 from tests.deploy.kube_replay import serve_replay
 from weavepy.policy.kubesource import KubePolicySource

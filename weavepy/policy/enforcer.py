@@ -55,7 +55,8 @@ __all__ = ["ApplyRecord", "ExplainError", "PolicyApplyError", "PolicyEnforcer", 
 
 log = logging.getLogger(__name__)
 
-ATTACHMENTS_FILE = "policy-pods.json"
+ATTACHMENTS_FILE = "policy-pods.json"  # in the run directory
+POLICY_CACHE_FILE = "policy-cache.json"  # in the state directory: the Kubernetes source's state
 # IP protocols without ports that explain takes by name (policy allows them only through a
 # rule without ports)
 PORTLESS_PROTOCOLS = ("ICMP", "IGMP", "GRE", "ESP", "AH", "VRRP")

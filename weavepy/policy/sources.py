@@ -29,6 +29,7 @@ import trio
 import yaml
 
 from weavepy.policy.model import (
+    CONTAINER_ID_ANNOTATION,
     ClusterState,
     Namespace,
     NetworkPolicy,
@@ -78,6 +79,8 @@ class PolicyStore:
 
     def __init__(self) -> None:
         self._objects: dict[Kind, dict[str, PolicyObject]] = {k: {} for k in KINDS}
+        # what policy reads of each object kept, in Kubernetes form (`dump`)
+        self._essentials: dict[Kind, dict[str, dict[str, Any]]] = {k: {} for k in KINDS}
         self.errors: dict[str, str] = {}  # key -> the last parse error, while it stands
 
     def _parsed(self, kind: Kind, raw: Mapping[str, Any]) -> tuple[str | None,
@@ -99,25 +102,32 @@ class PolicyStore:
     def replace(self, kind: Kind, objects: Iterable[Mapping[str, Any]]) -> bool:
         """A full list of `kind`; True if the store changed."""
         before = dict(self._objects[kind])
+        kept = self._essentials[kind]
         fresh: dict[str, PolicyObject] = {}
+        fresh_essentials: dict[str, dict[str, Any]] = {}
         for raw in objects:
             key, obj, ok = self._parsed(kind, raw)
             if key is None:
                 continue
             if ok and obj is not None:
                 fresh[key] = obj
+                fresh_essentials[key] = essentials(kind, raw)
             elif not ok and key in before:
                 fresh[key] = before[key]
+                fresh_essentials[key] = kept[key]
         self._objects[kind] = fresh
+        self._essentials[kind] = fresh_essentials
         return fresh != before
 
     def apply(self, kind: Kind, event: str, raw: Mapping[str, Any]) -> bool:
         """One watch event (ADDED, MODIFIED, DELETED); True if the store changed."""
         objects = self._objects[kind]
+        kept = self._essentials[kind]
         if event == "DELETED":
             key = _object_key(kind, raw)
             if key is not None:
                 self.errors.pop(f"{kind} {key}", None)
+                kept.pop(key, None)
             return key is not None and objects.pop(key, None) is not None
         if event not in ("ADDED", "MODIFIED"):
             return False
@@ -125,13 +135,54 @@ class PolicyStore:
         if key is None or not ok:
             return False
         if obj is None:
+            kept.pop(key, None)
             return objects.pop(key, None) is not None
         changed = objects.get(key) != obj
         objects[key] = obj
+        kept[key] = essentials(kind, raw)
         return changed
+
+    def dump(self) -> dict[str, list[dict[str, Any]]]:
+        """Every object kept, as much of its Kubernetes form as policy reads (JSON-able; a
+        cache that `load` reads back)."""
+        return {kind: [self._essentials[kind][k] for k in sorted(self._essentials[kind])]
+                for kind in KINDS}
+
+    def load(self, dumped: Mapping[str, Any]) -> None:
+        """Replace every kind with what `dump` gave (a missing kind: none)."""
+        for kind in KINDS:
+            items = dumped.get(kind)
+            self.replace(kind, [i for i in items if isinstance(i, Mapping)]
+                         if isinstance(items, list) else [])
 
     def snapshot(self) -> ClusterState:
         return _state(*(self._objects[k].values() for k in KINDS))
+
+
+def essentials(kind: Kind, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """What policy reads of an object (a Pod's full spec is large; its labels, ports,
+    address, node and phase are all that matter here)."""
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), Mapping) else {}
+    assert isinstance(meta, Mapping)
+    kept_meta = {k: meta[k] for k in ("name", "namespace", "labels") if k in meta}
+    if kind != "Pod":
+        return {**{k: v for k, v in raw.items() if k not in ("metadata", "status")},
+                "metadata": kept_meta}
+    annotations = meta.get("annotations")
+    if isinstance(annotations, Mapping) and CONTAINER_ID_ANNOTATION in annotations:
+        kept_meta["annotations"] = {CONTAINER_ID_ANNOTATION:
+                                    annotations[CONTAINER_ID_ANNOTATION]}
+    spec = raw.get("spec") if isinstance(raw.get("spec"), Mapping) else {}
+    status = raw.get("status") if isinstance(raw.get("status"), Mapping) else {}
+    assert isinstance(spec, Mapping) and isinstance(status, Mapping)
+    kept_spec: dict[str, Any] = {k: spec[k] for k in ("nodeName", "hostNetwork") if k in spec}
+    for group in ("initContainers", "containers"):
+        containers = spec.get(group)
+        if isinstance(containers, list):
+            kept_spec[group] = [{"ports": c["ports"]} for c in containers
+                                if isinstance(c, Mapping) and c.get("ports")]
+    return {"metadata": kept_meta, "spec": kept_spec,
+            "status": {k: status[k] for k in ("podIP", "podIPs", "phase") if k in status}}
 
 
 def _state(*groups: Iterable[PolicyObject]) -> ClusterState:
