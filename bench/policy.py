@@ -21,22 +21,40 @@ sandbox made for this run (a network namespace of its own), through the product'
    before; the two are interleaved in every repetition. Compile time is printed apart (both
    paths need it).
 
-Not measured here yet: policy change to enforced on every node through real agents, throughput
-with policies in force and first-packet cost. They need the agent's enforcement (`weavepy
-launch --policy-dir`), which this branch does not have; see the report's last line.
+3. **Policy change to enforced on every node** (`--agents`, on by default): three real agents
+   (`weavepy launch --policy-dir DIR`) in a sandbox of 3 nodes, at 30 pods / 10 policies and
+   300 pods / 100 policies (the synthetic shape, plus one allow policy per namespace). The
+   pods are *simulated*: Pod objects in the directory with `spec.nodeName` and
+   `status.podIP`, no network namespace behind them (the agents compile them as their local
+   pods exactly as CNI-attached ones; no packet is sent). A change is a policy written into
+   (then removed from) the directory, renamed into place; "enforced" is read from each node's
+   kernel: a watcher forked into every node polls nftables' generation (NFT_MSG_GETGEN) and,
+   when it moves, lists the policy's chain, until the chain is there (or gone). The time is
+   from the rename to the last node's kernel holding it.
+
+4. **Throughput and first packet** (in the first size's sandbox): pod a on n1 and pod b on n2,
+   attached by CNI ADD through the agents (labelled through the directory by container ID).
+   In every repetition, interleaved: no policy, 100 policies that select both pods (ingress
+   and egress; each admits iperf3's port and the probe port), no policy again (the A/A
+   control); each block runs iperf3 (a to b) and TCP connects from a to a closed port of b
+   (the SYN passes both nodes' policy chains as a new connection, the RST comes back as a
+   reply): median connect time with policy minus without is the first packet's added cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Sequence
+from functools import partial
 from ipaddress import IPv4Address
 from typing import Any
 
-from bench.common import median_spread, no_anchor, table
+from bench.common import anchor_version, median_spread, no_anchor, summary, table, tail, tail_label
+from weavepy.devtools.agentbox import AgentBox
 from weavepy.devtools.policy_workload import synthetic_cluster
-from weavepy.devtools.sandbox import Sandbox
+from weavepy.devtools.sandbox import Sandbox, SandboxNode
 from weavepy.policy.compiler import compile_policy
 from weavepy.policy.model import (
     ClusterState,
@@ -47,6 +65,8 @@ from weavepy.policy.model import (
     NetworkPolicy,
     Peer,
     Pod,
+    PolicyPort,
+    Rule,
 )
 from weavepy.policy.ruleset import Ruleset, parse_listing
 
@@ -166,10 +186,289 @@ def measure_in_node(pods: int, reps: int) -> dict[str, Any]:
             "times": times, "kinds": sorted(kinds)}
 
 
+# -- policy change to enforced, through real agents -------------------------------------------
+
+STARTUP = 240.0  # seconds an agent may take to come up on a loaded machine
+CHANGE = "bench-change"
+
+
+def _selector(selector: LabelSelector) -> dict[str, Any]:
+    return {"matchLabels": dict(selector.match_labels.items())} if selector.match_labels else {}
+
+
+def _peer(peer: Peer) -> dict[str, Any]:
+    if peer.ip_block is not None:
+        return {"ipBlock": {"cidr": str(peer.ip_block.cidr),
+                            "except": [str(b) for b in peer.ip_block.excepts]}}
+    found: dict[str, Any] = {}
+    if peer.pod_selector is not None:
+        found["podSelector"] = _selector(peer.pod_selector)
+    if peer.namespace_selector is not None:
+        found["namespaceSelector"] = _selector(peer.namespace_selector)
+    return found
+
+
+def _rule(rule: Rule, word: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    if rule.peers:
+        found[word] = [_peer(p) for p in rule.peers]
+    if rule.ports:
+        found["ports"] = [{"protocol": p.protocol, "port": p.port} for p in rule.ports]
+    return found
+
+
+def kubernetes_objects(state: ClusterState) -> list[dict[str, Any]]:
+    """The cluster as Kubernetes-format objects (the subset the synthetic shape uses)."""
+    objects: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": n.name, "labels": dict(n.labels.items())}}
+        for n in state.namespaces]
+    for policy in state.policies:
+        spec: dict[str, Any] = {"podSelector": _selector(policy.pod_selector),
+                                "policyTypes": sorted(t.capitalize()
+                                                      for t in policy.policy_types)}
+        if policy.ingress:
+            spec["ingress"] = [_rule(r, "from") for r in policy.ingress]
+        if policy.egress:
+            spec["egress"] = [_rule(r, "to") for r in policy.egress]
+        objects.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                        "metadata": {"name": policy.name, "namespace": policy.namespace},
+                        "spec": spec})
+    for pod in state.pods:
+        objects.append({"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": pod.name, "namespace": pod.namespace,
+                                     "labels": dict(pod.labels.items())},
+                        "spec": {"nodeName": pod.node, "containers": [{"ports": [
+                            {"containerPort": p.port, "protocol": p.protocol, "name": p.name}
+                            for p in pod.ports]}]},
+                        "status": {"podIP": str(pod.ip)}})
+    return objects
+
+
+def _with_fillers(pods: int) -> ClusterState:
+    """The synthetic cluster plus one allow policy per namespace: 10 policies per 30 pods."""
+    state = synthetic_cluster(pods, nodes=3)
+    fillers = tuple(NetworkPolicy(n.name, "allow-metrics", LabelSelector(Labels({"app": "a2"})),
+                                  ingress=(Rule((), (PolicyPort("TCP", 9100),)),))
+                    for n in state.namespaces)
+    return ClusterState((*state.policies, *fillers), state.pods, state.namespaces)
+
+
+def _write(path: Any, objects: list[dict[str, Any]]) -> None:
+    import yaml
+
+    temporary = path.with_name("." + path.name)
+    temporary.write_text(yaml.safe_dump_all(objects))
+    temporary.rename(path)
+
+
+def watch_chain(table: str, chain: str, present: bool, timeout: float) -> float | None:
+    """In a node: the monotonic time at which `chain` is there (or gone), else None."""
+    from weavepy.nft import Nft, NftError
+
+    nft = Nft()
+    deadline = time.monotonic() + timeout
+    seen: int | None = None
+    while time.monotonic() < deadline:
+        generation = nft.generation()
+        if generation != seen:
+            seen = generation
+            try:
+                nft.run([{"list": {"chain": {"family": "inet", "table": table,
+                                             "name": chain}}}])
+                found = True
+            except NftError:
+                found = False
+            if found == present:
+                return time.monotonic()
+        time.sleep(0.001)
+    return None
+
+
+def _change_to_enforced(nodes: list[SandboxNode], policy_dir: Any, present: bool,
+                        objects: list[dict[str, Any]]) -> float | None:
+    import threading
+
+    chain = f"pol-in-ns0.{CHANGE}"
+    found: dict[str, float | None] = {}
+
+    def watch(node: SandboxNode) -> None:
+        found[node.name] = node.call(watch_chain, "weavepy-policy", chain, present, 30.0,
+                                     timeout=60)
+
+    watchers = [threading.Thread(target=watch, args=(n,)) for n in nodes]
+    for thread in watchers:
+        thread.start()
+    time.sleep(0.5)  # the watchers are forked and polling
+    path = policy_dir / "change.yaml"
+    started = time.monotonic()
+    if present:
+        _write(path, objects)
+    else:
+        path.unlink()
+    for thread in watchers:
+        thread.join()
+    times = list(found.values())
+    if any(t is None for t in times):
+        return None
+    return max(t for t in times if t is not None) - started
+
+
+# -- throughput and the first packet, pods attached through CNI --------------------------------
+
+TRAFFIC_POLICIES = 100
+CLOSED_PORT = 7001  # nothing listens: a connect is the SYN there and the RST back
+
+
+def _traffic_policies() -> list[dict[str, Any]]:
+    """100 policies that all select both pods, ingress and egress, each admitting iperf3's
+    port, the probe port and one port of its own."""
+    def rule(word: str, i: int) -> dict[str, Any]:
+        return {word: [{"podSelector": {}}], "ports": [
+            {"protocol": "TCP", "port": port} for port in (5201, CLOSED_PORT, 10000 + i)]}
+    return [{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+             "metadata": {"name": f"p{i:03d}", "namespace": "default"},
+             "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+                      "ingress": [rule("from", i)], "egress": [rule("to", i)]}}
+            for i in range(TRAFFIC_POLICIES)]
+
+
+def connect_times(src: str, dst: str, port: int, count: int) -> list[float]:
+    """In a pod: `count` TCP connects to a closed port, each SYN to RST, in microseconds."""
+    import socket
+
+    found = []
+    for _ in range(count):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2.0)
+            sock.bind((src, 0))
+            started = time.perf_counter()
+            try:
+                sock.connect((dst, port))
+            except ConnectionRefusedError:
+                found.append((time.perf_counter() - started) * 1e6)
+            except OSError:
+                continue
+    return found
+
+
+def _set_policies(box: Sandbox, policy_dir: Any, on: bool) -> None:
+    import threading
+
+    path = policy_dir / "traffic-policies.yaml"
+    done: dict[str, float | None] = {}
+
+    def watch(node: SandboxNode) -> None:
+        done[node.name] = node.call(watch_chain, "weavepy-policy", "pol-in-default.p000", on,
+                                    60.0, timeout=90)
+
+    watchers = [threading.Thread(target=watch, args=(n,)) for n in box.nodes[:2]]
+    for thread in watchers:
+        thread.start()
+    if on:
+        _write(path, _traffic_policies())
+    elif path.exists():
+        path.unlink()
+    for thread in watchers:
+        thread.join()
+    if any(v is None for v in done.values()):
+        raise RuntimeError(f"policies {'on' if on else 'off'} not enforced in 60 s: {done}")
+
+
+def measure_traffic(box: Sandbox, rig: AgentBox, policy_dir: Any, reps: int, seconds: int,
+                    connects: int) -> dict[str, dict[str, list[float]]]:
+    """Pod a on n1 to pod b on n2 (CNI ADD through the agents), with the 100 policies off, on,
+    and off again (the A/A control), interleaved in every repetition."""
+    import json
+
+    from weavepy.cni.install import install_cni
+
+    plugin = install_cni(rig.root / "cni-bin", rig.root / "cni-conf").plugin
+    pods = {}
+    for label, node in (("pa", box.nodes[0]), ("pb", box.nodes[1])):
+        namespace = box.add_netns(label)
+        pods[label] = (namespace, rig.cni_add(node, plugin, namespace.netns, timeout=120))
+    _write(policy_dir / "traffic-pods.yaml", [
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": pods[label][0].netns, "namespace": "default", "labels": {"app": "perf"}}}
+        for label in pods])
+    (client, client_ip), (server, server_ip) = pods["pa"], pods["pb"]
+    iperf = server.start("iperf3", ["iperf3", "-s", "-B", server_ip])
+    results: dict[str, dict[str, list[float]]] = {
+        c: {"gbits": [], "connect_us": []} for c in ("none", "policy", "none-again")}
+    try:
+        time.sleep(1.0)
+        for _ in range(reps):
+            for condition in ("none", "policy", "none-again"):
+                _set_policies(box, policy_dir, condition == "policy")
+                run = client.run(["iperf3", "-c", server_ip, "-B", client_ip, "-t",
+                                  str(seconds), "-J"], check=False, timeout=seconds + 60)
+                report = json.loads(run.stdout or "{}")
+                received = report.get("end", {}).get("sum_received", {})
+                if "bits_per_second" in received:
+                    results[condition]["gbits"].append(received["bits_per_second"] / 1e9)
+                results[condition]["connect_us"] += client.call(
+                    connect_times, client_ip, server_ip, CLOSED_PORT, connects, timeout=300)
+    finally:
+        iperf.stop()
+    return results
+
+
+def _ready(rig: AgentBox, node: SandboxNode) -> bool:
+    return bool((rig.status(node) or {}).get("ready"))
+
+
+def measure_agents(pods: int, changes: int, traffic: tuple[int, int, int] | None,
+                   ) -> dict[str, Any]:
+    state = _with_fillers(pods)
+    change = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": CHANGE, "namespace": "ns0"},
+              "spec": {"podSelector": {}, "ingress": [{
+                  "from": [{"podSelector": {"matchLabels": {"app": "a0"}}}],
+                  "ports": [{"protocol": "TCP", "port": 8443}]}]}}
+    results: dict[str, list[float]] = {"added": [], "removed": []}
+    lost = 0
+    with Sandbox.create(nodes=3) as box:
+        policy_dir = box.run_dir / "policy"
+        policy_dir.mkdir()
+        _write(policy_dir / "cluster.yaml", kubernetes_objects(state))
+        rig = AgentBox(box, pod_range=str(box.pod_range),
+                       extra_args=("--policy-dir", str(policy_dir)))
+        first, *others = box.nodes
+        rig.launch(first)
+        rig.wait_api(first, timeout=STARTUP)
+        for node in others:
+            rig.launch(node, [first])
+        for node in box.nodes:
+            rig.wait("node ready", partial(_ready, rig, node), timeout=STARTUP)
+        for node in box.nodes:  # the initial table is in every kernel
+            rig.wait("policy table", partial(node.call, watch_chain, "weavepy-policy",
+                                             "pol-in-ns0.default-deny", True, 1.0),
+                     timeout=STARTUP)
+        for _ in range(changes):
+            for present, label in ((True, "added"), (False, "removed")):
+                elapsed = _change_to_enforced(box.nodes, policy_dir, present, [change])
+                if elapsed is None:
+                    lost += 1
+                else:
+                    results[label].append(elapsed)
+        flows = measure_traffic(box, rig, policy_dir, *traffic) if traffic else None
+    return {"policies": len(state.policies) + 1, "times": results, "lost": lost,
+            "traffic": flows}
+
+
 def run(args: Sequence[str]) -> str:
     parser = argparse.ArgumentParser(prog="python -m bench policy")
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--agent-sizes", default="30,300",
+                        help="pods for the change-to-enforced part ('' to skip it)")
+    parser.add_argument("--changes", type=int, default=20,
+                        help="policy changes (each added, then removed) per size")
+    parser.add_argument("--traffic-reps", type=int, default=3,
+                        help="repetitions of none / policy / none-again (0: skip)")
+    parser.add_argument("--seconds", type=int, default=3, help="iperf3 -t")
+    parser.add_argument("--connects", type=int, default=200, help="connects per block")
     options = parser.parse_args(list(args))
     sizes = [int(s) for s in options.sizes.split(",")]
     results: dict[int, dict[str, Any]] = {}
@@ -192,12 +491,28 @@ def run(args: Sequence[str]) -> str:
         times = results[pods]["times"]
         ms = {k: [v * 1000 for v in vs] for k, vs in times.items()}
         diff, replace = ms["signature diff"], ms["signature replace"]
-        ratio = (sorted(replace)[len(replace) // 2] / sorted(diff)[len(diff) // 2]
-                 if diff else float("nan"))
+        ratio = statistics.median(replace) / statistics.median(diff)
         change_rows.append([f"{pods:,}", median_spread(diff), median_spread(replace),
                             f"{ratio:.1f}x", median_spread(ms["joined diff"]),
                             median_spread(ms["check"]), f"{ms['compile'][0]:.0f}"])
     kinds = sorted({k for r in results.values() for k in r["kinds"]})
+    agent_rows = []
+    flows: dict[str, dict[str, list[float]]] | None = None
+    for index, pods in enumerate(int(s) for s in options.agent_sizes.split(",") if s):
+        wanted = ((options.traffic_reps, options.seconds, options.connects)
+                  if index == 0 and options.traffic_reps else None)
+        found = measure_agents(pods, options.changes, wanted)
+        flows = flows or found["traffic"]
+        every = [v * 1000 for vs in found["times"].values() for v in vs]
+        stats = summary(every)
+        goal = ("met" if stats["median"] <= 200 and stats["p99" if stats["n"] >= 100
+                                                         else "max"] <= 1000 else "missed")
+        agent_rows.append([f"{pods:,}", found["policies"], int(stats["n"]),
+                           f"{stats['median']:.0f}", f"{stats['min']:.0f}",
+                           f"{tail_label(int(stats['n']))} {tail(every):.0f}",
+                           median_spread([v * 1000 for v in found["times"]["added"]], 0),
+                           median_spread([v * 1000 for v in found["times"]["removed"]], 0),
+                           found["lost"], goal])
     return "\n\n".join([
         no_anchor("Sizes are compared with a per-pair translation computed from the same "
                   "cluster (not loaded); the applier's diff with the full replace it "
@@ -214,7 +529,39 @@ def run(args: Sequence[str]) -> str:
         + f"\n\nApplier results seen: {', '.join(kinds)}. Times are `apply()` from call to "
           "the kernel holding the table, check of the live table included (the replace "
           "has no check: a fresh applier).",
-        "Not measured in this run: policy change to enforced on every node, throughput with "
-        "100 policies and first-packet cost. They need agents that enforce policy "
-        "(`weavepy launch --policy-dir`), which this branch does not have.",
+        "### Policy change to enforced on all 3 nodes, ms (real agents, simulated pods)\n\n"
+        + table(["pods", "policies", "changes", "median", "min", "tail", "added",
+                 "removed", "not enforced in 30 s", "goal median <= 200, p99 <= 1000"],
+                agent_rows)
+        + "\n\nPods are Pod objects with `spec.nodeName` and `status.podIP` in the policy "
+          "directory (no network namespace behind them); a change is a policy renamed into "
+          "the directory (or removed); enforced = the policy's chain listed by every node's "
+          "kernel. With fewer than 100 changes the tail is the maximum.",
+        _traffic_report(flows, options),
     ])
+
+
+def _traffic_report(flows: dict[str, dict[str, list[float]]] | None,
+                    options: argparse.Namespace) -> str:
+    if not flows:
+        return "Throughput and first packet: not measured in this run."
+    none, policy, again = (flows[c] for c in ("none", "policy", "none-again"))
+    rows = []
+    for label, key, digits in (("iperf3 Gbit/s", "gbits", 2), ("connect us", "connect_us", 0)):
+        base = statistics.median(none[key]) if none[key] else float("nan")
+        rows.append([label, median_spread(none[key], digits), median_spread(policy[key], digits),
+                     median_spread(again[key], digits),
+                     f"{statistics.median(policy[key]) / base:.1%}" if policy[key] else "n/a",
+                     f"{statistics.median(again[key]) / base:.1%}" if again[key] else "n/a"])
+    added = (statistics.median(policy["connect_us"]) - statistics.median(none["connect_us"])
+             if policy["connect_us"] and none["connect_us"] else float("nan"))
+    return ("### Pod to pod across nodes through agents, 100 policies selecting both pods\n\n"
+            + anchor_version("Load generator iperf3", ["iperf3", "--version"], "iperf3")
+            + "\n\n"
+            + table(["measure", "no policy", "100 policies", "no policy again (A/A)",
+                     "policy / none", "A/A"], rows)
+            + f"\n\nFirst packet: median connect time added by policy {added:.0f} us (goal "
+              f"<= 50 us). Pods a (n1) and b (n2) attached by CNI ADD through the agents; "
+              f"{options.traffic_reps} repetitions of none / policy / none-again, each iperf3 "
+              f"-t {options.seconds} and {options.connects} TCP connects to a closed port "
+              f"(SYN through both nodes' policy chains, RST back); goal throughput >= 95 %.")
