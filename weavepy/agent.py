@@ -96,6 +96,7 @@ from weavepy.peerstore import load_external_peers
 from weavepy.policy.applier import PolicyApplier
 from weavepy.policy.compiler import DEFAULT_TABLE, CompileOptions
 from weavepy.policy.enforcer import ApplyRecord, PolicyEnforcer
+from weavepy.policy.model import Pod
 from weavepy.policy.sources import DirectorySource
 from weavepy.reconcile import DesiredDataPlane, HostRulesKeeper, Reconciler, desired_data_plane
 from weavepy.targets import normalise_addresses
@@ -319,6 +320,7 @@ class Agent:
         self.policy: PolicyEnforcer | None = None  # NetworkPolicy (see `_build_policy`)
         self.policy_source: DirectorySource | KubePolicySource | None = None
         self.policy_ready = trio.Event()
+        self.trio_token: trio.lowlevel.TrioToken | None = None  # set when `run` starts
         if self.ipam.cluster_id is not None:
             self._cluster_id_learned(self.ipam.cluster_id)
         self.cni_listening = False
@@ -390,6 +392,7 @@ class Agent:
 
     async def run(self) -> None:
         config = self.config
+        self.trio_token = trio.lowlevel.current_trio_token()
         tags = self.tags()
         try:
             encode_tags(tags)  # fails now, not in the middle of the cluster, if too large
@@ -520,6 +523,16 @@ class Agent:
         """For a CNI ADD that came before the policy source's first state."""
         with trio.move_on_after(POLICY_READY_WAIT):
             await self.policy_ready.wait()
+
+    def _lookup_pod(self, namespace: str, name: str) -> Pod | None:
+        """On the CNI worker thread: read a pod the policy source does not know yet from the
+        Kubernetes API (bounded; None if it cannot)."""
+        source = self.policy_source
+        if self.trio_token is None or source is None or isinstance(source, DirectorySource):
+            return None
+        found: Pod | None = trio.from_thread.run(source.fetch_pod, namespace, name,
+                                                 trio_token=self.trio_token)
+        return found
 
     def _policy_applied(self, record: ApplyRecord) -> None:
         self.metrics.observe_policy_apply(record.kind, record.seconds)
@@ -662,17 +675,19 @@ def _build_policy(agent: Agent) -> None:
     except NftError as exc:
         raise AgentError(f"NetworkPolicy: {exc} (or turn policy off with --no-policy)"
                          ) from None
-    if mode == "directory":
-        assert config.policy_dir is not None
+    if config.policy_dir is not None:
         agent.policy_source = DirectorySource(config.policy_dir)
-    else:
+    lookup = None
+    if mode == "kubernetes":
         from weavepy.policy.kubesource import KubePolicySource
 
         assert agent.kube is not None
         agent.policy_source = KubePolicySource(agent.kube.source.client)
+        lookup = agent._lookup_pod
     agent.policy = PolicyEnforcer(config.name, PolicyApplier(nft),
                                   CompileOptions(audit=config.policy_audit),
-                                  run_dir=config.run_dir, on_apply=agent._policy_applied)
+                                  run_dir=config.run_dir, on_apply=agent._policy_applied,
+                                  lookup=lookup)
     log.info("NetworkPolicy: enforced from %s%s", described,
              " in audit mode (logged and counted, never dropped)" if config.policy_audit
              else "")
@@ -689,6 +704,8 @@ def _remove_policy_table(why: str) -> None:
             return
         PolicyApplier(nft).remove(DEFAULT_TABLE)
     except NftError as exc:
+        if "python3-nftables" in str(exc):  # no binding: no earlier run could have placed it
+            return
         log.warning("NetworkPolicy is off (%s), but the policy table %s left by an earlier "
                     "run could not be removed: %s", why, DEFAULT_TABLE, exc)
         return

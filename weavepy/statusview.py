@@ -243,6 +243,8 @@ def render_summary(doc: Doc) -> Output:
                  + ("pending" if not last else "ok" if last.get("ok") else "with errors"))
     if "host_rules" in doc:
         lines.append(f"  host rules:   {_host_rules(doc)}")
+    if "policy" in doc:
+        lines.append(f"  policy:       {_policy_line(_map(doc, 'policy'))}")
     warning = _BRIDGE_NETFILTER_WARNINGS.get(str(dataplane.get("bridge_netfilter")))
     if warning is not None:
         lines.append(f"  warning:      {warning}")
@@ -372,6 +374,22 @@ def render_report(doc: Doc) -> Output:
     """`weavepy report` without --json: every section."""
     return [*render_summary(doc), *render_peers(doc), *render_connections(doc),
             *render_targets(doc), *render_ipam(doc)]
+
+
+def _policy_line(policy: Mapping[str, Any]) -> str:
+    if policy.get("mode") == "off":
+        return f"off: {_text(policy.get('source'))}"
+    if not policy.get("ready"):
+        return f"{_text(policy.get('mode'))}: waiting for the source's first state"
+    isolated = _map(policy, "isolated_pods")
+    line = (f"{_text(policy.get('mode'))}, {_text(policy.get('policies'))} policies, pods "
+            f"isolated: {_text(isolated.get('ingress'))} ingress, "
+            f"{_text(isolated.get('egress'))} egress"
+            + (" (AUDIT: nothing dropped)" if policy.get("audit") else ""))
+    problems = [p for p in (policy.get("last_error"),) if p]
+    if _map(_map(policy, "source_status"), "invalid"):
+        problems.append("the source has invalid objects (weavepy status policy)")
+    return line + "".join(f"; {p}" for p in problems)
 
 
 def render_policy(doc: Doc) -> Output:

@@ -4,8 +4,9 @@ No API server can run on this machine (tests/deploy/kube_api/README.md), so the 
 `--kube-peers` talk to this instead: the replay server of tests/deploy/kube_replay.py (HTTPS on
 127.0.0.1 with a throw-away CA, bearer-token check) serving a live node table rather than
 recorded answers: `GET /api/v1/nodes` lists it, `?watch=true` streams its changes as they
-happen, and the NetworkUnavailable patch is accepted. The test changes the table by appending
-commands to a file the stand-in follows, one JSON object a line:
+happen, and the NetworkUnavailable patch is accepted; Pods, Namespaces and NetworkPolicies
+(what the agent's NetworkPolicy source lists and watches) are served as empty lists. The test
+changes the table by appending commands to a file the stand-in follows, one JSON object a line:
 
     {"op": "add", "name": "n3", "address": "198.18.0.13"}     ADDED (MODIFIED if it exists)
     {"op": "delete", "name": "n3"}                            DELETED
@@ -70,9 +71,27 @@ class LiveApi(ReplayApi):
                 return denied
             return JSONResponse(self.nodes.get(request.path_params["name"], {}))
 
+        def empty(kind: str) -> Any:
+            async def listing(request: Request) -> Response:
+                denied = await self._record(request)
+                if denied is not None:
+                    return denied
+                if request.query_params.get("watch") in ("true", "1"):
+                    return StreamingResponse(_quiet_stream(), media_type="application/json")
+                return JSONResponse({"kind": f"{kind}List", "apiVersion": "v1",
+                                     "metadata": {"resourceVersion": str(self.version)},
+                                     "items": []})
+
+            return listing
+
         return Starlette(routes=[
             Route("/api/v1/nodes", nodes, methods=["GET"]),
             Route("/api/v1/nodes/{name}/status", node_status, methods=["PATCH"]),
+            # what the agent's NetworkPolicy source lists and watches: nothing, here
+            Route("/api/v1/pods", empty("Pod"), methods=["GET"]),
+            Route("/api/v1/namespaces", empty("Namespace"), methods=["GET"]),
+            Route("/apis/networking.k8s.io/v1/networkpolicies", empty("NetworkPolicy"),
+                  methods=["GET"]),
         ])
 
     def _live_watch(self) -> Response:
@@ -102,6 +121,12 @@ class LiveApi(ReplayApi):
                 send.send_nowait({"type": kind, "object": node})
             except (trio.BrokenResourceError, trio.WouldBlock):
                 self.watchers.remove(send)
+
+
+async def _quiet_stream() -> Any:
+    """A watch on which nothing happens (until the client ends it)."""
+    await trio.sleep_forever()
+    yield ""
 
 
 async def follow_commands(api: LiveApi, path: Path) -> None:

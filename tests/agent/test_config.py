@@ -213,3 +213,21 @@ def test_ipam_mode_is_weavepy_unless_set_and_kubernetes_needs_the_api(tmp_path: 
         load_config({}, {"WEAVEPY_IPAM": "calico"})
     assert bad.value.problems == ["$WEAVEPY_IPAM: must be one of weavepy, kubernetes, got "
                                   "'calico'"]
+
+
+def test_policy_settings(tmp_path: Path) -> None:
+    config = load_config({}, {})
+    assert (config.policy, config.policy_dir, config.policy_audit) == (True, None, False)
+    assert load_config({"policy": True}, {}).policy is False  # --no-policy
+    assert load_config({}, {"WEAVEPY_NO_POLICY": "1"}).policy is False
+    file = tmp_path / "weavepy.yaml"
+    file.write_text(f"policy_dir: {tmp_path}\npolicy_audit: true\n")
+    config = load_config({}, {}, file)
+    assert (config.policy_dir, config.policy_audit) == (tmp_path, True)
+    assert load_config({"policy_dir": "/p"}, {"WEAVEPY_POLICY_DIR": "/q"}).policy_dir == Path("/p")
+    with pytest.raises(ConfigError, match=r"^--policy-dir and --no-policy contradict"):
+        load_config({"policy_dir": "/p", "policy": True}, {})
+    with pytest.raises(ConfigError, match=r"^--policy-audit and --no-policy contradict"):
+        load_config({"policy": True}, {"WEAVEPY_POLICY_AUDIT": "yes"})
+    with pytest.raises(ConfigError, match=r"^\$WEAVEPY_POLICY_AUDIT: must be true or false"):
+        load_config({}, {"WEAVEPY_POLICY_AUDIT": "maybe"})

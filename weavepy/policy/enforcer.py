@@ -56,6 +56,9 @@ __all__ = ["ApplyRecord", "ExplainError", "PolicyApplyError", "PolicyEnforcer", 
 log = logging.getLogger(__name__)
 
 ATTACHMENTS_FILE = "policy-pods.json"
+# IP protocols without ports that explain takes by name (policy allows them only through a
+# rule without ports)
+PORTLESS_PROTOCOLS = ("ICMP", "IGMP", "GRE", "ESP", "AH", "VRRP")
 
 
 class PolicyApplyError(Exception):
@@ -95,6 +98,9 @@ class PolicyEnforcer:
     options: CompileOptions = field(default_factory=CompileOptions)
     run_dir: Path | None = None
     on_apply: Callable[[ApplyRecord], None] | None = None
+    # Reads a pod the source does not know yet (namespace, name) -> Pod (blocking, bounded):
+    # the Kubernetes API, for an ADD that comes before the watch told of the pod.
+    lookup: Callable[[str, str], Pod | None] | None = None
     source_state: ClusterState | None = None
     compiled: CompiledPolicy | None = None  # what the kernel holds (or was last asked to)
     state: ClusterState = field(default_factory=ClusterState)  # source + attachments
@@ -124,6 +130,7 @@ class PolicyEnforcer:
         """A pod was attached on this node: make its isolation real before returning. Raises
         PolicyApplyError (and forgets the pod) if the kernel refuses. None before the source
         is ready (the pod is remembered and applied with the first state)."""
+        self._learn_pod(found)
         with self._lock:
             previous = self.attachments.get(found.container_id)
             self.attachments[found.container_id] = found
@@ -139,6 +146,22 @@ class PolicyEnforcer:
                 raise PolicyApplyError(record.error)
             self._save_attachments()
             return record
+
+    def _learn_pod(self, found: Attachment) -> None:
+        """Ask `lookup` for a pod the source does not describe yet (its labels decide its
+        isolation); the source's next state supersedes what it returned."""
+        state = self.source_state
+        if (self.lookup is None or state is None or not found.namespace or not found.name
+                or state.pod(f"{found.namespace}/{found.name}") is not None
+                or any(p.container_id == found.container_id for p in state.pods)):
+            return
+        pod = self.lookup(found.namespace, found.name)
+        if pod is None:
+            return
+        with self._lock:
+            current = self.source_state
+            if current is not None and current.pod(pod.key) is None:
+                self.source_state = dataclasses.replace(current, pods=(*current.pods, pod))
 
     def pod_removed(self, container_id: str) -> ApplyRecord | None:
         """A pod's attachment was deleted; a failure is logged and retried by `check`."""
@@ -284,6 +307,9 @@ def parse_port(text: str) -> tuple[int | None, str]:
     """`80/TCP`, `53/udp`, `80` (TCP) or `ICMP` -> (port, protocol)."""
     number, _, protocol = text.strip().partition("/")
     if not protocol and not number.isdigit():
+        if number.upper() not in PORTLESS_PROTOCOLS:
+            raise ExplainError(f"port {text!r}: expected PORT/PROTOCOL, like 80/TCP, or a "
+                               f"protocol without ports: {', '.join(PORTLESS_PROTOCOLS)}")
         return None, number.upper()
     protocol = (protocol or "TCP").upper()
     try:

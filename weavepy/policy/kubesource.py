@@ -48,7 +48,7 @@ from weavepy.kube import (
     KubeError,
 )
 from weavepy.kube import _describe as describe_failure
-from weavepy.policy.model import ClusterState
+from weavepy.policy.model import ClusterState, Pod, PolicyInputError, parse_pod
 from weavepy.policy.sources import KINDS, Kind, PolicyStore
 
 __all__ = ["KubePolicySource"]
@@ -185,6 +185,32 @@ class KubePolicySource:
             log.warning("Kubernetes API (%s): %s; keeping the last known state, retrying in "
                         "%.1f s", kind, failure, delay)
             await trio.sleep(delay)
+
+    async def fetch_pod(self, namespace: str, name: str, timeout: float = 2.0) -> Pod | None:
+        """One Pod read from the API now (for a CNI ADD that came before the watch told us
+        of the pod), also kept in the store; None if it is not there or the API does not
+        answer within `timeout` s."""
+        with trio.move_on_after(timeout):
+            try:
+                obj = await self.client.get(PodResource, name=name, namespace=namespace)
+            except ApiError as exc:
+                if exc.status is None or exc.status.code != 404:
+                    log.warning("Kubernetes API: reading pod %s/%s: %s", namespace, name,
+                                describe_failure(exc))
+                return None
+            except (httpx2.HTTPError, msgspec.MsgspecError, OSError) as exc:
+                log.warning("Kubernetes API: reading pod %s/%s: %s", namespace, name,
+                            describe_failure(exc))
+                return None
+            raw = obj.to_dict()
+            self.store.apply("Pod", "ADDED", raw)
+            try:
+                return parse_pod(raw)
+            except PolicyInputError:
+                return None  # the store logged it
+        log.warning("Kubernetes API: reading pod %s/%s took longer than %g s", namespace,
+                    name, timeout)
+        return None
 
     def status(self) -> dict[str, Any]:
         """For the agent's status document."""
