@@ -572,10 +572,13 @@ def _traffic_report(flows: dict[str, dict[str, list[float]]] | None,
     rows = []
     for label, key, digits in (("iperf3 Gbit/s", "gbits", 2), ("connect us", "connect_us", 0)):
         base = statistics.median(none[key]) if none[key] else float("nan")
+        both = none[key] + again[key]
         rows.append([label, median_spread(none[key], digits), median_spread(policy[key], digits),
                      median_spread(again[key], digits),
                      f"{statistics.median(policy[key]) / base:.1%}" if policy[key] else "n/a",
-                     f"{statistics.median(again[key]) / base:.1%}" if again[key] else "n/a"])
+                     f"{statistics.median(again[key]) / base:.1%}" if again[key] else "n/a",
+                     f"{statistics.median(policy[key]) / statistics.median(both):.1%}"
+                     if policy[key] and both else "n/a"])
     added = (statistics.median(policy["connect_us"]) - statistics.median(none["connect_us"])
              if policy["connect_us"] and none["connect_us"] else float("nan"))
     proof = (f"Policies in force (a connect to port {DENIED_PORT}, which none admits): "
@@ -588,7 +591,8 @@ def _traffic_report(flows: dict[str, dict[str, list[float]]] | None,
             + anchor_version("Load generator iperf3", ["iperf3", "--version"], "iperf3")
             + "\n\n"
             + table(["measure", "no policy", "100 policies", "no policy again (A/A)",
-                     "policy / none", "A/A"], rows)
+                     "policy / none", "A/A (again / none)",
+                     "policy / both no-policy blocks"], rows)
             + f"\n\nFirst packet: median connect time added by policy {added:.0f} us (goal "
               f"<= 50 us). Pods a (n1) and b (n2) attached by CNI ADD through the agents; "
               f"{options.traffic_reps} repetitions of none / policy / none-again, each iperf3 "
