@@ -10,9 +10,16 @@ first call raises one readable `NftError`.
 from __future__ import annotations
 
 import importlib
+import socket
+import struct
 from typing import Any
 
 Command = dict[str, Any]
+
+NETLINK_NETFILTER = 12
+NFT_MSG_GETGEN = (10 << 8) | 16  # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN
+NFTA_GEN_ID = 1
+NLMSG_ERROR = 2
 
 
 class NftError(Exception):
@@ -62,3 +69,24 @@ class Nft:
         if rc != 0:
             raise NftError(" ".join(str(error).split()))
         return str(output)
+
+    def generation(self) -> int:
+        """The namespace's nftables generation: it changes with every committed transaction
+        (anyone's), so an unchanged value means no table changed since it was read. Asked of
+        the kernel directly (NFT_MSG_GETGEN); libnftables does not expose it."""
+        request = struct.pack("=IHHII", 20, NFT_MSG_GETGEN, 1, 1, 0) + bytes(4)
+        try:
+            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+                sock.settimeout(5)
+                sock.send(request)
+                reply = sock.recv(4096)
+        except OSError as exc:
+            raise NftError(f"cannot read the nftables generation: {exc}") from None
+        length, kind = struct.unpack_from("=IH", reply)
+        offset = 20  # the netlink header and the nfgenmsg
+        while kind != NLMSG_ERROR and offset + 4 <= min(length, len(reply)):
+            size, attribute = struct.unpack_from("=HH", reply, offset)
+            if attribute == NFTA_GEN_ID and size >= 8:
+                return int(struct.unpack_from("!I", reply, offset + 4)[0])
+            offset += (size + 3) & ~3 or 4
+        raise NftError("the kernel did not say the nftables generation")

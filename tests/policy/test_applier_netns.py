@@ -153,14 +153,15 @@ def test_deny_then_allow_increments_and_repairs(lab: Lab) -> None:
     assert lab.ping("a", "b") and lab.tcp("outside", "b", 80)
 
     # deny everything into b: pods, the outside host and ICMP are refused; the node is not
-    assert ask(op="apply", objects=[*BASE, DENY_B])["kind"] == "full"
+    # (a new policy adds its chains by a diff, not a replace)
+    assert ask(op="apply", objects=[*BASE, DENY_B])["kind"] == "incremental"
     assert not lab.tcp("a", "b", 80) and not lab.ping("a", "b")
     assert not lab.tcp("outside", "b", 80) and not lab.udp("a", "b", 80)
     assert lab.ping("node", "b")  # kubelet probes come from the node: always allowed
     assert lab.ping("b", "a")     # b's egress is not isolated, and the reply passes
 
     # a named port from pod=a only: TCP 80 yes, 81 no, UDP 80 (serve-80-udp) no, ICMP no
-    assert ask(op="apply", objects=[*BASE, DENY_B, ALLOW_A_80])["kind"] == "full"
+    assert ask(op="apply", objects=[*BASE, DENY_B, ALLOW_A_80])["kind"] == "incremental"
     assert lab.tcp("a", "b", 80)
     assert not lab.tcp("a", "b", 81) and not lab.udp("a", "b", 80)
     assert not lab.ping("a", "b") and not lab.tcp("outside", "b", 80)
@@ -216,9 +217,9 @@ def test_replies_pass_an_isolated_client_and_audit_mode_passes_what_it_would_dro
     assert lab.tcp("a", "b", 80) and lab.udp("a", "b", 80)  # replies into a pass
     deny_a_out = policy("deny-a-out", {"podSelector": {"matchLabels": {"pod": "a"}},
                                        "policyTypes": ["Egress"]})
-    assert ask(op="apply", objects=[*BASE, deny_a_out])["kind"] == "full"
+    assert ask(op="apply", objects=[*BASE, deny_a_out])["kind"] == "incremental"
     assert not lab.tcp("a", "b", 80) and lab.tcp("c", "b", 80)
-    assert ask(op="apply", objects=[*BASE, deny_a_out], audit=True)["kind"] == "full"
+    assert ask(op="apply", objects=[*BASE, deny_a_out], audit=True)["kind"] == "incremental"
     before = ask(op="counters")["counters"]["eg.x.a"][0]
     assert lab.tcp("a", "b", 80)
     assert ask(op="counters")["counters"]["eg.x.a"][0] > before

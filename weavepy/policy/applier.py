@@ -5,16 +5,23 @@ in the caller's network namespace and blocks briefly: call it from a worker thre
 
 The rules it keeps:
 
-* **One atomic transaction per change.** Only element and counter changes (pods came, went,
-  were relabelled into an existing set of policies): `add/delete element` in one batch. Any
-  other change: the whole table is replaced, `add table; delete table; add table ...` in ONE
-  batch, so the kernel goes from the old table to the new with no moment in between: never
-  a delete and an add in two transactions. Named counters keep their values across a replace.
+* **One atomic transaction per change.** A change is a diff (`ruleset.incremental`): the
+  elements, counters, sets and chains that came or went, and the chains whose rules changed
+  (flushed and written again), in one batch, so a pod that brings a new set of policies to
+  the node costs what it adds, not the whole table. Only when the diff cannot be made (the
+  base chains or limits changed) or failed is the whole table replaced,
+  `add table; delete table; add table ...` in ONE batch, so the kernel goes from the old
+  table to the new with no moment in between: never a delete and an add in two
+  transactions. Named counters keep their values across both: a diff leaves the counters
+  that stay alone, a replace writes them back with their values.
 * **A full resync at start and whenever someone else changed or flushed the table.** Each
   replace writes a marker (`weavepy-policy <token>/<generation>`; the token is random per
   applier) into the comment of each base chain's first rule. Before every incremental change,
-  `check()` lists the base chains and the verdict maps (small: one rule per chain and one
-  element per local isolated pod) and compares them with what was written; `verify()` compares
+  `check()` reads nftables' generation (a kernel counter of committed transactions): the one
+  seen after our last write means nobody changed anything. Otherwise it lists the base
+  chains and the verdict maps (small: one rule per chain and one element per local isolated
+  pod) and compares them with what was written (the generation is read right after our own
+  commit: a change that slips in between is left to `verify()`); `verify()` compares
   the whole table, for a slower period. Any difference: the next `apply` replaces the table.
 * A failed transaction changes nothing in the kernel (nftables' batches are atomic); a failed
   incremental change is followed by a full replace, and a failed replace raises `NftError`
@@ -43,6 +50,8 @@ class NftRunner(Protocol):
 
     def list_table(self, family: str, name: str) -> list[dict[str, Any]] | None: ...
 
+    def generation(self) -> int: ...
+
 
 @dataclass(frozen=True)
 class ApplyResult:
@@ -63,6 +72,7 @@ class PolicyApplier:
         self.incremental_changes = 0
         self.repairs = 0  # replaces because the kernel's table was not what we wrote
         self.last_repair: str | None = None
+        self.seen_generation: int | None = None  # nftables' generation when last known good
 
     @property
     def marker(self) -> str:
@@ -81,7 +91,7 @@ class PolicyApplier:
                 return ApplyResult("unchanged", 0, "")
             commands = incremental(self.applied, desired)
             if commands is None:
-                reason = "chains, rules or set declarations changed"
+                reason = "the base chains, limits or a declaration's type changed"
             else:
                 try:
                     self.nft.run(commands)
@@ -90,8 +100,9 @@ class PolicyApplier:
                     log.warning("policy table: %s; replacing the table", reason)
                 else:
                     self.applied = desired
+                    self.seen_generation = self.nft.generation()
                     self.incremental_changes += 1
-                    return ApplyResult("incremental", len(commands), "elements changed")
+                    return ApplyResult("incremental", len(commands), "a diff")
         return self._replace(desired, reason)
 
     def _replace(self, desired: Ruleset, reason: str) -> ApplyResult:
@@ -106,6 +117,7 @@ class PolicyApplier:
             commands = [{"add": {"table": old}}, {"delete": {"table": old}}, *commands]
         self.nft.run(commands)
         self.applied = desired
+        self.seen_generation = self.nft.generation()
         self.full_replaces += 1
         return ApplyResult("full", len(commands), reason)
 
@@ -115,6 +127,7 @@ class PolicyApplier:
         self.repairs += 1
         self.last_repair = problem
         self.applied = None
+        self.seen_generation = None
 
     # -- reading the kernel -----------------------------------------------------------------
 
@@ -129,10 +142,14 @@ class PolicyApplier:
 
     def check(self) -> str | None:
         """A cheap look: are the base chains and verdict maps as written? None if so, else
-        what differs."""
+        what differs. Nothing is listed when nftables' generation is the one seen after the
+        last write or good check: no transaction (of anyone) committed since."""
         ruleset = self.applied
         if ruleset is None:
             return "nothing applied yet"
+        generation = self.nft.generation()
+        if generation == self.seen_generation:
+            return None
         objects: list[dict[str, Any]] = []
         for chain in ruleset.base_chains():
             found = self._list("chain", ruleset, chain.name)
@@ -156,6 +173,7 @@ class PolicyApplier:
             if decl.map_type == "verdict" and (listing.elements.get(decl.name)
                                                != ruleset.elements.get(decl.name, frozenset())):
                 return f"map {decl.name} does not hold the elements written"
+        self.seen_generation = generation
         return None
 
     def verify(self) -> list[str]:
@@ -191,4 +209,5 @@ class PolicyApplier:
         ref = {"family": family, "name": name}
         self.nft.run([{"add": {"table": ref}}, {"delete": {"table": ref}}])
         self.applied = None
+        self.seen_generation = None
 

@@ -11,8 +11,11 @@ subset: tables, sets and maps (plain, concatenated, verdict and counter maps), c
 and regular), named counters and limits; rules of `match` (==, !=, in) over `ip saddr/daddr`,
 `meta l4proto`, `th|tcp|udp|sctp dport`, `ct state` and their concatenations, against values,
 prefixes, ranges, anonymous sets and named sets; `vmap`; statements `counter`, `limit`, `log`;
-verdicts `accept`, `drop`, `return`, `jump`, `goto`. A `tcp dport` match implies `meta l4proto
-tcp` (the dependency nft folds when it lists a rule). Limits always pass.
+verdicts `accept`, `drop`, `return`, `jump`, `goto`. Commands: add, `flush chain`, and delete
+(of a table, element, chain, set, map or counter), refused as the kernel refuses them: a chain
+that still holds rules, or anything a rule or a map element still names. A `tcp dport` match
+implies `meta l4proto tcp` (the dependency nft folds when it lists a rule). Limits always
+pass.
 
 Semantics, as netfilter has them: base chains at a hook run in priority order; `accept` ends
 the current base chain and the packet goes on to the next; `drop` ends everything; falling off
@@ -139,6 +142,8 @@ class SimTable:
                 table._add(kind, obj)
             elif verb == "delete":
                 table._delete(kind, obj)
+            elif verb == "flush" and kind == "chain":
+                table.chains[obj["name"]].rules.clear()
             else:
                 raise SimError(f"unknown command {verb!r}")
         return table
@@ -196,10 +201,42 @@ class SimTable:
         elif kind == "element":
             for element in obj["elem"]:
                 del self.sets[obj["name"]].elements[self._key(element)]
-        elif kind == "counter":
-            del self.counters[obj["name"]]
+        elif kind in ("chain", "set", "map", "counter"):
+            holders: dict[str, dict[str, Any]] = {
+                "chain": self.chains, "set": self.sets, "map": self.sets,
+                "counter": self.counters}
+            holder = holders[kind]
+            name = obj["name"]
+            if name not in holder:
+                raise SimError(f"no {kind} {name!r} to delete")
+            if kind == "chain" and self.chains[name].rules:
+                raise SimError(f"chain {name!r} still holds rules")
+            if self._referenced(name):
+                raise SimError(f"{kind} {name!r} is still referenced")
+            del holder[name]
         else:
             raise SimError(f"cannot delete a {kind!r}")
+
+    def _referenced(self, name: str) -> bool:
+        """Does a rule or a verdict map name `name` (as the kernel refuses to delete it)?"""
+        def names(value: Any) -> bool:
+            if isinstance(value, str):
+                return value == "@" + name
+            if isinstance(value, Mapping):
+                for key, inner in value.items():
+                    if key in ("jump", "goto") and inner.get("target") == name:
+                        return True
+                    if key == "counter" and inner == name:
+                        return True
+                    if names(inner):
+                        return True
+                return False
+            if isinstance(value, list | tuple):
+                return any(names(inner) for inner in value)
+            return False
+        return (any(names(expr) for chain in self.chains.values() for expr, _ in chain.rules)
+                or any(value == name if found.map_type == "counter" else names(value)
+                       for found in self.sets.values() for value in found.elements.values()))
 
     # -- running -----------------------------------------------------------------------------
 

@@ -6,8 +6,10 @@ JSON commands (`weavepy/nft.py` runs them):
 
 * `full_replace(ruleset, marker)`: add, delete and re-create the table, in ONE transaction,
   so there is never a moment without the table (nftables commits a batch atomically);
-* `incremental(old, new)`: only element and counter additions and deletions, when nothing
-  else differs; None otherwise;
+* `incremental(old, new)`: the diff from one table to the next (elements, counters, sets,
+  chains and their rules added, deleted or rewritten), in ONE transaction, with every
+  reference valid at every step; None when only a replace will do (a base chain, a limit, the
+  table's name or a declaration's type changed);
 * `parse_listing(objects)`: what `nft -j list table` printed, in the same terms, so that the
   applier can compare the kernel with what it wrote.
 
@@ -110,11 +112,6 @@ class Ruleset:
     chains: tuple[ChainDecl, ...] = ()
     elements: Mapping[str, frozenset[Element]] = field(default_factory=dict)
 
-    def structure(self) -> tuple[object, ...]:
-        """Everything but elements and counters: equal structures differ only in what
-        `incremental` can change."""
-        return (self.table, self.family, self.limits, self.sets, self.chains)
-
     def size(self) -> RulesetSize:
         return RulesetSize(chains=len(self.chains),
                            rules=sum(len(c.rules) for c in self.chains),
@@ -185,6 +182,30 @@ def _rule_command(ruleset: Ruleset, chain: ChainDecl, rule: RuleDecl,
                              "comment": comment}}}
 
 
+def _counter_command(ruleset: Ruleset, name: str, value: tuple[int, int]) -> dict[str, Any]:
+    packets, octets = value
+    return {"add": {"counter": {**ruleset._ref(), "name": name, "packets": packets,
+                                "bytes": octets}}}
+
+
+def _chain_command(ruleset: Ruleset, chain: ChainDecl) -> dict[str, Any]:
+    spec: dict[str, Any] = {**ruleset._ref(), "name": chain.name}
+    if chain.hook is not None:
+        spec.update(type="filter", hook=chain.hook, prio=chain.priority, policy="accept")
+    return {"add": {"chain": spec}}
+
+
+def _set_command(ruleset: Ruleset, decl: SetDecl) -> dict[str, Any]:
+    spec = {**ruleset._set_ref(decl),
+            "type": decl.key_type[0] if len(decl.key_type) == 1 else list(decl.key_type)}
+    if decl.map_type is not None:
+        spec["map"] = decl.map_type
+    elements = ruleset.elements.get(decl.name, frozenset())
+    if elements:
+        spec["elem"] = ruleset.render_elements(decl, elements)
+    return {"add": {decl.object_kind(): spec}}
+
+
 def full_replace(ruleset: Ruleset, marker: str,
                  counter_values: Mapping[str, tuple[int, int]] | None = None,
                  ) -> list[dict[str, Any]]:
@@ -199,24 +220,10 @@ def full_replace(ruleset: Ruleset, marker: str,
                                            "rate": limit.rate, "per": limit.per,
                                            "burst": limit.burst}}})
     values = counter_values or {}
-    for name in sorted(ruleset.counters):
-        packets, octets = values.get(name, (0, 0))
-        commands.append({"add": {"counter": {**ruleset._ref(), "name": name,
-                                             "packets": packets, "bytes": octets}}})
-    for chain in ruleset.chains:
-        spec: dict[str, Any] = {**ruleset._ref(), "name": chain.name}
-        if chain.hook is not None:
-            spec.update(type="filter", hook=chain.hook, prio=chain.priority, policy="accept")
-        commands.append({"add": {"chain": spec}})
-    for decl in ruleset.sets:
-        spec = {**ruleset._set_ref(decl),
-                "type": decl.key_type[0] if len(decl.key_type) == 1 else list(decl.key_type)}
-        if decl.map_type is not None:
-            spec["map"] = decl.map_type
-        elements = ruleset.elements.get(decl.name, frozenset())
-        if elements:
-            spec["elem"] = ruleset.render_elements(decl, elements)
-        commands.append({"add": {decl.object_kind(): spec}})
+    commands += [_counter_command(ruleset, name, values.get(name, (0, 0)))
+                 for name in sorted(ruleset.counters)]
+    commands += [_chain_command(ruleset, chain) for chain in ruleset.chains]
+    commands += [_set_command(ruleset, decl) for decl in ruleset.sets]
     for chain in ruleset.chains:
         for index, rule in enumerate(chain.rules):
             comment = rule.comment
@@ -227,30 +234,66 @@ def full_replace(ruleset: Ruleset, marker: str,
 
 
 def incremental(old: Ruleset, new: Ruleset) -> list[dict[str, Any]] | None:
-    """Element and counter changes from `old` to `new` as one transaction's commands, or
-    None when anything else differs (then only a full replace will do). Map elements whose
-    value changed are deleted and added again. Deletions come first, counters are deleted
-    after the elements that name them and added before."""
-    if old.structure() != new.structure():
+    """The commands of one transaction that turn the table `old` into `new` in place, or None
+    when only a full replace will do: another table or family, other limits, a base chain
+    changed (it carries the applier's marker), or a set or chain redeclared under its name
+    with another type or hook.
+
+    Everything else is a diff. The order keeps every reference valid at every command of the
+    batch: elements that are gone (or whose map value changed) are deleted first, so no
+    verdict map names a chain about to go; then changed chains are flushed and removed ones
+    flushed and deleted (their jumps and set references go with their rules); then removed
+    sets and counters are deleted; then new counters, sets (with their elements) and chains
+    are declared; then the rules of new and changed chains are added; then the new elements
+    of sets that stay. Named counters that stay are never touched, so they keep counting."""
+    if (old.table, old.family, old.limits) != (new.table, new.family, new.limits):
         return None
-    deletes: list[dict[str, Any]] = []
-    adds: list[dict[str, Any]] = []
+    old_chains = {c.name: c for c in old.chains}
+    new_chains = {c.name: c for c in new.chains}
+    for name in old_chains.keys() & new_chains.keys():
+        if ((old_chains[name].hook, old_chains[name].priority)
+                != (new_chains[name].hook, new_chains[name].priority)):
+            return None
+    if [c for c in old.chains if c.hook is not None] != new.base_chains():
+        return None
+    old_sets = {d.name: d for d in old.sets}
+    new_sets = {d.name: d for d in new.sets}
+    if any(old_sets[name] != new_sets[name] for name in old_sets.keys() & new_sets.keys()):
+        return None
+    delete_elements: list[dict[str, Any]] = []
+    add_elements: list[dict[str, Any]] = []
     for decl in new.sets:
+        if decl.name not in old_sets:
+            continue
         before = old.elements.get(decl.name, frozenset())
         after = new.elements.get(decl.name, frozenset())
         gone, came = before - after, after - before
         if gone:
-            deletes.append({"delete": {"element": {
+            delete_elements.append({"delete": {"element": {
                 **new._set_ref(decl),
                 "elem": [_element_key(decl, e) for e in sorted(gone, key=_sort_key)]}}})
         if came:
-            adds.append({"add": {"element": {**new._set_ref(decl),
-                                             "elem": new.render_elements(decl, came)}}})
-    for name in sorted(old.counters - new.counters):
-        deletes.append({"delete": {"counter": {**new._ref(), "name": name}}})
-    counters = [{"add": {"counter": {**new._ref(), "name": name}}}
-                for name in sorted(new.counters - old.counters)]
-    return deletes + counters + adds
+            add_elements.append({"add": {"element": {**new._set_ref(decl),
+                                                     "elem": new.render_elements(decl, came)}}})
+    removed_chains = [c for c in old.chains if c.name not in new_chains]
+    changed_chains = [c for c in new.chains
+                      if c.name in old_chains and old_chains[c.name].rules != c.rules]
+    added_chains = [c for c in new.chains if c.name not in old_chains]
+    commands = delete_elements
+    for chain in [*changed_chains, *removed_chains]:
+        commands.append({"flush": {"chain": {**new._ref(), "name": chain.name}}})
+    commands += [{"delete": {"chain": {**new._ref(), "name": c.name}}} for c in removed_chains]
+    commands += [{"delete": {d.object_kind(): new._set_ref(d)}}
+                 for d in old.sets if d.name not in new_sets]
+    commands += [{"delete": {"counter": {**new._ref(), "name": name}}}
+                 for name in sorted(old.counters - new.counters)]
+    commands += [_counter_command(new, name, (0, 0))
+                 for name in sorted(new.counters - old.counters)]
+    commands += [_set_command(new, d) for d in new.sets if d.name not in old_sets]
+    commands += [_chain_command(new, c) for c in added_chains]
+    for chain in [*changed_chains, *added_chains]:
+        commands += [_rule_command(new, chain, rule, rule.comment) for rule in chain.rules]
+    return commands + add_elements
 
 
 # -- reading the kernel's listing back ------------------------------------------------------
