@@ -33,6 +33,7 @@ time and count; nothing runs in the machine's own network namespace.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import socket
 import subprocess
@@ -291,7 +292,7 @@ class PolicyCluster:
         self.pods: dict[str, LivePod] = {}
         self.written: dict[str, str] = {}
         self.world = World.initial(box.pod_range)
-        self.generation = 0
+        self.serial = itertools.count(1)  # names of process logs and scratch directories
         self.plugin: Path | None = None
 
     # -- setting up ------------------------------------------------------------------------------
@@ -324,8 +325,7 @@ class PolicyCluster:
         assert self.plugin is not None
         node = self.node_of(key)
         netns = self.box.add_netns(self.netns_label(key))
-        self.generation += 1
-        server = netns.start(f"server{self.generation}", [sys.executable, "-c", SERVER])
+        server = netns.start(f"server{next(self.serial)}", [sys.executable, "-c", SERVER])
         def ready() -> bool:
             if not server.alive():
                 raise SandboxError(f"{key}'s server died: {server.log_text()[-500:]}")
@@ -359,11 +359,12 @@ class PolicyCluster:
             wanted = self.world.pods.get(key)
             if wanted is None or wanted["spec"]["nodeName"] != self.pods[key].node.name:
                 self._detach(key)
+        missing = sorted(k for k in self.world.pods if k not in self.pods)
+        if missing:  # at once: each waits mostly for its server to start
+            with concurrent.futures.ThreadPoolExecutor(len(missing)) as pool:
+                list(pool.map(self._attach, missing))
         for key in sorted(self.world.pods):
-            if key not in self.pods:
-                self._attach(key)
-            else:
-                self.world.set_address(key, self.pods[key].address)
+            self.world.set_address(key, self.pods[key].address)
 
     # -- the policy directory --------------------------------------------------------------------
 
@@ -395,6 +396,27 @@ class PolicyCluster:
         """Bounded: long enough for every agent to have polled the directory since the
         last write (two of its poll periods)."""
         time.sleep(2 * DIRECTORY_POLL + 0.2)
+
+    def reported_policies(self, node: SandboxNode) -> set[str] | None:
+        """The policies the node's agent says it enforces (`GET /policy`), or None if it
+        does not say (no such endpoint, not ready)."""
+        answer = self.rig.api(node, "GET", "/policy")
+        if answer is None or answer[0] != 200 or not isinstance(answer[1], dict):
+            return None
+        if not answer[1].get("ready", True):
+            return None
+        return {str(p.get("policy")) for p in answer[1].get("policies") or ()}
+
+    def wait_applied(self, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Wait (bounded) until every agent reports the world's policies, where agents
+        report them; probing settles the rest (labels, pods, addresses)."""
+        wanted = set(self.world.policies)
+        deadline = time.monotonic() + timeout
+        pending = list(self.box.nodes)
+        while pending and time.monotonic() < deadline:
+            pending = [n for n in pending if self.reported_policies(n) not in (wanted, None)]
+            if pending:
+                time.sleep(0.1)
 
     # -- probing -------------------------------------------------------------------------------
 
@@ -431,6 +453,7 @@ class PolicyCluster:
         self.world = World.initial(self.box.pod_range)
         self.sync_pods()
         self.write_files()
+        self.wait_applied()
         baseline = self.settle(ProbeResult(0, Probe(80, "TCP", Reach())),
                                time.monotonic() + 60)
         if not baseline.ok:
@@ -492,6 +515,7 @@ class PolicyCluster:
                     continue
                 self.apply(step)
                 deadline = time.monotonic() + SETTLE_TIMEOUT
+                self.wait_applied()
                 for probe in step.probes:
                     result = ProbeResult(number, probe)
                     if not probe.on_kernel:
@@ -526,8 +550,8 @@ class HeldConnections:
         if protocol != "TCP":
             raise ValueError(f"held connections are TCP, not {protocol}")
         self.cluster = cluster
-        cluster.generation += 1
-        self.dir = cluster.box.run_dir / f"held{cluster.generation}"
+        serial = next(cluster.serial)
+        self.dir = cluster.box.run_dir / f"held{serial}"
         self.dir.mkdir()
         self.trigger = self.dir / "go"
         self.port = port
@@ -538,7 +562,7 @@ class HeldConnections:
             targets = [(cluster.pods[d].address, port) for d in self.keys if d != src]
             spec = [pod.address, targets, str(self.file(src, "opened")), str(self.trigger),
                     str(self.file(src, "result")), HOLD_TIMEOUT]
-            self.holders[src] = pod.netns.start(f"holder{cluster.generation}",
+            self.holders[src] = pod.netns.start(f"holder{serial}",
                                                 [sys.executable, "-c", HOLDER, json.dumps(spec)])
         cluster.rig.wait("held connections", lambda: all(
             self.file(k, "opened").exists() for k in self.keys), timeout=30)
