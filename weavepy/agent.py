@@ -93,6 +93,10 @@ from weavepy.ipam_mode import NodeIpam, node_observers, open_ipam
 from weavepy.joiner import Joiner
 from weavepy.metrics import AgentMetrics
 from weavepy.peerstore import load_external_peers
+from weavepy.policy.applier import PolicyApplier
+from weavepy.policy.compiler import DEFAULT_TABLE, CompileOptions
+from weavepy.policy.enforcer import ApplyRecord, PolicyEnforcer
+from weavepy.policy.sources import DirectorySource
 from weavepy.reconcile import DesiredDataPlane, HostRulesKeeper, Reconciler, desired_data_plane
 from weavepy.targets import normalise_addresses
 from weavepy.wgpath import (
@@ -107,6 +111,7 @@ from weavepy.wgpath import (
 
 if TYPE_CHECKING:
     from weavepy.kube import KubeLink
+    from weavepy.policy.kubesource import KubePolicySource
 
 __all__ = ["Agent", "AgentError", "Prepared", "prepare", "run_agent"]
 
@@ -119,6 +124,8 @@ LEAVE_TIMEOUT = 3.0
 # pod), where both nodes share the same cores; on a real host with cores to spare they should
 # win. Measure before turning this on (python -m bench wireguard_ab).
 AGENT_WORKERS = False
+POLICY_READY_WAIT = 5.0  # seconds a CNI ADD waits at a time for the policy source's first state
+POLICY_VERIFY_EVERY = 10  # every Nth policy check compares the whole table, not its skeleton
 
 
 class AgentError(Exception):
@@ -212,6 +219,8 @@ def prepare(config: AgentConfig) -> Prepared:
         api_token = load_or_create_token(config.state_dir)
     except TokenError as exc:
         raise AgentError(str(exc)) from None
+    if config.policy_dir is not None and not config.policy_dir.is_dir():
+        raise AgentError(f"--policy-dir {config.policy_dir}: no such directory")
     if config.install_cni:
         _install_cni(config)
     bridge_netfilter = _switch_on_bridge_netfilter()
@@ -307,6 +316,9 @@ class Agent:
         self.metrics = AgentMetrics()
         self.vxlan_counters = LinkCounterSampler(self.config.vxlan_device)
         self.kube: KubeLink | None = None  # with --kube-peers
+        self.policy: PolicyEnforcer | None = None  # NetworkPolicy (see `_build_policy`)
+        self.policy_source: DirectorySource | KubePolicySource | None = None
+        self.policy_ready = trio.Event()
         if self.ipam.cluster_id is not None:
             self._cluster_id_learned(self.ipam.cluster_id)
         self.cni_listening = False
@@ -402,6 +414,7 @@ class Agent:
                 nursery.start_soon(self.joiner.settle, self.reconciler.settle)
                 nursery.start_soon(self.joiner.run, svc)
                 nursery.start_soon(self._signals)
+                nursery.start_soon(self._enforce_policy)
                 await nursery.start(self._serve_cni)
                 from weavepy.api import build_app, serve_api
 
@@ -480,6 +493,37 @@ class Agent:
                     self.reconciler.poke("member resync")
             self.joiner.save_known(svc)
 
+    async def _enforce_policy(self) -> None:
+        """The policy source's states -> the enforcer -> the kernel, and the periodic check.
+        With policy off (or no source), a table left by an earlier run is removed once."""
+        enforcer, source = self.policy, self.policy_source
+        if enforcer is None or source is None:
+            await trio.to_thread.run_sync(_remove_policy_table, policy_mode(self.config)[1])
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._check_policy, enforcer)
+            states = (source.watch() if isinstance(source, DirectorySource)
+                      else source.watch_state())
+            async with states as stream:
+                async for state in stream:
+                    await trio.to_thread.run_sync(enforcer.set_source, state)
+                    self.policy_ready.set()
+
+    async def _check_policy(self, enforcer: PolicyEnforcer) -> None:
+        passes = 0
+        while True:
+            await trio.sleep(self.config.reconcile_interval)
+            passes += 1
+            await trio.to_thread.run_sync(enforcer.check, passes % POLICY_VERIFY_EVERY == 0)
+
+    async def _wait_policy_ready(self) -> None:
+        """For a CNI ADD that came before the policy source's first state."""
+        with trio.move_on_after(POLICY_READY_WAIT):
+            await self.policy_ready.wait()
+
+    def _policy_applied(self, record: ApplyRecord) -> None:
+        self.metrics.observe_policy_apply(record.kind, record.seconds)
+
     async def _serve_cni(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                          ) -> None:
         from weavepy.cni.server import CniServer
@@ -516,8 +560,16 @@ class Agent:
         if token is None:
             raise RuntimeError("the IPAM link is not running")
         gso = FAST_PATH_GSO_MAX_SIZE if encryption_configured(self.config) else None
-        return BridgeBackend(CniAllocator(self.ipam, token), bridge=self.config.bridge,
-                             settings=PodLinkSettings(mtu=self.prepared.mtu, gso_max_size=gso))
+        backend = BridgeBackend(CniAllocator(self.ipam, token), bridge=self.config.bridge,
+                                settings=PodLinkSettings(mtu=self.prepared.mtu,
+                                                         gso_max_size=gso))
+        if self.policy is None:
+            return backend
+        from weavepy.cni.policy_backend import PolicyBackend
+
+        with_policy = PolicyBackend(backend, self.policy, self._wait_policy_ready)
+        with_policy.forget_gone()
+        return with_policy
 
 
 @dataclasses.dataclass
@@ -575,6 +627,7 @@ def run_agent(config: AgentConfig) -> None:
                                                observers=observers))
         except KubeError as exc:
             raise AgentError(str(exc)) from None
+    _build_policy(agent)
     try:
         trio.run(agent.run)
     except BaseExceptionGroup as group:  # a task failed; surface our own one-line errors
@@ -582,6 +635,65 @@ def run_agent(config: AgentConfig) -> None:
         if ours is None:
             raise
         raise _first_leaf(ours) from None
+
+
+def policy_mode(config: AgentConfig) -> tuple[str, str]:
+    """Where this node's NetworkPolicy comes from ("directory", "kubernetes" or "off"), and
+    why, in words for the status and the log."""
+    if not config.policy:
+        return "off", "turned off (--no-policy)"
+    if config.policy_dir is not None:
+        return "directory", f"the directory {config.policy_dir} (--policy-dir)"
+    if config.kube_peers:
+        return "kubernetes", "the Kubernetes API (--kube-peers)"
+    return "off", "no source: set --policy-dir, or --kube-peers to follow the Kubernetes API"
+
+
+def _build_policy(agent: Agent) -> None:
+    """The enforcer and its source, when policy is on; AgentError if they cannot be built."""
+    config = agent.config
+    mode, described = policy_mode(config)
+    if mode == "off":
+        return
+    from weavepy.nft import Nft, NftError
+
+    try:
+        nft = Nft()
+    except NftError as exc:
+        raise AgentError(f"NetworkPolicy: {exc} (or turn policy off with --no-policy)"
+                         ) from None
+    if mode == "directory":
+        assert config.policy_dir is not None
+        agent.policy_source = DirectorySource(config.policy_dir)
+    else:
+        from weavepy.policy.kubesource import KubePolicySource
+
+        assert agent.kube is not None
+        agent.policy_source = KubePolicySource(agent.kube.source.client)
+    agent.policy = PolicyEnforcer(config.name, PolicyApplier(nft),
+                                  CompileOptions(audit=config.policy_audit),
+                                  run_dir=config.run_dir, on_apply=agent._policy_applied)
+    log.info("NetworkPolicy: enforced from %s%s", described,
+             " in audit mode (logged and counted, never dropped)" if config.policy_audit
+             else "")
+
+
+def _remove_policy_table(why: str) -> None:
+    """Policy is off: remove the table an earlier run left, so that no stale policy stays
+    in force (the agent runs in the node's namespace)."""
+    from weavepy.nft import Nft, NftError
+
+    try:
+        nft = Nft()
+        if nft.list_table("inet", DEFAULT_TABLE) is None:
+            return
+        PolicyApplier(nft).remove(DEFAULT_TABLE)
+    except NftError as exc:
+        log.warning("NetworkPolicy is off (%s), but the policy table %s left by an earlier "
+                    "run could not be removed: %s", why, DEFAULT_TABLE, exc)
+        return
+    log.warning("NetworkPolicy is off (%s): removed the policy table %s left by an earlier "
+                "run; pods are no longer isolated", why, DEFAULT_TABLE)
 
 
 def _first_leaf(group: BaseException) -> BaseException:

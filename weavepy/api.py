@@ -103,6 +103,14 @@ class AgentControl(Protocol):
 
     def remove_external(self, name: str) -> dict[str, Any]: ...
 
+    async def policy(self) -> dict[str, Any]:
+        """NetworkPolicy on this node: source, policies, isolated pods, drops (`GET /policy`)."""
+        ...
+
+    def explain(self, src: str, dst: str, port: str) -> dict[str, Any]:
+        """The verdict on one connection, and the policies that decided it."""
+        ...
+
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
@@ -258,6 +266,16 @@ def build_app(control: AgentControl, token: str) -> Starlette:
     async def remove_external(request: Request) -> Response:
         return JSONResponse(control.remove_external(request.path_params["name"]))
 
+    async def policy(request: Request) -> Response:
+        return JSONResponse(await control.policy())
+
+    async def explain(request: Request) -> Response:
+        query = request.query_params
+        missing = [name for name in ("src", "dst", "port") if not query.get(name)]
+        if missing:
+            raise ApiError(400, f"give {', '.join(missing)} (like ?src=x/a&dst=y/b&port=80/TCP)")
+        return JSONResponse(control.explain(query["src"], query["dst"], query["port"]))
+
     async def stop(request: Request) -> Response:
         wanted = request.query_params.get("leave")
         leave = wanted is None or _truthy(wanted)
@@ -269,6 +287,8 @@ def build_app(control: AgentControl, token: str) -> Starlette:
         route("/status/{part}", status_part, "GET"),
         route("/report", report, "GET"),
         route("/pods", pods, "GET"),
+        route("/policy", policy, "GET"),
+        route("/policy/explain", explain, "GET"),
         route("/healthz", healthz, "GET"),
         route("/readyz", readyz, "GET"),
         route("/connect", connect, "POST"),
@@ -290,12 +310,12 @@ def build_app(control: AgentControl, token: str) -> Starlette:
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
 
 
-def build_metrics_app(render: Callable[[], bytes]) -> Starlette:
-    """`GET /metrics`: `render()` (the Prometheus text exposition) at every scrape."""
+def build_metrics_app(render: Callable[[], Awaitable[bytes]]) -> Starlette:
+    """`GET /metrics`: `await render()` (the Prometheus text exposition) at every scrape."""
     from weavepy.metrics import CONTENT_TYPE_LATEST
 
     async def metrics(request: Request) -> Response:
-        return Response(render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await render(), media_type=CONTENT_TYPE_LATEST)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return _error(getattr(exc, "status_code", 404), "only GET /metrics is served here")

@@ -341,6 +341,44 @@ def status_ipam(as_json: bool, api_addr: str | None) -> None:
     _show(api_addr, "/status", as_json, render_ipam, "ipam")
 
 
+@status.command("policy")
+@json_option
+@api_option
+def status_policy(as_json: bool, api_addr: str | None) -> None:
+    """NetworkPolicy: source, policies, the pods of this node they isolate, drops, errors."""
+    from weavepy.statusview import render_policy
+
+    _show(api_addr, "/policy", as_json, render_policy)
+
+
+@main.group("policy")
+def policy() -> None:
+    """NetworkPolicy on this node (docs/policy.md)."""
+
+
+@policy.command("explain")
+@click.argument("src")
+@click.argument("dst")
+@click.argument("port", metavar="PORT/PROTO")
+@json_option
+@api_option
+def policy_explain(src: str, dst: str, port: str, as_json: bool, api_addr: str | None) -> None:
+    """May SRC open a connection to DST on PORT/PROTO (80/TCP, 53/UDP, or ICMP)? SRC and DST
+    are pods (NAMESPACE/NAME) or addresses. The verdict comes from the live state, with the
+    policies that decided it; the exit status is 0 when allowed, 1 when denied."""
+    from urllib.parse import urlencode
+
+    from weavepy.statusview import render_explain
+
+    query = urlencode({"src": src, "dst": dst, "port": port})
+    doc = _call(lambda: _client(api_addr).get(f"/policy/explain?{query}"))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        _echo_output(render_explain(doc))
+    sys.exit(0 if doc.get("allowed") else 1)
+
+
 @main.command("ps")
 @json_option
 @api_option

@@ -509,6 +509,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("no_masq_cidrs", _no_masq_cidrs, _const(()), "destinations never masqueraded "
             "(comma separated CIDRs: a VPC range, the service range)",
             ("WEAVEPY_NO_MASQ_CIDRS",), "CIDR,..."),
+    Setting("policy", _bool, _const(True), "do not enforce NetworkPolicy (by default the "
+            "agent enforces it: from the Kubernetes API with --kube-peers, from --policy-dir "
+            "when set); file: policy: false. The agent then removes its policy table",
+            ("WEAVEPY_NO_POLICY",), is_flag=True, option="--no-policy", negated=True),
+    Setting("policy_dir", _optional_path, _const(None), "enforce the NetworkPolicies, "
+            "Namespaces and Pod labels in this directory of Kubernetes YAML, watched for "
+            "changes (instead of the Kubernetes API; docs/policy.md)",
+            ("WEAVEPY_POLICY_DIR",), "DIR"),
+    Setting("policy_audit", _bool, _const(False), "audit NetworkPolicy: log and count what "
+            "policy would drop, and let it pass", ("WEAVEPY_POLICY_AUDIT",), is_flag=True),
 )
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
 CONFIG_FILE_ENV = "WEAVEPY_CONFIG"
@@ -589,6 +599,9 @@ class AgentConfig:
     no_masq_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
     ipam: str = "weavepy"  # one of IPAM_MODES
     kubeconfig: Path | None = None
+    policy: bool = True
+    policy_dir: Path | None = None
+    policy_audit: bool = False
     config_file: Path | None = None
     warnings: tuple[str, ...] = ()  # Weave variables and flags set but not taken (logged once)
 
@@ -820,6 +833,10 @@ def _cross_checks(values: Mapping[str, Any]) -> list[str]:
     if values["ipam"] == "kubernetes" and not values["kube_peers"]:
         problems.append("--ipam kubernetes takes each node's podCIDR from the Kubernetes API: "
                         "add --kube-peers ($WEAVEPY_KUBE_PEERS=true)")
+    if values["policy_dir"] is not None and not values["policy"]:
+        problems.append("--policy-dir and --no-policy contradict each other: drop one")
+    if values["policy_audit"] and not values["policy"]:
+        problems.append("--policy-audit and --no-policy contradict each other: drop one")
     if values["keyring_file"] is not None and values["encrypt"] is not None:
         problems.append("--keyring-file and $WEAVEPY_ENCRYPT both set a gossip key; use one")
     return problems

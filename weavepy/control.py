@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +36,12 @@ import trio
 
 from weavepy import __version__
 from weavepy.ipam_link import IpamLinkError
+from weavepy.metrics import PolicySnapshot
+from weavepy.nft import NftError
 from weavepy.peerstore import save_external_peers
 from weavepy.podlist import PodListError, pod_list, read_pod_macs
+from weavepy.policy.enforcer import ExplainError, explain, status_document
+from weavepy.policy.sources import DirectorySource
 from weavepy.reconcile import DesiredDataPlane
 from weavepy.statusview import REPORT_VERSION, connection_entries, ipam_advice
 from weavepy.targets import normalise_addresses
@@ -91,9 +96,12 @@ class NodeControl:
         """Stop the agent; with `leave`, tell the cluster first."""
         self.agent.request_stop(leave)
 
-    def render_metrics(self) -> bytes:
-        """The Prometheus exposition, gauges refreshed from the status now."""
+    async def render_metrics(self) -> bytes:
+        """The Prometheus exposition, gauges refreshed from the status now (and the policy
+        drop counters read from the kernel, off the event loop)."""
         self.agent.metrics.update_from_status(self.status())
+        if self.agent.policy is not None:
+            self.agent.metrics.update_policy(PolicySnapshot.from_status(await self.policy()))
         return self.agent.metrics.render()
 
     def readiness(self) -> tuple[bool, list[str]]:
@@ -210,12 +218,102 @@ class NodeControl:
                 "external_peers": self._external_json(),
             },
             "host_rules": agent.host_rules.to_json(),
+            "policy": self.policy_summary(),
             "cni": {"socket": str(config.cni_socket), "listening": agent.cni_listening,
                     "requests": dict(agent.cni_requests),
                     "conflist": str(conflist) if conflist is not None else None,
                     "conflist_installed": conflist.exists() if conflist is not None else None},
             "config": config.to_public_dict(),
         }
+
+    # -- NetworkPolicy ----------------------------------------------------------------------
+
+    def policy_summary(self) -> dict[str, Any]:
+        """The status document's `policy` section: where policy comes from, whether it is
+        applied, the source's errors, and counts (no kernel reads)."""
+        from weavepy.agent import policy_mode
+
+        agent = self.agent
+        mode, described = policy_mode(agent.config)
+        out: dict[str, Any] = {"mode": mode, "source": described,
+                               "audit": agent.config.policy_audit}
+        enforcer = agent.policy
+        if enforcer is None:
+            return out
+        state, compiled = enforcer.snapshot()
+        counts = enforcer.counts
+        out.update({
+            "ready": enforcer.ready,
+            "policies": len(state.policies) if enforcer.ready else None,
+            "local_pods": len(enforcer.attachments),
+            "isolated_pods": ({d: sum(1 for dirs in compiled.isolated.values() if d in dirs)
+                               for d in ("ingress", "egress")} if compiled else None),
+            "table": compiled.ruleset.table if compiled else None,
+            "applies": counts.applies,
+            "apply_errors": counts.errors,
+            "last_error": counts.last_error,
+            "last_apply": counts.last_apply,
+            "last_kind": counts.last_kind,
+            "repairs": enforcer.applier.repairs,
+            "last_repair": enforcer.applier.last_repair,
+            "source_status": self._policy_source_status(),
+        })
+        return out
+
+    def _policy_source_status(self) -> dict[str, Any]:
+        source = self.agent.policy_source
+        if isinstance(source, DirectorySource):
+            return {"source": "directory", "directory": str(source.directory),
+                    "inotify": source.notified, "reads": source.polls,
+                    "invalid": source.errors, "duplicates": list(source.duplicates)}
+        if source is not None:
+            return source.status()
+        return {}
+
+    async def policy(self) -> dict[str, Any]:
+        """`weavepy status policy` (`GET /policy`): the summary, and policies, the pods of
+        this node they select, isolation per direction, drops and notes."""
+        summary = self.policy_summary()
+        enforcer = self.agent.policy
+        if enforcer is None:
+            return summary | {"policies": [], "pods": [], "notes": []}
+        try:
+            counters = await trio.to_thread.run_sync(enforcer.counter_values)
+        except NftError as exc:
+            summary["counter_error"] = str(exc)
+            counters = {}
+        state, compiled = enforcer.snapshot()
+        return summary | status_document(state, compiled, self.agent.config.name, counters)
+
+    def explain(self, src: str, dst: str, port: str) -> dict[str, Any]:
+        """`weavepy policy explain` (`GET /policy/explain`): the reference evaluator's verdict
+        on the live state, and the policies that decided it."""
+        enforcer = self.agent.policy
+        if enforcer is None:
+            raise Unavailable("NetworkPolicy is not enforced on this node (see `weavepy "
+                              "status policy`)")
+        if not enforcer.ready:
+            raise Unavailable("the policy source has not given its first state yet; try "
+                              "again in a moment")
+        state, compiled = enforcer.snapshot()
+        try:
+            answer = explain(state, src, dst, port, self._node_addresses())
+        except ExplainError as exc:
+            raise Invalid(str(exc)) from None
+        answer["audit"] = self.agent.config.policy_audit
+        answer["notes"] = list(compiled.notes) if compiled else []
+        return answer
+
+    def _node_addresses(self) -> dict[IPv4Address, str]:
+        """Addresses that are nodes (for explain: a node's traffic to its pods passes): the
+        peers' underlay addresses, ours, and our pod blocks' gateways."""
+        agent = self.agent
+        found = {peer.identity.underlay_ip: peer.name for peer in agent.view.peers()
+                 if peer.identity is not None}
+        found[agent.prepared.underlay.local_ip] = agent.config.name
+        for block in agent.reconciler.local_blocks:
+            found[block.network_address + 1] = agent.config.name
+        return found
 
     async def pods(self) -> list[dict[str, Any]]:
         """Every pod attachment on this node (`weavepy ps`): IPAM's allocations with their

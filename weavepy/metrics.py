@@ -60,8 +60,21 @@ weave_ipam_unreachable_percentage               gauge      (% of the range they 
 Weave's connection maker lists them: `connecting` (first attempt running, or due), `retrying`
 (an attempt running after a failure), `failed` (waiting to retry after a failure).
 `weavenpc_blocked_connections_total` (weave-npc's counter of connections NetworkPolicy blocked)
-belongs to the policy engine and is exported by it once NetworkPolicy lands; it is not faked
-here.
+belongs to the policy drop log (weavepy.policy's NFLOG reader); it is not faked here.
+
+NetworkPolicy (with enforcement on; docs/policy.md):
+
+weavepy_policies                                gauge      (policies known to the source)
+weavepy_policy_isolated_pods                    gauge      direction (pods of this node)
+weavepy_policy_drops_total                      counter    policy, direction
+weavepy_policy_pod_drops_total                  counter    namespace, pod, direction
+weavepy_policy_applies_total                    counter    kind (full incremental error)
+weavepy_policy_apply_duration_seconds           histogram
+
+Drops are packets (in audit mode: packets that would have been dropped) read from the policy
+table's named counters at scrape time. A packet dropped for a pod that several policies
+isolate counts for each of them (none allowed it). Labels are bounded by the policies and the
+pods of this node.
 """
 
 from __future__ import annotations
@@ -102,6 +115,7 @@ IPAM_STATES = ("waiting_for_cluster", "joining", "waiting_for_quorum", "minority
                "pod_cidr_refused")
 CNI_COMMANDS = ("add", "del", "check", "gc", "status", "version")
 DATA_PATHS = ("vxlan", "wireguard", "none")
+POLICY_DIRECTIONS = ("ingress", "egress")
 DIRECTIONS = ("rx", "tx")
 OTHER = "other"
 
@@ -386,6 +400,61 @@ class _WeaveNames:
                                 value=snap.unreachable_addresses * 100.0 / snap.range_addresses)
 
 
+@dataclass(frozen=True)
+class PolicySnapshot:
+    """What the policy series report, from `weavepy.policy.enforcer.status_document`."""
+
+    enabled: bool = False
+    policies: int = 0
+    isolated: Mapping[str, int] = field(default_factory=dict)
+    policy_drops: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    pod_drops: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+
+    @classmethod
+    def from_status(cls, doc: Mapping[str, Any]) -> PolicySnapshot:
+        policy_drops: dict[tuple[str, str], int] = {}
+        for entry in _items(doc, "policies"):
+            for direction, packets in _section(entry, "drops").items():
+                policy_drops[(str(entry.get("policy")), str(direction))] = _count(packets)
+        pod_drops: dict[tuple[str, str, str], int] = {}
+        for entry in _items(doc, "pods"):
+            namespace, _, name = str(entry.get("pod")).partition("/")
+            for direction, packets in _section(entry, "drops").items():
+                pod_drops[(namespace, name, str(direction))] = _count(packets)
+        isolated = _section(doc, "isolated_pods")
+        return cls(True, len(_items(doc, "policies")),
+                   {d: _count(isolated.get(d)) for d in POLICY_DIRECTIONS},
+                   policy_drops, pod_drops)
+
+
+class _PolicyCounters:
+    """A registry collector for the policy drop counters of the latest snapshot."""
+
+    def __init__(self) -> None:
+        self.snapshot = PolicySnapshot()
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(PolicySnapshot())
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.snapshot)
+
+    @staticmethod
+    def _families(snap: PolicySnapshot) -> Iterator[Metric]:
+        by_policy = CounterMetricFamily("weavepy_policy_drops", "Packets NetworkPolicy "
+                                        "dropped (audit: would have dropped), by policy and "
+                                        "direction", labels=["policy", "direction"])
+        for (policy, direction), value in sorted(snap.policy_drops.items()):
+            by_policy.add_metric([policy, _bounded(direction, POLICY_DIRECTIONS)], value)
+        yield by_policy
+        by_pod = CounterMetricFamily("weavepy_policy_pod_drops", "Packets NetworkPolicy "
+                                     "dropped (audit: would have dropped), by pod of this node "
+                                     "and direction", labels=["namespace", "pod", "direction"])
+        for (namespace, pod, direction), value in sorted(snap.pod_drops.items()):
+            by_pod.add_metric([namespace, pod, _bounded(direction, POLICY_DIRECTIONS)], value)
+        yield by_pod
+
+
 class AgentMetrics:
     """Every weavepy metric, in a registry this object owns.
 
@@ -428,8 +497,22 @@ class AgentMetrics:
                                       buckets=CNI_BUCKETS, registry=reg)
         self.cni_requests = Counter("weavepy_cni_requests", "CNI requests by command and result",
                                     ["command", "result"], registry=reg)
+        self.policies = Gauge("weavepy_policies", "NetworkPolicies known to the policy "
+                              "source", registry=reg)
+        self.policy_isolated = Gauge("weavepy_policy_isolated_pods", "Pods of this node that "
+                                     "NetworkPolicy isolates, by direction", ["direction"],
+                                     registry=reg)
+        self.policy_applies = Counter("weavepy_policy_applies", "Writes of the policy table to "
+                                      "the kernel, by kind (full, incremental, error)",
+                                      ["kind"], registry=reg)
+        self.policy_apply_duration = Histogram("weavepy_policy_apply_duration_seconds",
+                                               "Time from a policy change (source, pod added "
+                                               "or removed) to the kernel holding it",
+                                               buckets=CNI_BUCKETS, registry=reg)
+        self._policy_counters = _PolicyCounters()
         reg.register(self._snapshot_counters)
         reg.register(self._weave_names)
+        reg.register(self._policy_counters)
 
         for state in MEMBER_STATES:
             self.members.labels(state=state).set(0)
@@ -474,6 +557,22 @@ class AgentMetrics:
         self.reconcile_duration.observe(max(0.0, seconds))
         if not ok:
             self.reconcile_errors.inc()
+
+    def update_policy(self, snapshot: PolicySnapshot) -> None:
+        """The policy gauges and drop counters (from the enforcer's status, at scrape)."""
+        self._policy_counters.snapshot = snapshot
+        self.policies.set(snapshot.policies)
+        for direction in POLICY_DIRECTIONS:
+            self.policy_isolated.labels(direction=direction).set(
+                snapshot.isolated.get(direction, 0))
+
+    def observe_policy_apply(self, kind: str, seconds: float) -> None:
+        """One write of the policy table: `kind` full, incremental or error (an apply that
+        found nothing to write is not observed)."""
+        if kind not in ("full", "incremental", "error"):
+            return
+        self.policy_applies.labels(kind=kind).inc()
+        self.policy_apply_duration.observe(max(0.0, seconds))
 
     def observe_cni_request(self, command: str, code: int, seconds: float) -> None:
         """One CNI request answered with CNI error `code` (0 = success) after `seconds`;

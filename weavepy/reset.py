@@ -14,6 +14,8 @@ What it removes, in the node's network namespace and directories:
   own nftables chains and in the filter FORWARD chain of both iptables backends, so each
   ruleset reads as it did before the agent started (without nftables support, which the agent
   needs to place any of them, there is nothing to remove);
+* the NetworkPolicy table `inet weavepy-policy` (weavepy.policy), which the agent leaves in
+  place when it stops so that isolated pods stay isolated across a restart;
 * weavepy's own files in the state directory: the identity (name, VTEP MAC, WireGuard key,
   cluster ID), the IPAM state and pod allocations, the known peers, the external peers
   declared through the API and the API token, together with their moved-aside copies
@@ -88,6 +90,7 @@ def _reset_steps(config: AgentConfig, removed: list[str]) -> None:
     finally:
         podnet.close()
     removed.extend(_remove_host_rules())
+    removed.extend(_remove_policy_table())
     for path in _state_files(config):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -104,6 +107,25 @@ def _remove_host_rules() -> tuple[str, ...]:
     except HostRulesError:  # no nftables support: the agent could not have placed any rule
         return ()
     return tuple(f"host rules: {change}" for change in rules.remove())
+
+
+def _remove_policy_table() -> tuple[str, ...]:
+    """The NetworkPolicy table (weavepy.policy), which outlives agent restarts on purpose."""
+    from weavepy.nft import Nft, NftError
+    from weavepy.policy.compiler import DEFAULT_TABLE
+
+    try:
+        nft = Nft()
+        if nft.list_table("inet", DEFAULT_TABLE) is None:
+            return ()
+        ref = {"family": "inet", "name": DEFAULT_TABLE}
+        nft.run([{"delete": {"table": ref}}])
+    except NftError as exc:
+        if "python3-nftables" in str(exc):  # no binding: the agent could not have placed it
+            return ()
+        raise ResetError(f"cannot remove the NetworkPolicy table inet {DEFAULT_TABLE}: "
+                         f"{exc}") from None
+    return (f"NetworkPolicy table inet {DEFAULT_TABLE}",)
 
 
 def _remove_link(ipr: Any, name: str) -> bool:
@@ -128,6 +150,7 @@ def _state_files(config: AgentConfig) -> Iterator[Path]:
     from weavepy.ipam_link import CORE_FILE, PODS_FILE
     from weavepy.kube_ipam import POD_CIDRS_FILE
     from weavepy.peerstore import EXTERNAL_PEERS_FILE, KNOWN_PEERS_FILE
+    from weavepy.policy.enforcer import ATTACHMENTS_FILE
     from weavepy.reconcile import PROGRAMMED_FILE
 
     for name in (IDENTITY_FILE, CORE_FILE, PODS_FILE, KNOWN_PEERS_FILE, EXTERNAL_PEERS_FILE,
@@ -137,6 +160,7 @@ def _state_files(config: AgentConfig) -> Iterator[Path]:
             yield from sorted(config.state_dir.glob(f"{name}.corrupt-*"))
             yield from sorted(config.state_dir.glob(f".{name}.*"))
     yield config.run_dir / PROGRAMMED_FILE
+    yield config.run_dir / ATTACHMENTS_FILE
 
 
 def space_left(config: AgentConfig) -> str | None:

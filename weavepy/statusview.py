@@ -372,3 +372,58 @@ def render_report(doc: Doc) -> Output:
     """`weavepy report` without --json: every section."""
     return [*render_summary(doc), *render_peers(doc), *render_connections(doc),
             *render_targets(doc), *render_ipam(doc)]
+
+
+def render_policy(doc: Doc) -> Output:
+    """`weavepy status policy`: where policy comes from, the policies and the pods of this
+    node they isolate, drops, notes and the source's errors (`GET /policy`)."""
+    out: Output = [f"NetworkPolicy: {_text(doc.get('mode'))} ({_text(doc.get('source'))})"
+                   + (", AUDIT mode (nothing is dropped)" if doc.get("audit") else "")]
+    if doc.get("mode") == "off":
+        return out
+    isolated = _map(doc, "isolated_pods")
+    out.append(f"  ready {_text(doc.get('ready'))}; {len(_list(doc, 'policies'))} policies; "
+               f"{_text(doc.get('local_pods'))} pods on this node, isolated for ingress "
+               f"{_text(isolated.get('ingress'))}, egress {_text(isolated.get('egress'))}")
+    out.append(f"  table {_text(doc.get('table'))}: {_text(doc.get('applies'))} applies, "
+               f"{_text(doc.get('apply_errors'))} errors, {_text(doc.get('repairs'))} repairs")
+    for key in ("last_error", "last_repair", "counter_error"):
+        if doc.get(key):
+            out.append(f"  {key.replace('_', ' ')}: {doc[key]}")
+    source = _map(doc, "source_status")
+    for what, problem in sorted(_map(source, "invalid").items()):
+        out.append(f"  source error (last good version kept): {what}: {problem}")
+    for line in source.get("duplicates") or ():
+        out.append(f"  source: {line}")
+    for kind, status in sorted(_map(source, "kinds").items()):
+        if isinstance(status, Mapping) and status.get("last_error"):
+            out.append(f"  Kubernetes {kind}: {status['last_error']}")
+    for note in doc.get("notes") or ():
+        out.append(f"  note: {note}")
+    rows = []
+    for policy in _list(doc, "policies"):
+        drops = _map(policy, "drops")
+        rows.append((_text(policy.get("policy")), _text(policy.get("types")),
+                     _text(policy.get("pods")),
+                     f"{drops.get('ingress', 0)}/{drops.get('egress', 0)}"))
+    out.append(Table("policies", ("POLICY", "TYPES", "PODS HERE", "DROPS IN/EG"), tuple(rows)))
+    pod_rows = []
+    for pod in _list(doc, "pods"):
+        isolated_by = _map(pod, "isolated")
+        drops = _map(pod, "drops")
+        pod_rows.append((_text(pod.get("pod")), _text(pod.get("ip")),
+                     _text(isolated_by.get("ingress")), _text(isolated_by.get("egress")),
+                     f"{drops.get('ingress', 0)}/{drops.get('egress', 0)}"))
+    out.append(Table("isolated pods on this node", ("POD", "IP", "INGRESS BY", "EGRESS BY",
+                                                     "DROPS IN/EG"), tuple(pod_rows)))
+    return out
+
+
+def render_explain(doc: Doc) -> Output:
+    """`weavepy policy explain`: the verdict, the reason, and each end's decision."""
+    out: Output = [str(line) for line in str(doc.get("text", "")).splitlines()]
+    if doc.get("audit"):
+        out.append("  (audit mode: a denied connection is logged and counted, and passes)")
+    for note in doc.get("notes") or ():
+        out.append(f"  note: {note}")
+    return out
