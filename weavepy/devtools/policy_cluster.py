@@ -403,7 +403,7 @@ class PolicyCluster:
         answer = self.rig.api(node, "GET", "/policy")
         if answer is None or answer[0] != 200 or not isinstance(answer[1], dict):
             return None
-        if not answer[1].get("ready", True):
+        if answer[1].get("mode") == "off" or not answer[1].get("ready", True):
             return None
         return {str(p.get("policy")) for p in answer[1].get("policies") or ()}
 
