@@ -60,7 +60,8 @@ TCP_TIMEOUT = 1.0
 UDP_TRIES = 2
 UDP_TIMEOUT = 0.5
 SETTLE_TIMEOUT = 20.0
-SETTLE_ROUNDS = 12
+SETTLE_ROUNDS = 40
+SETTLE_PACE = 0.5  # a settling round takes at least this long, so the rounds span the time
 DIRECTORY_POLL = 1.0  # the agent's policy-directory poll period (DirectorySource's default)
 READY_TIMEOUT = 30.0
 START_TIMEOUT = 180.0  # agents starting on a loaded machine
@@ -439,10 +440,12 @@ class PolicyCluster:
         """Probe until the matrix matches or the deadline (or the round limit) passes."""
         result.pods = tuple(sorted(self.pods))
         for _ in range(SETTLE_ROUNDS):
+            started = time.monotonic()
             result.seen = self.probe(result.probe.port, result.probe.protocol)
             result.rounds += 1
             if result.ok or time.monotonic() > deadline:
                 break
+            time.sleep(max(0.0, started + SETTLE_PACE - time.monotonic()))
         return result
 
     # -- cases ---------------------------------------------------------------------------------
