@@ -3,9 +3,10 @@ a sandbox node with a pod bridge, the nine pods of the cases as network namespac
 (each serving TCP and UDP on 80, 81 and 53), and an applier process in the node fed the
 case's objects. Every pair of pods is probed (concurrently, each try bounded to a second).
 
-The whole matrix, across three nodes with agents and on both data paths, is the lead's
-runner's job (same data: weavepy/devtools/policy_conformance.py); this proves the data and
-the enforcement agree on the wire for the bridged path."""
+The whole matrix, across three nodes with agents and on both data paths, is
+tests/policy/test_conformance_cluster.py and `python -m bench policy_conformance` (same
+data, same servers and prober: weavepy/devtools/policy_cluster.py); this one checks the
+applier alone, without an agent."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.agent.traffic import tcp_echo, udp_echo
 from tests.policy.test_applier_netns import Applier
+from weavepy.devtools.policy_cluster import SERVER, probe_targets
 from weavepy.devtools.policy_conformance import CASES, NAMESPACES, PODS, Case, World
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -28,49 +29,9 @@ SUBSET = ("deny-all-ingress-in-x", "x-a-from-pod-b", "x-a-from-pod-b-in-y-or-z",
           "client-egress-deny-beats-server-ingress-allow",
           "x-a-egress-to-the-pod-range-except-y-b", "allow-all-changed-to-deny-all-then-deleted",
           "namespaces-relabelled", "x-egress-to-dns-in-namespace-z-only")
-SERVER = r"""
-import socket, sys, threading
-def serve(port):
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("0.0.0.0", port))
-    def answer():
-        while True:
-            data, peer = udp.recvfrom(2048)
-            udp.sendto(b"udp:" + data, peer)
-    threading.Thread(target=answer, daemon=True).start()
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind(("0.0.0.0", port))
-    tcp.listen(64)
-    while True:
-        conn, _ = tcp.accept()
-        with conn:
-            conn.settimeout(2)
-            try:
-                conn.sendall(b"tcp:" + conn.recv(2048))
-            except OSError:
-                pass
-for port in (53, 80, 81):
-    threading.Thread(target=serve, args=(port,), daemon=True).start()
-threading.Event().wait()
-"""
-
-
 def address(key: str) -> str:
     ns, pod = key.split("/")
     return f"198.19.0.{10 + NAMESPACES.index(ns) * 10 + PODS.index(pod)}"
-
-
-def probe_from(source: str, targets: list[tuple[str, int, str]]) -> list[bool]:
-    """Inside a pod: try each (address, port, protocol) at once; True where it answered."""
-    def one(target: tuple[str, int, str]) -> bool:
-        dst, port, protocol = target
-        if protocol == "TCP":
-            return tcp_echo(source, dst, port, b"p", 1.0) == b"tcp:p"
-        return udp_echo(source, dst, port, b"p", 2, 0.7) == b"udp:p"
-
-    with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
-        return list(pool.map(one, targets))
 
 
 class Pods:
@@ -84,9 +45,9 @@ class Pods:
 
         def row(src: str) -> list[bool]:
             targets = [(address(dst), port, protocol) for dst in keys if dst != src]
-            result: list[bool] = self.netns[src].call(probe_from, address(src), targets,
-                                                      timeout=60)
-            return result
+            seen: list[str] = self.netns[src].call(probe_targets, address(src), targets,
+                                                   timeout=60)
+            return [outcome == "ok" for outcome in seen]
 
         with concurrent.futures.ThreadPoolExecutor(len(keys)) as pool:
             rows = dict(zip(keys, pool.map(row, keys), strict=True))

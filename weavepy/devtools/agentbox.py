@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -217,33 +217,49 @@ class AgentBox:
     # -- pods ------------------------------------------------------------------------------------
 
     def cni_add(self, node: SandboxNode, plugin: str | Path, pod_netns: str,
-                ifname: str = "eth0", timeout: float = 30) -> str:
+                ifname: str = "eth0", timeout: float = 30,
+                args: Mapping[str, str] | None = None) -> str:
         """CNI ADD of the pod in netns `pod_netns` through the installed weavepy-cni `plugin`,
         run inside `node` against its agent's CNI socket; the pod's address (no prefix).
+        `args` become CNI_ARGS (a kubelet passes K8S_POD_NAMESPACE and K8S_POD_NAME).
 
         The container id is the pod's netns name, so repeating the ADD (after an agent
         restart) asks for the same pod again. A failed, hung or unreadable ADD raises
         `SandboxError` with the plugin's own output."""
-        conf = {"cniVersion": "1.0.0", "name": "weavepy", "type": "weavepy-cni",
-                "socketPath": str(self.run_dir(node) / "cni.sock")}
-        plugin = Path(plugin)
-        env = ["CNI_COMMAND=ADD", f"CNI_CONTAINERID={pod_netns}",
-               f"CNI_NETNS=/run/netns/{pod_netns}", f"CNI_IFNAME={ifname}",
-               f"CNI_PATH={plugin.parent}"]
-        try:
-            result = node.run(["env", *env, str(plugin)], input=json.dumps(conf), check=False,
-                              timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise SandboxError(f"CNI ADD in {node.name} took longer than {timeout:g} s"
-                               ) from None
-        if result.returncode != 0:
-            raise SandboxError(f"CNI ADD in {node.name} failed: {result.stdout.strip()}")
+        result = self._cni("ADD", node, plugin, pod_netns, ifname, timeout, args)
         try:
             address: str = json.loads(result.stdout)["ips"][0]["address"]
         except (ValueError, LookupError, TypeError):
             raise SandboxError(f"CNI ADD in {node.name} printed no address: "
                                f"{result.stdout.strip()[:500]}") from None
         return address.split("/")[0]
+
+    def cni_del(self, node: SandboxNode, plugin: str | Path, pod_netns: str,
+                ifname: str = "eth0", timeout: float = 30,
+                args: Mapping[str, str] | None = None) -> None:
+        """CNI DEL of the pod `cni_add` attached in netns `pod_netns`."""
+        self._cni("DEL", node, plugin, pod_netns, ifname, timeout, args)
+
+    def _cni(self, command: str, node: SandboxNode, plugin: str | Path, pod_netns: str,
+             ifname: str, timeout: float, args: Mapping[str, str] | None
+             ) -> subprocess.CompletedProcess[str]:
+        conf = {"cniVersion": "1.0.0", "name": "weavepy", "type": "weavepy-cni",
+                "socketPath": str(self.run_dir(node) / "cni.sock")}
+        plugin = Path(plugin)
+        env = [f"CNI_COMMAND={command}", f"CNI_CONTAINERID={pod_netns}",
+               f"CNI_NETNS=/run/netns/{pod_netns}", f"CNI_IFNAME={ifname}",
+               f"CNI_PATH={plugin.parent}"]
+        if args:
+            env.append("CNI_ARGS=" + ";".join(f"{k}={v}" for k, v in args.items()))
+        try:
+            result = node.run(["env", *env, str(plugin)], input=json.dumps(conf), check=False,
+                              timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SandboxError(f"CNI {command} in {node.name} took longer than {timeout:g} s"
+                               ) from None
+        if result.returncode != 0:
+            raise SandboxError(f"CNI {command} in {node.name} failed: {result.stdout.strip()}")
+        return result
 
     # -- observing -------------------------------------------------------------------------------
 
