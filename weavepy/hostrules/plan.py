@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Any
 
-from weavepy.nft import Command
+Command = dict[str, Any]  # one nftables JSON command; weavepy.nft runs lists of them
 
 __all__ = [
     "BACKENDS",
