@@ -5,8 +5,9 @@ member, false positives.
 
 `--agents` full agents (`weavepy launch`, encrypted gossip, profile lan) run in the nodes of one
 sandbox (one network namespace per node on the sandbox's underlay bridge). The first founds the
-cluster; the others join it a few at a time (their start-up is CPU-bound). Once every agent
-holds a block and a route to every other agent's block, and after `--settle` seconds, the
+cluster; the others join it a few at a time (their start-up is CPU-bound), each batch once the
+last one's agents hold a block (all at once, 100 agents' claims contend on 2 cores). Once every
+agent holds a block and a route to every other agent's block, and after `--settle` seconds, the
 cluster is watched for `--duration` seconds: CPU per agent (utime + stime from /proc) over the
 whole window and per `--sample` window, RSS at the start and the end, UDP datagrams in and out
 of every node's namespace, and each agent's cumulative gossip counters (suspicions raised,
@@ -22,6 +23,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,8 @@ def run(args: Sequence[str]) -> str:
                 rig.launch(node, [founder])
             for node in others[batch:batch + LAUNCH_BATCH]:
                 rig.wait_api(node, timeout=120)
+            for node in others[batch:batch + LAUNCH_BATCH]:  # as operators join: a few at a time
+                rig.wait(f"{node.name} to hold a block", partial(rig.blocks_of, [node]), 300)
         all_started = time.monotonic() - launched
         rig.wait(f"a block and routes everywhere in {n} nodes",
                  lambda: rig.mesh_complete(box.nodes), timeout=120 + 10 * n,
