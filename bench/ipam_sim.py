@@ -65,19 +65,11 @@ def _wait(sim: IpamSim, pending: set[str], done: Callable[[str], bool]) -> dict[
 
 
 def _ready(sim: IpamSim) -> Callable[[str], bool]:
-    def check(name: str) -> bool:
-        status = sim.status(name)
-        return status is not None and status.state is IpamState.READY
-
-    return check
+    return lambda name: sim.state(name) is IpamState.READY
 
 
 def _owns_block(sim: IpamSim) -> Callable[[str], bool]:
-    def check(name: str) -> bool:
-        status = sim.status(name)
-        return status is not None and bool(status.owned_blocks)
-
-    return check
+    return lambda name: bool(sim.usable_blocks(name))
 
 
 def _progress(text: str) -> None:
