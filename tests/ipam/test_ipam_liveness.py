@@ -29,6 +29,7 @@ from weavepy.ipam.state import (
     Demote,
     Free,
     Join,
+    Member,
     Remove,
     Renew,
 )
@@ -88,6 +89,9 @@ class View:
 
     def alive_gen(self, name: str, generation: int) -> bool:
         return name == self.name
+
+    def silent_members(self) -> list[tuple[str, Member]]:
+        return [(n, m) for n, m in self.cluster.members.items() if n != self.name]
 
     def evidence_age(self, name: str, generation: int, now: float) -> float:
         return 0.0 if self.alive_gen(name, generation) else now

@@ -77,6 +77,7 @@ from weavepy.ipam.state import (
     Free,
     Join,
     Leave,
+    Member,
     Op,
     Remove,
     Value,
@@ -287,6 +288,11 @@ class IpamCore:
         # per peer: what its latest process last said it is; see _note_standing
         self._standing: dict[str, _Standing] = {}
         self._gen_evidence: dict[tuple[str, int], float] = {}
+        # cache of `silent_members`: the names, for the decided state `_silent_of` at (era,
+        # slot) `_silent_at`; a gossip or standing change of one name updates that name only
+        self._silent: set[str] = set()
+        self._silent_of: ClusterState | None = None
+        self._silent_at: tuple[Any, ...] = ()
         self._lease_until = -math.inf
         self._lease_was_valid = False
         self._nonces: OrderedDict[int, float] = OrderedDict()
@@ -337,6 +343,7 @@ class IpamCore:
             self._alive.add(name)
             self._gossip_seen[name] = now
             self._last_contact = now
+            self._recheck_silent(name)
         self._after_input(now)
 
     def on_member_dead(self, name: str, now: float) -> None:
@@ -345,6 +352,7 @@ class IpamCore:
         if name != self._name:
             self._alive.discard(name)
             self._gossip_seen[name] = now
+            self._recheck_silent(name)
         self._after_input(now)
 
     def on_message(self, from_node: str | None, data: bytes, now: float) -> None:
@@ -707,6 +715,7 @@ class IpamCore:
         member_gen = cluster.generation_of(sender) if cluster else None
         before = member_gen is not None and self._gossip_applies(sender, member_gen)
         self._standing[sender] = standing
+        self._recheck_silent(sender)
         if member_gen is not None and before and not self._gossip_applies(sender, member_gen):
             seen = now if sender in self._alive else self._gossip_seen.get(sender, -math.inf)
             key = (sender, member_gen)
@@ -1350,6 +1359,39 @@ class IpamCore:
             if not stale:
                 return standing.generation == generation
         return current is None or current == generation
+
+    def silent_members(self) -> list[tuple[str, Member]]:
+        """The members, this node aside, that gossip does not show alive as their member
+        generation (`alive_gen` is false), in the decided state's order: what a voter's
+        housekeeping looks at. Cached: rebuilt when the decided state moves, and kept up to
+        date one name at a time as gossip and standings change, so that a voter's every input
+        does not cost a pass over every member."""
+        cluster = self._cluster
+        if cluster is None:
+            return []
+        if self._silent_of is not cluster or self._silent_at != cluster.order_key:
+            self._silent_of = cluster
+            self._silent_at = cluster.order_key
+            self._silent = {
+                name for name, member in cluster.members.items()
+                if name != self._name and not self.alive_gen(name, member.generation)
+            }
+        if not self._silent:
+            return []
+        return [(name, member) for name, member in cluster.members.items()
+                if name in self._silent]
+
+    def _recheck_silent(self, name: str) -> None:
+        """`name`'s gossip or standing changed: update its place in the silent cache."""
+        cluster = self._cluster
+        if cluster is None or self._silent_of is not cluster:
+            return  # no cache for this state yet: `silent_members` builds it
+        member = cluster.members.get(name)
+        if name != self._name and member is not None and not self.alive_gen(
+                name, member.generation):
+            self._silent.add(name)
+        else:
+            self._silent.discard(name)
 
     def last_evidence(self, name: str, generation: int) -> float:
         """When this node last had evidence that (name, generation) was alive (rule 3)."""

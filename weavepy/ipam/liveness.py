@@ -63,6 +63,7 @@ from weavepy.ipam.state import (
     Free,
     Join,
     Leave,
+    Member,
     Op,
     Promote,
     Remove,
@@ -176,6 +177,7 @@ class CoreView(Protocol):
     def is_member(self) -> bool: ...
     def is_voter(self) -> bool: ...
     def alive_gen(self, name: str, generation: int) -> bool: ...
+    def silent_members(self) -> list[tuple[str, Member]]: ...
     def evidence_age(self, name: str, generation: int, now: float) -> float: ...
     def last_evidence(self, name: str, generation: int) -> float: ...
 
@@ -209,7 +211,7 @@ def intents(view: CoreView, now: float) -> list[Intent]:
     if wishes.leaving:
         return [Intent(IntentKind.LEAVE)]
     wanted: list[Intent] = []
-    if wishes.blocks > 0 and cluster.first_free_blocks(1):
+    if wishes.blocks > 0 and cluster.has_free_block():
         wanted.append(Intent(IntentKind.CLAIM))
     for name, removal in wishes.removals.items():
         wanted.append(Intent(IntentKind.RMPEER, name, removal.generation, removal.force))
@@ -225,12 +227,8 @@ def voter_intents(view: CoreView, cluster: ClusterState, now: float) -> list[Int
     long silent, demote silent voters, free quarantines whose owner is silent for a lease,
     promote a live member while V has room."""
     wanted: list[Intent] = []
-    for name, member in cluster.members.items():
-        if (
-            name == view.name
-            or name in view.wishes.removals
-            or view.alive_gen(name, member.generation)
-        ):
+    for name, member in view.silent_members():
+        if name in view.wishes.removals:
             continue
         if view.wishes.deleted.get(name) == member.generation:
             wanted.append(Intent(IntentKind.DELETED, name, member.generation))
@@ -258,9 +256,7 @@ def voter_intents(view: CoreView, cluster: ClusterState, now: float) -> list[Int
 def voter_deadlines(view: CoreView, cluster: ClusterState) -> list[float]:
     """When `voter_intents` could next want something new (the silences it waits for)."""
     times: list[float] = []
-    for name, member in cluster.members.items():
-        if name == view.name or view.alive_gen(name, member.generation):
-            continue
+    for name, member in view.silent_members():
         last = view.last_evidence(name, member.generation)
         if view.reclaim_after is not None:
             times.append(last + view.reclaim_after)

@@ -119,7 +119,7 @@ def describe(view: CoreView, now: float) -> tuple[IpamState, str]:
         )
     if not lease_ok:
         return IpamState.WAITING_FOR_QUORUM, "renewing this node's lease with the voters"
-    if view.wishes.blocks > 0 and not cluster.first_free_blocks(1):
+    if view.wishes.blocks > 0 and not cluster.has_free_block():
         unreachable = sorted(
             n
             for n in cluster.members

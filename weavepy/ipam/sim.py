@@ -28,6 +28,7 @@ from weavepy.ipam.core import Bootstrap, IpamCore
 from weavepy.ipam.errors import RmpeerError
 from weavepy.ipam.invariants import InvariantChecker, InvariantViolation
 from weavepy.ipam.liveness import Timings
+from weavepy.ipam.report import describe
 from weavepy.ipam.state import ClusterState, Remove
 from weavepy.ipam.status import (
     BlockLost,
@@ -100,12 +101,9 @@ class SimNode:
         return self.core is not None
 
 
-@dataclass(order=True, slots=True)
-class _Scheduled:
-    at: float
-    seq: int
-    kind: str = field(compare=False)
-    args: tuple[Any, ...] = field(compare=False)
+# (at, seq, kind, args): a plain tuple, so the heap compares in C (seq is unique: kind and args
+# are never compared)
+_Scheduled = tuple[float, int, str, tuple[Any, ...]]
 
 
 class IpamSim:
@@ -362,9 +360,10 @@ class IpamSim:
         """Process every event up to now + duration (checks run after each)."""
         end = self.now + duration
         budget = self.config.max_events_per_run
-        while self._queue and self._queue[0].at <= end:
-            item = heapq.heappop(self._queue)
-            self.now = max(self.now, item.at)
+        queue = self._queue
+        while queue and queue[0][0] <= end:
+            item = heapq.heappop(queue)
+            self.now = max(self.now, item[0])
             self._handle(item)
             budget -= 1
             if budget <= 0:
@@ -386,6 +385,17 @@ class IpamSim:
     def status(self, name: str) -> IpamStatus | None:
         core = self.nodes[name].core
         return core.status(self.now) if core else None
+
+    def state(self, name: str) -> IpamState | None:
+        """The node's state word alone: what `status(name).state` says, without rendering
+        every member (O(voters), not O(members); a scale run polls it for every node)."""
+        core = self.nodes[name].core
+        return describe(core, self.now)[0] if core else None
+
+    def usable_blocks(self, name: str) -> list[int]:
+        """Indices of the blocks the node may hand addresses out of now (`owned_blocks`)."""
+        core = self.nodes[name].core
+        return core.usable_blocks(self.now) if core else []
 
     def statuses(self) -> list[IpamStatus]:
         return [n.core.status(self.now) for n in self.running() if n.core is not None]
@@ -555,24 +565,25 @@ class IpamSim:
 
     def _handle(self, item: _Scheduled) -> None:
         self.events_processed += 1
-        if item.kind == "deliver":
-            sender, target, payload = item.args
+        at, _, kind, args = item
+        if kind == "deliver":
+            sender, target, payload = args
             node = self.nodes.get(target)
             if node is None or node.core is None or (sender, target) in self.blocked:
                 self.messages_dropped += 1
                 return
             node.core.on_message(sender, payload, self.now)
             self._after_input(node)
-        elif item.kind == "timer":
-            name, incarnation = item.args
+        elif kind == "timer":
+            name, incarnation = args
             node = self.nodes[name]
-            if node.core is None or node.incarnation != incarnation or node.timer_at != item.at:
+            if node.core is None or node.incarnation != incarnation or node.timer_at != at:
                 return
             node.timer_at = None
             node.core.handle_timer(self.now)
             self._after_input(node)
-        elif item.kind == "gossip":
-            observer, subject, incarnation = item.args
+        elif kind == "gossip":
+            observer, subject, incarnation = args
             node = self.nodes[observer]
             if node.core is None or node.incarnation != incarnation:
                 return
@@ -587,8 +598,8 @@ class IpamSim:
             else:
                 node.core.on_member_dead(subject, self.now)
             self._after_input(node)
-        elif item.kind == "pushpull":
-            name, incarnation = item.args
+        elif kind == "pushpull":
+            name, incarnation = args
             node = self.nodes[name]
             if node.core is None or node.incarnation != incarnation:
                 return
@@ -626,7 +637,7 @@ class IpamSim:
             node_b.foreign_contacts.add(a)
 
     def _schedule(self, at: float, kind: str, *args: Any) -> None:
-        heapq.heappush(self._queue, _Scheduled(at, next(self._seq), kind, args))
+        heapq.heappush(self._queue, (at, next(self._seq), kind, args))
 
     def _both_ways(self, a: str, b: str) -> bool:
         return (a, b) not in self.blocked and (b, a) not in self.blocked

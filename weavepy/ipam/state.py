@@ -230,7 +230,7 @@ class ClusterState:
         return member.generation if member else None
 
     def blocks_of(self, name: str) -> list[int]:
-        if self._by_owner is None:  # rebuilt lazily after any change to `blocks`
+        if self._by_owner is None:  # built lazily; then each change to `blocks` updates it
             by_owner: dict[str, list[int]] = {}
             for index, owner in sorted(self.blocks.items()):
                 by_owner.setdefault(owner, []).append(index)
@@ -240,6 +240,11 @@ class ClusterState:
     def free_blocks(self) -> list[int]:
         taken = self.blocks.keys() | self.quarantine.keys()
         return [index for index in range(self.space.count) if index not in taken]
+
+    def has_free_block(self) -> bool:
+        """Is any block neither owned nor quarantined? O(1): both tables hold distinct blocks
+        of the range (`validate`), so they cover it only when their sizes add up to it."""
+        return len(self.blocks) + len(self.quarantine) < self.space.count
 
     def first_free_blocks(self, count: int) -> list[int]:
         taken = self.blocks.keys() | self.quarantine.keys()
@@ -277,8 +282,7 @@ class ClusterState:
         self.slot += 1
         outcomes = []
         for op in value:
-            outcomes.append(self._apply_op(op))
-            self._by_owner = None  # `blocks` may have changed
+            outcomes.append(self._apply_op(op))  # keeps `_by_owner` in step with `blocks`
         return outcomes
 
     def _touch(self, name: str) -> None:
@@ -308,11 +312,15 @@ class ClusterState:
         if isinstance(op, Claim):
             if not self._is(op.origin, op.generation):
                 return Outcome(op, False, "not a member at that generation")
-            taken = [b for b in op.blocks if b in self.blocks or b in self.quarantine]
+            taken = [b for b in op.blocks if b in self.blocks or b in self.quarantine
+                     or not 0 <= b < self.space.count]  # outside the range: never free
             if taken or not op.blocks:
                 return Outcome(op, False, f"blocks not free: {taken}")
             for index in op.blocks:
                 self.blocks[index] = op.origin
+            if self._by_owner is not None:  # one owner's list, not a rebuild of every owner's
+                self._by_owner[op.origin] = sorted(
+                    (*self._by_owner.get(op.origin, ()), *op.blocks))
             self._touch(op.origin)
             return Outcome(op, True)
         if isinstance(op, Remove):
@@ -365,6 +373,8 @@ class ClusterState:
             del self.blocks[index]
             if not free_now:
                 self.quarantine[index] = Quarantined(name, member.generation, member.last_op_slot)
+        if self._by_owner is not None:
+            self._by_owner.pop(name, None)
         del self.members[name]
         self.voters = tuple(v for v in self.voters if v != name)
         self.tombstones[name] = Tombstone(member.generation, self.slot, reason)
