@@ -17,6 +17,7 @@ import http.client
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -290,7 +291,11 @@ def test_pods_reach_an_outside_host_as_their_node_and_each_other_as_themselves(r
     assert not problems, problems
     pod_addresses = {address for _, address in rig.pods.values()}
     assert not pod_addresses & seen_since(rig.servers["n3"], 0, "tcp")
-    # what was masqueraded shows in the report and the metrics (TCP, UDP and ICMP packets)
+    # what was masqueraded shows in the report and the metrics (TCP, UDP and ICMP packets),
+    # as read by the first host-rules pass (every --reconcile-interval) after the traffic
+    traffic_ended = time.time()
+    wait_rules(rig, "a host-rules pass after the traffic",
+               lambda rules: rules["last_check"] > traffic_ended)
     report = rig.agents.cli(first, "report", "--json")
     assert report.returncode == 0, report.stderr
     after = json.loads(report.stdout)["host_rules"]
