@@ -1,6 +1,11 @@
 """Scale: 100 real agents in one sandbox for 10 minutes - CPU and RSS per agent, datagrams per
 member, false positives.
 
+One kernel holds every node here, and its IPv4 neighbour table is shared by all namespaces and
+capped by the root namespace's gc_thresh3 (1024 by default). Each agent installs a permanent
+neighbour entry per peer's VTEP (as flannel does), so N agents need N*(N-1) entries: the bench
+refuses a size that cannot fit (100 agents need 9,900) instead of watching ARP fail.
+
 `python -m bench scale_agents [--agents 100] [--duration 600] [--settle 30] [--sample 60]`
 
 `--agents` full agents (`weavepy launch`, encrypted gossip, profile lan) run in the nodes of one
@@ -33,6 +38,7 @@ from weavepy.devtools.agentbox import AgentBox
 from weavepy.devtools.sandbox import Sandbox, SandboxNode
 
 LAUNCH_BATCH = 4
+NEIGH_LIMIT = "/proc/sys/net/ipv4/neigh/default/gc_thresh3"  # global: no namespace has its own
 MESH_POLL = 5.0  # seconds between checks of the full mesh (two calls into every node each)
 
 
@@ -79,6 +85,14 @@ def run(args: Sequence[str]) -> str:
     if os.geteuid() != 0:
         raise SystemExit("scale_agents needs root (it builds a sandbox of network namespaces)")
     n = opts.agents
+    limit = int(Path(NEIGH_LIMIT).read_text())
+    if n * (n - 1) > limit:
+        raise SystemExit(
+            f"scale_agents: {n} agents need {n * (n - 1)} permanent neighbour entries (one per "
+            f"peer's VTEP in every node), but this kernel's IPv4 neighbour table, shared by all "
+            f"namespaces, holds {limit} ({NEIGH_LIMIT}, settable only in the machine's own "
+            f"namespace, which the sandbox never touches); use at most "
+            f"{int((1 + (1 + 4 * limit) ** 0.5) / 2)} agents")
     box = Sandbox.create(nodes=n)
     try:
         rig = AgentBox(box, pod_range=str(box.pod_range), profile=opts.profile,
