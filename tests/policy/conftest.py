@@ -23,24 +23,29 @@ settings.register_profile("no-shrink", phases=[Phase.explicit, Phase.reuse, Phas
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class NftWorker:
-    """Runs transactions in an anonymous network namespace (`unshare -n`), one at a time."""
+class JsonWorker:
+    """A helper process of the policy tests, spoken to in JSON lines: one request, one answer
+    (tests/policy/nft_worker.py, applier_worker.py, drop_worker.py)."""
 
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            ["unshare", "-n", sys.executable, "-m", "tests.policy.nft_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    def __init__(self, argv: list[str]) -> None:
+        self.name = argv[argv.index("-m") + 1]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, cwd=ROOT)
 
-    def run(self, commands: list[dict[str, Any]], table: str | None = None,
-            family: str = "inet") -> dict[str, Any]:
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        request = {"commands": commands, "list": [family, table] if table else None}
-        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.write(json.dumps(message) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
-        assert line, "the nft worker died"
+        assert line, f"{self.name} died"
         answer: dict[str, Any] = json.loads(line)
         return answer
+
+    def ask(self, **message: Any) -> dict[str, Any]:
+        """`request`, and the worker must not have answered with an error."""
+        reply = self.request(message)
+        assert "error" not in reply, reply["error"]
+        return reply
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -50,6 +55,17 @@ class NftWorker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class NftWorker(JsonWorker):
+    """Runs transactions in an anonymous network namespace (`unshare -n`), one at a time."""
+
+    def __init__(self) -> None:
+        super().__init__(["unshare", "-n", sys.executable, "-m", "tests.policy.nft_worker"])
+
+    def run(self, commands: list[dict[str, Any]], table: str | None = None,
+            family: str = "inet") -> dict[str, Any]:
+        return self.request({"commands": commands, "list": [family, table] if table else None})
 
 
 @pytest.fixture(scope="module")

@@ -7,50 +7,27 @@ noticed and restored. Traffic: ICMP echo, TCP and UDP echo, each try bounded to 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.agent.traffic import echo_server_argv, tcp_echo, udp_echo
+from tests.policy.conftest import JsonWorker
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[2]
 BRIDGE = "198.19.0.1"
 PODS = {"a": "198.19.0.2", "b": "198.19.0.3", "c": "198.19.0.4"}
 OUTSIDE = "198.18.9.2"
 
 
-class Applier:
+class Applier(JsonWorker):
     def __init__(self, node: Any) -> None:
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", node.netns, sys.executable, "-m",
-             "tests.policy.applier_worker", "n1"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-
-    def ask(self, **request: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the applier worker died"
-        reply: dict[str, Any] = json.loads(line)
-        assert "error" not in reply, reply["error"]
-        return reply
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(["ip", "netns", "exec", node.netns, sys.executable, "-m",
+                          "tests.policy.applier_worker", "n1"])
 
 
 @dataclass

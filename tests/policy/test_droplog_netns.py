@@ -8,43 +8,29 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.agent.traffic import echo_server_argv, tcp_echo
+from tests.policy.conftest import JsonWorker
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[2]
 BRIDGE = "198.19.0.1"
 PODS = {"x/a": "198.19.0.2", "y/b": "198.19.0.3"}
 WINDOW = 60.0
 
 
-class Worker:
+class Worker(JsonWorker):
     def __init__(self, node: Any) -> None:
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", node.netns, sys.executable, "-m",
-             "tests.policy.drop_worker", "n1", str(WINDOW)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        super().__init__(["ip", "netns", "exec", node.netns, sys.executable, "-m",
+                          "tests.policy.drop_worker", "n1", str(WINDOW)])
         assert self.proc.stdout is not None
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
-
-    def ask(self, **request: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the drop worker died"
-        reply: dict[str, Any] = json.loads(line)
-        assert "error" not in reply, reply["error"]
-        return reply
 
     def wait_for(self, enough: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         """The first `drops` answer that is `enough` (bounded: 100 asks, 0.1 s apart)."""
@@ -54,15 +40,6 @@ class Worker:
                 return reply
             time.sleep(0.1)
         return reply
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def pod(key: str, **labels: str) -> dict[str, Any]:
