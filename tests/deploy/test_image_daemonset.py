@@ -44,6 +44,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -105,7 +106,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     out = Path(os.environ.get("WEAVEPY_IMAGE_OUT", REPO / "build" / "image"))
     archive = out / f"weavepy-{tag.split(':', 1)[1]}.oci.tar"
     assert archive.is_file(), (archive, built.stderr[-2000:])
-    store = tmp_path_factory.mktemp("image-store")
+    # a short path: podman refuses a runroot longer than 50 characters (pytest's temporary
+    # directories grow with pytest-xdist's worker names)
+    store = Path(tempfile.mkdtemp(prefix="wpimg-store-"))
     loaded = podman_store(store, "load", "-i", str(archive))  # what an airgapped node does
     assert tag in loaded, loaded
     # the rolling update's image: a new image (its own ID) on top of the built one
