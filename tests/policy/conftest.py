@@ -68,6 +68,26 @@ class NftWorker(JsonWorker):
         return self.request({"commands": commands, "list": [family, table] if table else None})
 
 
+def bridged_pods(box: Any, node: Any, addresses: dict[str, str], gateway: str) -> dict[str, Any]:
+    """Pods as namespaces on one bridge (`pbr`, `gateway`/24) of `node`, with br_netfilter on,
+    so their traffic passes the forward hook: short name -> the pod's namespace."""
+    node.run(["ip", "link", "add", "pbr", "type", "bridge"])
+    node.run(["ip", "addr", "add", f"{gateway}/24", "dev", "pbr"])
+    node.run(["ip", "link", "set", "pbr", "up"])
+    node.run(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"])
+    pods = {}
+    for short, address in addresses.items():
+        ns = box.add_netns(f"p{short}")
+        node.run(["ip", "link", "add", f"veth{short}", "type", "veth", "peer", "name", "eth0",
+                  "netns", ns.netns])
+        node.run(["ip", "link", "set", f"veth{short}", "master", "pbr", "up"])
+        ns.run(["ip", "addr", "add", f"{address}/24", "dev", "eth0"])
+        ns.run(["ip", "link", "set", "eth0", "up"])
+        ns.run(["ip", "route", "add", "default", "via", gateway])
+        pods[short] = ns
+    return pods
+
+
 @pytest.fixture(scope="module")
 def nft_worker() -> Iterator[NftWorker]:
     require_root()

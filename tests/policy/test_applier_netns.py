@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.agent.traffic import echo_server_argv, tcp_echo, udp_echo
-from tests.policy.conftest import JsonWorker
+from tests.policy.conftest import JsonWorker, bridged_pods
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -73,20 +73,7 @@ def policy(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 def lab(sandbox_factory: Any) -> Iterator[Lab]:
     box = sandbox_factory(nodes=1)
     node = box.nodes[0]
-    node.run(["ip", "link", "add", "pbr", "type", "bridge"])
-    node.run(["ip", "addr", "add", f"{BRIDGE}/24", "dev", "pbr"])
-    node.run(["ip", "link", "set", "pbr", "up"])
-    node.run(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"])
-    pods = {}
-    for name, address in PODS.items():
-        ns = box.add_netns(f"p{name}")
-        node.run(["ip", "link", "add", f"veth{name}", "type", "veth", "peer", "name", "eth0",
-                  "netns", ns.netns])
-        node.run(["ip", "link", "set", f"veth{name}", "master", "pbr", "up"])
-        ns.run(["ip", "addr", "add", f"{address}/24", "dev", "eth0"])
-        ns.run(["ip", "link", "set", "eth0", "up"])
-        ns.run(["ip", "route", "add", "default", "via", BRIDGE])
-        pods[name] = ns
+    pods = bridged_pods(box, node, PODS, BRIDGE)
     outside = box.add_netns("out")
     node.run(["ip", "link", "add", "vout", "type", "veth", "peer", "name", "eth0", "netns",
               outside.netns])

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.agent.traffic import echo_server_argv, tcp_echo
-from tests.policy.conftest import JsonWorker
+from tests.policy.conftest import JsonWorker, bridged_pods
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -64,20 +64,8 @@ OBJECTS = [{"kind": "Namespace", "metadata": {"name": ns}} for ns in ("x", "y")]
 def lab(sandbox_factory: Any) -> Iterator[tuple[Worker, Callable[[], bool]]]:
     box = sandbox_factory(nodes=1)
     node = box.nodes[0]
-    node.run(["ip", "link", "add", "pbr", "type", "bridge"])
-    node.run(["ip", "addr", "add", f"{BRIDGE}/24", "dev", "pbr"])
-    node.run(["ip", "link", "set", "pbr", "up"])
-    node.run(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"])
-    pods = {}
-    for key, address in PODS.items():
-        short = key[-1]
-        ns = box.add_netns(f"p{short}")
-        node.run(["ip", "link", "add", f"veth{short}", "type", "veth", "peer", "name", "eth0",
-                  "netns", ns.netns])
-        node.run(["ip", "link", "set", f"veth{short}", "master", "pbr", "up"])
-        ns.run(["ip", "addr", "add", f"{address}/24", "dev", "eth0"])
-        ns.run(["ip", "link", "set", "eth0", "up"])
-        pods[key] = ns
+    by_short = bridged_pods(box, node, {key[-1]: a for key, a in PODS.items()}, BRIDGE)
+    pods = {key: by_short[key[-1]] for key in PODS}
     pods["y/b"].start("echo80", echo_server_argv("0.0.0.0", 80))
 
     def connect() -> bool:
