@@ -9,6 +9,8 @@ impairment, stall) with the live checker watching. A fixed seed keeps it reprodu
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,16 @@ from tests.conftest import require_root
 from weavepy.devtools.chaos.cli import chaos_command
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _restore_weavepy_log_level() -> Iterator[None]:
+    """The command quiets the `weavepy` logger for its own output; later tests in this process
+    must not inherit that."""
+    logger = logging.getLogger("weavepy")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 @pytest.mark.timeout(240)

@@ -3,6 +3,7 @@ lease, whatever the liveness policy proposes."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 
@@ -69,6 +70,7 @@ def test_the_core_drops_what_the_policy_proposes_against_the_rule(
         return Proposal((*proposal.value, *wrong), proposal.refused)
 
     monkeypatch.setattr(liveness, "build_value", careless)
+    caplog.set_level(logging.ERROR, logger="weavepy.ipam.core")
     core = IpamCore("n1", "198.19.0.0/16", 24, rng=random.Random(1), bootstrap="found")
     core.handle_timer(0.0)
     core.request_block(0.0, count=1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +31,17 @@ from weavepy.ipam.sim import IpamSim, random_scenario
 MAX_NODES = 9
 
 
+@pytest.fixture(autouse=True)
+def _quiet_ipam_logs() -> Iterator[None]:
+    """The random scenarios log refused proposals by the thousand. The level is put back after
+    each test, so a later test in the same process still sees the IPAM's errors."""
+    logger = logging.getLogger("weavepy.ipam")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    yield
+    logger.setLevel(level)
+
+
 class IpamChaos(RuleBasedStateMachine):
     """Random operations on 2-9 nodes; the simulator checks invariants after every event."""
 
@@ -40,7 +52,6 @@ class IpamChaos(RuleBasedStateMachine):
 
     @initialize(seed=st.integers(0, 2**32 - 1), size=st.integers(2, 6))
     def start(self, seed: int, size: int) -> None:
-        logging.getLogger("weavepy.ipam").setLevel(logging.CRITICAL)
         self.sim = IpamSim(seed)
         self.sim.add_node("n01", bootstrap="found")
         for number in range(2, size + 1):
@@ -200,7 +211,6 @@ test_ipam_chaos_state_machine = pytest.mark.timeout(240)(IpamChaos.TestCase)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("seed", range(16))
 def test_seeded_random_scenarios(seed: int) -> None:
-    logging.getLogger("weavepy.ipam").setLevel(logging.CRITICAL)
     report = random_scenario(10_000 + seed, steps=80)
     assert report.checks["1:no_overlap"] > 1000
     assert report.checks["agreement"] > 10
