@@ -346,3 +346,19 @@ def test_the_underlay_mtu_holds_on_every_link(sandbox_factory) -> None:
     over = first.run(["ping", "-M", "do", "-c", "1", "-W", "2", "-s", "1423",
                       second.underlay_ip], check=False)
     assert over.returncode != 0 and "mtu=1450" in over.stdout + over.stderr
+
+
+def test_static_neighbours_pin_the_underlay_without_arp(sandbox_factory) -> None:
+    """Every node knows every other node's underlay MAC as a permanent entry, so traffic on the
+    underlay resolves nothing (nothing counts against the kernel's shared neighbour-table cap)."""
+    box = sandbox_factory(nodes=3, static_neighbours=True)
+    for node in box.nodes:
+        for peer in box.nodes:
+            if peer is not node:
+                sent, received, out = _ping(node, peer.underlay_ip, count=2)
+                assert received == sent, out
+    for node in box.nodes:
+        entries = json.loads(node.run(["ip", "-j", "neigh", "show", "dev", "eth0"]).stdout)
+        others = {peer.underlay_ip for peer in box.nodes if peer is not node}
+        assert sorted((e["dst"], e.get("state")) for e in entries) == sorted(
+            (ip, ["PERMANENT"]) for ip in others)

@@ -386,7 +386,12 @@ class Sandbox:
     @classmethod
     def create(cls, nodes: int = 3, prefix: str | None = None,
                underlay: str = DEFAULT_UNDERLAY, pod_range: str = DEFAULT_POD_RANGE,
-               mtu: int = 1500) -> Sandbox:
+               mtu: int = 1500, static_neighbours: bool = False) -> Sandbox:
+        """`static_neighbours` gives every node a permanent neighbour entry for every other
+        node's underlay address, so no ARP runs on the underlay. One kernel's IPv4 neighbour
+        table is shared by all namespaces and holds gc_thresh3 (1,024 by default) resolved
+        entries, settable only in the machine's own namespace; permanent entries do not count
+        against it. A full mesh of more than about 32 nodes needs this."""
         if not 1 <= nodes <= 200:
             raise ValueError(f"a sandbox has 1 to 200 nodes, not {nodes}")
         prefix = prefix or new_prefix()
@@ -403,6 +408,8 @@ class Sandbox:
         box = cls(prefix, net, pods, mtu)
         try:
             box._build(nodes)
+            if static_neighbours:
+                box._pin_neighbours()
         except BaseException:
             box.destroy()
             raise
@@ -440,6 +447,15 @@ class Sandbox:
             ]) + "\n")
             node.run(["sysctl", "-qw", "net.ipv4.ip_forward=1",
                       "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+
+    def _pin_neighbours(self) -> None:
+        macs = {node.netns: json.loads(_run(
+            ["ip", "-n", node.netns, "-j", "link", "show", NODE_IFACE]).stdout)[0]["address"]
+            for node in self.nodes}
+        for node in self.nodes:
+            _run(["ip", "-n", node.netns, "-batch", "-"], input="".join(
+                f"neigh replace {peer.underlay_ip} lladdr {macs[peer.netns]} dev {NODE_IFACE} "
+                "nud permanent\n" for peer in self.nodes if peer is not node))
 
     # --- helpers ------------------------------------------------------------------------------
     def _hub(self, args: Sequence[str]) -> None:
