@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +95,42 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024 / MIB
     return float("nan")
+
+
+@dataclass(frozen=True)
+class CpuWatch:
+    """What `watch_cpu` saw: each process's CPU % over the whole window (empty when one
+    exited), the median CPU % per process in each sample window, and the seconds watched."""
+
+    cpu: list[float]
+    windows: list[float]
+    elapsed: float
+
+
+def watch_cpu(pids: Sequence[int], seconds: float, sample: float,
+              running: Callable[[], bool]) -> CpuWatch:
+    """Watch `pids` for `seconds`, sampling every `sample` seconds (progress on stderr); stop
+    early once `running()` says a process has gone."""
+    started = time.monotonic()
+    cpu_start = [cpu_seconds(pid) for pid in pids]
+    windows: list[float] = []
+    previous, previous_t = cpu_start, started
+    while (now := time.monotonic()) - started < seconds:
+        time.sleep(min(sample, seconds - (now - started)))
+        if not running():
+            break
+        sample_t = time.monotonic()
+        current = [cpu_seconds(pid) for pid in pids]
+        windows.append(statistics.median(
+            100 * (b - a) / (sample_t - previous_t)
+            for a, b in zip(previous, current, strict=True)))
+        previous, previous_t = current, sample_t
+        print(f"{sample_t - started:6.0f} s: median CPU {windows[-1]:.2f} % per process",
+              file=sys.stderr, flush=True)
+    elapsed = time.monotonic() - started
+    cpu = ([100 * (cpu_seconds(pid) - a) / elapsed for pid, a in zip(pids, cpu_start, strict=True)]
+           if running() else [])
+    return CpuWatch(cpu, windows, elapsed)
 
 
 def udp_in_datagrams(pid: int) -> int:

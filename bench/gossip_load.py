@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -27,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.common import no_anchor, table
-from bench.gossip_idle import WeavepyCluster, cpu_seconds, namespace, rss_mib, udp_in_datagrams
+from bench.gossip_idle import WeavepyCluster, namespace, rss_mib, udp_in_datagrams, watch_cpu
 
 
 def run(args: Sequence[str]) -> str:
@@ -48,27 +47,11 @@ def run(args: Sequence[str]) -> str:
             time.sleep(opts.settle)
             pids = cluster.pids
             started = time.monotonic()
-            cpu_start = [cpu_seconds(pid) for pid in pids]
             rss_start = [rss_mib(pid) for pid in pids]
             udp_start = udp_in_datagrams(pids[0])
-            windows: list[float] = []  # median CPU % per sample window
-            previous, previous_t = cpu_start, started
-            while (now := time.monotonic()) - started < opts.secs:
-                time.sleep(min(opts.sample, opts.secs - (now - started)))
-                if not cluster.all_running():
-                    break
-                sample_t = time.monotonic()
-                current = [cpu_seconds(pid) for pid in pids]
-                windows.append(statistics.median(
-                    100 * (b - a) / (sample_t - previous_t)
-                    for a, b in zip(previous, current, strict=True)))
-                previous, previous_t = current, sample_t
-                print(f"{sample_t - started:6.0f} s: median CPU {windows[-1]:.2f} %",
-                      file=sys.stderr, flush=True)
-            elapsed = time.monotonic() - started
+            watched = watch_cpu(pids, opts.secs, opts.sample, cluster.all_running)
+            cpu, windows, elapsed = watched.cpu, watched.windows, watched.elapsed
             all_running = cluster.all_running()
-            cpu = [100 * (cpu_seconds(pid) - a) / elapsed
-                   for pid, a in zip(pids, cpu_start, strict=True)] if all_running else []
             rss_end = [rss_mib(pid) for pid in pids] if all_running else []
             udp_end = udp_in_datagrams(pids[0]) if all_running else udp_start
             verdicts = Counter(

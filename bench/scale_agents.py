@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import no_anchor, table
-from bench.gossip_idle import cpu_seconds, rss_mib
+from bench.gossip_idle import rss_mib, watch_cpu
 from weavepy.devtools.agentbox import AgentBox
 from weavepy.devtools.sandbox import Sandbox, SandboxNode
 
@@ -111,29 +110,13 @@ def run(args: Sequence[str]) -> str:
 
         pids = [rig.agents[node.name].pid for node in box.nodes]
         before = _gossip_view(rig, box.nodes)
-        started = time.monotonic()
-        cpu_start = [cpu_seconds(pid) for pid in pids]
         rss_start = [rss_mib(pid) for pid in pids]
         udp_start = [udp_counters(pid) for pid in pids]
-        windows: list[float] = []  # median CPU % per sample window
-        previous, previous_t = cpu_start, started
-        while (now := time.monotonic()) - started < opts.duration:
-            time.sleep(min(opts.sample, opts.duration - (now - started)))
-            if not all(process.alive() for process in rig.agents.values()):
-                break
-            sample_t = time.monotonic()
-            current = [cpu_seconds(pid) for pid in pids]
-            windows.append(statistics.median(
-                100 * (b - a) / (sample_t - previous_t)
-                for a, b in zip(previous, current, strict=True)))
-            previous, previous_t = current, sample_t
-            print(f"{sample_t - started:6.0f} s: median CPU {windows[-1]:.2f} % per agent",
-                  file=sys.stderr, flush=True)
-        elapsed = time.monotonic() - started
+        watched = watch_cpu(pids, opts.duration, opts.sample,
+                            lambda: all(process.alive() for process in rig.agents.values()))
+        cpu, windows, elapsed = watched.cpu, watched.windows, watched.elapsed
         running = [process.alive() for process in rig.agents.values()]
         live = [pid for pid, alive in zip(pids, running, strict=True) if alive]
-        cpu = [100 * (cpu_seconds(pid) - a) / elapsed
-               for pid, a, alive in zip(pids, cpu_start, running, strict=True) if alive]
         rss_end = [rss_mib(pid) for pid in live]
         udp_end = [udp_counters(pid) if alive else start
                    for pid, start, alive in zip(pids, udp_start, running, strict=True)]
