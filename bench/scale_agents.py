@@ -14,7 +14,8 @@ own VTEP entries are permanent already.
 `--agents` full agents (`weavepy launch`, encrypted gossip, profile lan) run in the nodes of one
 sandbox (one network namespace per node on the sandbox's underlay bridge). The first founds the
 cluster; the others join it a few at a time (their start-up is CPU-bound), each batch once the
-last one's agents hold a block (all at once, 100 agents' claims contend on 2 cores). Once every
+last one's agents hold a block (all at once, 100 agents' claims contend on 2 cores) and the
+machine's 1-minute load is below 1.5 per core (waiting at most 2 min). Once every
 agent holds a block and a route to every other agent's block, and after `--settle` seconds, the
 cluster is watched for `--duration` seconds: CPU per agent (utime + stime from /proc) over the
 whole window and per `--sample` window, RSS at the start and the end, UDP datagrams in and out
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -40,6 +42,7 @@ from weavepy.devtools.agentbox import AgentBox
 from weavepy.devtools.sandbox import Sandbox, SandboxNode
 
 LAUNCH_BATCH = 4
+LOAD_CEILING, LOAD_WAIT_MAX = 1.5, 120.0  # 1-minute load per core before a batch; bound, s
 MESH_POLL = 5.0  # seconds between checks of the full mesh (two calls into every node each)
 
 
@@ -64,6 +67,19 @@ def _gossip_view(rig: AgentBox, nodes: Sequence[SandboxNode]) -> dict[str, dict[
             "alive": sum(1 for peer in doc["peers"] if peer["state"] == "alive"),
         }
     return found
+
+
+def _wait_for_cpu() -> None:
+    """Let the machine catch up before the next batch: every join costs every running agent
+    work (IPAM decisions, routes), and on a machine where all agents share a few cores an
+    unthrottled join phase starves them (an earlier run stalled at 69 agents, load 100)."""
+    deadline = time.monotonic() + LOAD_WAIT_MAX
+    while os.getloadavg()[0] > LOAD_CEILING * (os.cpu_count() or 1):
+        if time.monotonic() > deadline:
+            print(f"load still {os.getloadavg()[0]:.0f} after {LOAD_WAIT_MAX:.0f} s; launching",
+                  file=sys.stderr, flush=True)
+            return
+        time.sleep(5)
 
 
 def _spread(values: Sequence[float], digits: int) -> str:
@@ -95,6 +111,7 @@ def run(args: Sequence[str]) -> str:
         rig.launch(founder)
         rig.wait_api(founder, timeout=60)
         for batch in range(0, len(others), LAUNCH_BATCH):
+            _wait_for_cpu()
             for node in others[batch:batch + LAUNCH_BATCH]:
                 rig.launch(node, [founder])
             for node in others[batch:batch + LAUNCH_BATCH]:

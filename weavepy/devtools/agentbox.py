@@ -272,7 +272,11 @@ class AgentBox:
         return result
 
     def status(self, node: SandboxNode) -> dict[str, Any] | None:
-        answer = self.api(node, "GET", "/status")
+        """The node's status, or None when it does not answer (a wait polls again)."""
+        try:
+            answer = self.api(node, "GET", "/status")
+        except TimeoutError:  # the call into the node itself overran: a starved machine
+            return None
         return answer[1] if answer is not None and answer[0] == 200 else None
 
     def dataplane(self, node: SandboxNode) -> DataPlaneView:
