@@ -127,7 +127,9 @@ DEFAULT_MAX_VOTERS = 5
 LEASE_SAFETY = 0.98  # a holder trusts its lease for 98% of its length: room for clock-rate drift
 SNAPSHOT_FORMAT = 1
 RECENT_VALUES = 64  # decided values kept in memory to catch laggards up without a full state
-MAX_CATCH_UP_VALUES = 8
+# a laggard up to this many slots behind gets the values, not the whole state (O(members)):
+# 16 covers a message 1.5 s late at ~10 decisions a second
+MAX_CATCH_UP_VALUES = 16
 MAX_NONCES = 128
 TAG_KEY = "ipam"  # the gossip meta tag carrying `IpamCore.meta_tag`
 # A stateless node's broadcast hello carries its attempt number (Hello.slot; old agents send 0).
