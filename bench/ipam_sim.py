@@ -5,9 +5,13 @@ messages per member, at 1,000 nodes.
 
 Every number comes from real `IpamCore` + `PodAllocator` pairs driven by `weavepy.ipam.sim` in
 virtual time (the same cores the agent runs; messages are encoded and decoded as on the wire;
-every node persists what its core asks before anything leaves it). The simulator's per-pair
-contact history is off (`full_checks=False`: no partitions here), its other checks (no
-overlapping blocks, Paxos agreement) run throughout. Phases, one after the other:
+every node persists what its core asks before anything leaves it), with the agent's lease and
+push/pull interval (memberlist's 30 s, scaled for the cluster's size: 180 s at 1,000). The
+simulator's scale mode (`full_checks=False`: no partitions here) keeps no per-pair contact
+history and writes a node's simulated disk only when it is read (at a kill; the bench kills
+none), since serialising every node's whole state at every decision is each agent's own cost
+but would be the simulator's N times over; its other checks (no overlapping blocks, Paxos
+agreement) run throughout. Phases, one after the other:
 
 1. **join**: n1 founds the cluster, then the n-1 others start at the same moment and join (a
    cluster booting together): virtual seconds until every node is a ready member.
@@ -32,6 +36,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from bench.common import median_spread, no_anchor, table
+from gossip.config import GossipConfig
+from gossip.node import push_pull_scale
 from weavepy.ipam.core import DEFAULT_LEASE, DEFAULT_RECLAIM_AFTER
 from weavepy.ipam.sim import IpamSim, SimConfig
 from weavepy.ipam.status import IpamState
@@ -93,9 +99,12 @@ def run(args: Sequence[str]) -> str:
     # the agent's lease and reclaim delay (the simulator's defaults are short, for the property
     # tests): with a 60 s lease every member renews every 30 s, N/30 slots a second, more than
     # the ~9 slots a second one Paxos slot at a time decides once N passes ~270
+    # and the agent's push/pull: memberlist's LAN interval, scaled up for the cluster's size
+    pushpull = push_pull_scale(GossipConfig.lan().push_pull_interval, n)
     sim = IpamSim(opts.seed, SimConfig(cluster_range=POD_RANGE, block_prefix=prefix,
                                        lease=DEFAULT_LEASE, reclaim_after=DEFAULT_RECLAIM_AFTER,
-                                       drop=opts.loss, duplicate=0.0, full_checks=False))
+                                       drop=opts.loss, duplicate=0.0, full_checks=False,
+                                       pushpull_interval=pushpull))
     rows: list[list[object]] = []
     names = [f"n{i}" for i in range(1, n + 1)]
 
@@ -149,7 +158,8 @@ def run(args: Sequence[str]) -> str:
         f"delays {sim.config.delay[0] * 1e3:g}-{sim.config.delay[1] * 1e3:g} ms "
         f"({sim.config.slow_fraction:.0%} of messages {sim.config.slow_delay[0]:g}-"
         f"{sim.config.slow_delay[1]:g} s late), gossip notices changes after "
-        f"{sim.config.gossip_delay[0]:g}-{sim.config.gossip_delay[1]:g} s, seed {opts.seed}. "
+        f"{sim.config.gossip_delay[0]:g}-{sim.config.gossip_delay[1]:g} s, push/pull every "
+        f"{pushpull:g} s (the agent's, for {n} members), seed {opts.seed}. "
         f"Times polled every {POLL:g} virtual s; per node: median (min, max or p99).",
         table(header, rows),
         f"Idle: {idle_rate:.2f} messages per member per virtual second over {opts.idle:g} s "

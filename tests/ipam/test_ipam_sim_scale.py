@@ -45,3 +45,21 @@ def test_partitions_need_full_checks() -> None:
         sim.partition([["n1"], ["n2", "n3"]])
     with pytest.raises(ValueError, match="full_checks"):
         sim.block_link("n1", "n2")
+
+
+def test_scale_runs_write_a_killed_nodes_disk_so_it_restarts_with_its_blocks() -> None:
+    """Scale runs write a node's snapshot only when its disk is read (at a kill): the
+    restarted node must find what its core last persisted."""
+    sim = booted_together(4, full_checks=False)
+    sim.request_block("n3")
+    sim.run(5.0)
+    blocks = sim.usable_blocks("n3")
+    assert blocks
+    sim.kill("n3")
+    disk = sim.nodes["n3"].disk_core
+    assert disk is not None and disk["generation"] is not None
+    sim.restart("n3")
+    status = sim.status("n3")
+    assert status is not None and status.generation == disk["generation"]
+    assert [sim.nodes["n3"].core.space.block(i) for i in blocks] == list(  # type: ignore[union-attr]
+        status.held_blocks)

@@ -62,6 +62,7 @@ def a_state() -> ClusterState:
 
 BODIES = [
     Hello(0),
+    Hello(3),
     Prepare(7, BALLOT, (("n3", 2), ("n4", 5))),
     Promise(7, BALLOT, None, ()),
     Promise(7, BALLOT, (BALLOT, VALUE), (Attestation("n3", 2, False, 301.5),)),
@@ -80,6 +81,7 @@ def test_every_kind_round_trips(body: wire.Body) -> None:
     envelope = Envelope("c0ffee", (1, "n1", 99), "n2", 42, 3, 7, body)
     data = wire.encode(envelope)
     assert wire.is_ipam(data) and data[:2] == bytes([0xC1, 1])
+    assert wire.kind_of(data) is envelope.kind
     decoded = wire.decode(data)
     if isinstance(body, StateMsg):
         assert isinstance(decoded.body, StateMsg)

@@ -57,6 +57,7 @@ The contract with the I/O layer (the agent):
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import math
 import random
@@ -126,9 +127,16 @@ DEFAULT_MAX_VOTERS = 5
 LEASE_SAFETY = 0.98  # a holder trusts its lease for 98% of its length: room for clock-rate drift
 SNAPSHOT_FORMAT = 1
 RECENT_VALUES = 64  # decided values kept in memory to catch laggards up without a full state
-MAX_CATCH_UP_VALUES = 8
+# a laggard up to this many slots behind gets the values, not the whole state (O(members)):
+# 16 covers a message 1.5 s late at ~10 decisions a second
+MAX_CATCH_UP_VALUES = 16
 MAX_NONCES = 128
 TAG_KEY = "ipam"  # the gossip meta tag carrying `IpamCore.meta_tag`
+# A stateless node's broadcast hello carries its attempt number (Hello.slot; old agents send 0).
+# Attempt a is answered by about HELLO_ANSWERERS * 2**a members (`answers_hello`), attempt
+# ASK_EVERYONE and later by every node holding a state, as is a hello sent to one peer.
+HELLO_ANSWERERS = 3
+ASK_EVERYONE = 4
 _CURRENT = 2**62  # slot of a standing learned from gossip tags: as current as it gets
 
 Bootstrap = Literal["found", "join"]
@@ -210,6 +218,23 @@ def frees_safely(op: Op, promises: Collection[Promise], lease: float) -> bool:
     ):
         return attested_silent(promises, op.target, op.target_generation, lease)
     return True
+
+
+def answers_hello(joiner: str, member: str, members: int, attempt: int) -> bool:
+    """Does `member` (of a state listing `members` members) answer `joiner`'s broadcast hello
+    number `attempt` with its state? One joiner needs one state, not one from every member.
+
+    A stable hash of (joiner, member) places each member in [0, 1); those below
+    HELLO_ANSWERERS * 2**attempt / members answer: about that many members, the same ones
+    for every node holding that state, and each attempt keeps the last one's answerers and
+    adds as many again (so dead answerers cost a joiner a hello interval or two). A threshold,
+    not a ranking of every member, so a member decides in O(1). From ASK_EVERYONE on, all do.
+    Who answers never matters to safety: any state a joiner adopts is a decided one.
+    """
+    if attempt >= ASK_EVERYONE:
+        return True
+    digest = hashlib.blake2b(f"{joiner}\0{member}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") * members < HELLO_ANSWERERS << (64 + attempt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +322,9 @@ class IpamCore:
         self._lease_was_valid = False
         self._nonces: OrderedDict[int, float] = OrderedDict()
         self._recent: OrderedDict[int, Value] = OrderedDict()
+        # decided values of this era that came before the one they follow (reordered on the
+        # way): learned in order once the gap fills, like a message that arrived later
+        self._early: dict[int, Value] = {}
         self._round: _Round | None = None
         self._max_round = 0
         self._attempts = 0
@@ -307,6 +335,7 @@ class IpamCore:
         self._last_contact = -math.inf
         self._foreign_seen = False
         self._hello_due = -math.inf
+        self._hellos_sent = 0  # broadcast hellos so far (capped): the next one's attempt number
         self._state_sent: dict[str, float] = {}
         self._state_asked: dict[str, float] = {}
         self._mismatches: dict[str, ClusterMismatchReport] = {}
@@ -378,7 +407,8 @@ class IpamCore:
     def local_state(self) -> bytes:
         """Our side of a push/pull: the decided state, or a stateless hello."""
         if self._cluster is None:
-            return wire.encode(Envelope("", (0, "", 0), self._name, self._boot, 0, 0, Hello(0)))
+            hello = Hello(ASK_EVERYONE)  # to one peer: it answers whatever its rank
+            return wire.encode(Envelope("", (0, "", 0), self._name, self._boot, 0, 0, hello))
         return wire.encode(self._envelope(StateMsg(self._cluster)))
 
     def request_block(self, now: float, count: int = 1) -> IpamState:
@@ -501,6 +531,11 @@ class IpamCore:
     @property
     def persist_needed(self) -> bool:
         return self._seq > self._persisted_seq
+
+    @property
+    def seq(self) -> int:
+        """The number of the latest state change: what `snapshot()` would carry as "seq"."""
+        return self._seq
 
     def mark_persisted(self, seq: int) -> None:
         """The snapshot carrying `seq` is durable: release what was produced up to it."""
@@ -658,7 +693,7 @@ class IpamCore:
         self._note_standing(sender, envelope, now)
         if not envelope.cluster_id:  # a stateless node announcing itself
             if isinstance(body, Hello):
-                self._on_stateless_hello(sender, now)
+                self._on_stateless_hello(sender, body.slot, now)
             else:
                 self._drops["stateless_non_hello"] += 1
             return
@@ -738,8 +773,8 @@ class IpamCore:
             self._catch_up(sender, body.slot, now)
         elif isinstance(body, StateMsg):
             self._adopt(body.state, now, sender)
-        elif isinstance(body, StateRequest):
-            self._send_state(sender, now)
+        elif isinstance(body, StateRequest):  # same era: the values it lacks, if we have them
+            self._catch_up(sender, body.slot, now)
         # Hello from a member carries nothing we need beyond the cluster and era checks.
 
     # ================================================================== acceptor
@@ -919,6 +954,8 @@ class IpamCore:
         if body.slot == cluster.slot + 1:
             self._learn(body.slot, body.value, now, proposed_here=False)
         elif body.slot > cluster.slot + 1:
+            if body.slot <= cluster.slot + 1 + MAX_CATCH_UP_VALUES:
+                self._early[body.slot] = body.value
             self._ask_state(sender, now)
 
     def _learn(self, slot: int, value: Value, now: float, *, proposed_here: bool) -> None:
@@ -976,6 +1013,9 @@ class IpamCore:
             self._round = None
             self._backoff_until = -math.inf
         self._after_state_change(now, held_before, "decided")
+        following = self._early.pop(cluster.slot + 1, None)
+        if following is not None:
+            self._learn(cluster.slot + 1, following, now, proposed_here=False)
 
     def _adopt(self, state: ClusterState, now: float, source: str) -> None:
         """A whole decided state from a peer: take it if it is later than ours."""
@@ -988,6 +1028,7 @@ class IpamCore:
             self._floor = now
             self._gen_evidence.clear()
             self._recent.clear()
+            self._early.clear()
             self._my_gen = None
             self._promised = None
             self._accepted = None
@@ -1020,6 +1061,7 @@ class IpamCore:
                 if q.last_op_slot > cluster.slot:
                     self._gen_evidence[(q.owner, q.generation)] = now
         self._recent.clear()
+        self._early.clear()
         self._cluster = state
         self._promised = None
         self._accepted = None
@@ -1096,7 +1138,7 @@ class IpamCore:
             return
         self._state_asked[peer] = now
         if self._cluster is None:
-            self._send_stateless(peer, Hello(0))
+            self._send_stateless(peer, Hello(ASK_EVERYONE))  # to this peer alone: it answers
         else:
             self._send(peer, StateRequest(self._cluster.slot))
 
@@ -1129,9 +1171,14 @@ class IpamCore:
 
     # ================================================================== bootstrap
 
-    def _on_stateless_hello(self, sender: str, now: float) -> None:
-        if self._cluster is not None:
-            self._send_state(sender, now)
+    def _on_stateless_hello(self, sender: str, attempt: int, now: float) -> None:
+        cluster = self._cluster
+        if cluster is not None:
+            if attempt >= ASK_EVERYONE or (
+                self.is_member() and answers_hello(sender, self._name, len(cluster.members),
+                                                   attempt)
+            ):
+                self._send_state(sender, now)
             return
         self._stateless_peers[sender] = now
         if self._first_stateless_seen is None:
@@ -1168,7 +1215,8 @@ class IpamCore:
             return
         if now >= self._hello_due:
             self._hello_due = now + self._t.hello_interval
-            self._send_stateless(None, Hello(0))
+            self._send_stateless(None, Hello(self._hellos_sent))
+            self._hellos_sent = min(self._hellos_sent + 1, ASK_EVERYONE)
 
     def _may_found(self) -> bool:
         """Any node by default; with seeds only the lowest-named one (so one cluster at most)."""
@@ -1202,6 +1250,7 @@ class IpamCore:
         self._floor = now
         self._gen_evidence.clear()
         self._recent.clear()
+        self._early.clear()
         self._promised = None
         self._accepted = None
         self._round = None

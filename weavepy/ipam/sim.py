@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from weavepy.ipam.status import (
     RemovedFromCluster,
     SlotDecided,
 )
+from weavepy.ipam.wire import Kind, kind_of
 
 
 def sim_timings() -> Timings:
@@ -73,9 +75,12 @@ class SimConfig:
     pushpull_interval: float = 10.0
     max_events_per_run: int = 2_000_000
     # True: record who could talk to whom, per pair, for the timing checks of invariants 3 and
-    # 4 (O(n^2) per decision), and check invariant 1 over every node after every input. Scale
-    # runs (no partitions) turn it off: no contact history (partitions refuse), and invariant 1
-    # is checked after the inputs that grow a node's blocks (the only way to make an overlap).
+    # 4 (O(n^2) per decision), check invariant 1 over every node after every input, and write
+    # each node's snapshot to its disk whenever its core asks. Scale runs (no partitions) turn
+    # it off: no contact history (partitions refuse), invariant 1 is checked after the inputs
+    # that grow a node's blocks (the only way to make an overlap), and a disk is written when
+    # it is next read (see `_persist`: O(members) per decision per node is each agent's own
+    # cost, but the simulator would pay it for every node).
     full_checks: bool = True
 
 
@@ -88,6 +93,7 @@ class SimNode:
     core: IpamCore | None = None
     allocator: PodAllocator | None = None
     disk_core: dict[str, Any] | None = None
+    unwritten_seq: int | None = None  # persisted, not yet written to disk_core (scale runs)
     disk_alloc: dict[str, Any] | None = None
     incarnation: int = 0
     destroyed: bool = False
@@ -119,6 +125,7 @@ class IpamSim:
         self.checker = InvariantChecker()
         self.events_processed = 0
         self.messages_sent = 0
+        self.messages_by_kind: Counter[Kind] = Counter()  # each broadcast once per receiver
         self.messages_dropped = 0
         self.log: list[str] = []
         self._queue: list[_Scheduled] = []
@@ -164,6 +171,7 @@ class IpamSim:
             return
         self._refresh_contacts()
         self._running = None
+        self._write_disk(node)
         node.core = None
         node.allocator = None
         node.timer_at = None
@@ -348,9 +356,8 @@ class IpamSim:
         count = 0
         for voter in status.voters:
             core = self.nodes[voter].core if voter in self.nodes else None
-            if voter in among and core is not None:
-                own = core.status(self.now)
-                count += (own.cluster_id, own.generation) == (
+            if voter in among and core is not None:  # (its status says the same, in O(members))
+                count += (core.cluster_id, core.generation) == (
                     status.cluster_id, generations.get(voter))
         return count
 
@@ -471,9 +478,7 @@ class IpamSim:
         if core is None or allocator is None:
             return
         if core.persist_needed:
-            snapshot = core.snapshot()
-            node.disk_core = snapshot
-            core.mark_persisted(snapshot["seq"])
+            self._persist(node, core)
         for to, payload in core.messages_to_send():
             self._transmit(node.name, to, payload)
         for event in core.events():
@@ -492,6 +497,34 @@ class IpamSim:
                 node.timer_at = deadline
                 self._schedule(deadline, "timer", node.name, node.incarnation)
         self._check_ownership(node)
+
+    def _persist(self, node: SimNode, core: IpamCore) -> None:
+        """Make the core's state durable, then tell it so.
+
+        With full checks the snapshot is written at once. In scale runs it is written when the
+        disk is next read (`_write_disk`, at a kill): every input is persisted before the next
+        one, so until then the core's snapshot is this one, and its seq proves it.
+        """
+        if self.config.full_checks:
+            snapshot = core.snapshot()
+            node.disk_core = snapshot
+            core.mark_persisted(snapshot["seq"])
+        else:
+            node.unwritten_seq = core.seq
+            core.mark_persisted(core.seq)
+
+    def _write_disk(self, node: SimNode) -> None:
+        """Write out what `_persist` left unwritten (the core still runs)."""
+        if node.unwritten_seq is None or node.core is None:
+            return
+        snapshot = node.core.snapshot()
+        if snapshot["seq"] != node.unwritten_seq:
+            raise InvariantViolation(
+                f"{node.name}: state changed since it was persisted (seq "
+                f"{node.unwritten_seq}, now {snapshot['seq']}) without an input"
+            )
+        node.disk_core = snapshot
+        node.unwritten_seq = None
 
     def _on_event(self, node: SimNode, event: Event) -> None:
         core = node.core
@@ -551,6 +584,7 @@ class IpamSim:
     def _transmit(self, sender: str, to: str | None, payload: bytes) -> None:
         targets = [to] if to is not None else sorted(self.connected_to(sender) - {sender})
         cfg = self.config
+        self.messages_by_kind[kind_of(payload)] += len(targets)
         for target in targets:
             self.messages_sent += 1
             if self.rng.random() < cfg.drop:

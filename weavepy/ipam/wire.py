@@ -251,6 +251,11 @@ def encode(envelope: Envelope) -> bytes:
     return data
 
 
+def kind_of(data: bytes) -> Kind:
+    """The kind of a message `encode` produced, without decoding it (for counting)."""
+    return Kind(data[3])  # after the magic and version: fixarray(8), then the kind (< 128)
+
+
 # --------------------------------------------------------------------------- decode
 
 
