@@ -62,6 +62,9 @@ class ApiClient:
         except OSError as exc:
             raise AgentUnavailable(f"cannot reach the weavepy agent at {self.host}:{self.port}: "
                                    f"{exc.strerror or exc}") from None
+        except http.client.HTTPException as exc:  # e.g. closed mid-answer while stopping
+            raise AgentUnavailable(f"the weavepy agent at {self.host}:{self.port} broke off "
+                                   f"its answer ({type(exc).__name__})") from None
         finally:
             conn.close()
         try:
