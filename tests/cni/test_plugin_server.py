@@ -208,3 +208,31 @@ def test_add_after_the_bridge_was_recreated(cni_cluster) -> None:
     for pod in (first, second):
         assert cni.plugin("DEL", pod)[0] == 0
     assert cni.allocations() == []
+
+
+def test_a_new_veth_for_an_address_is_announced_to_the_node(cni_cluster) -> None:
+    """An address that comes back on a new veth (an ADD again without DEL after an agent
+    crash; or an address handed out again) has a new MAC. The pod announces it (gratuitous
+    ARP), so the node's neighbour entry, still fresh with the old MAC, is updated at once and
+    traffic routed to the pod is not sent to the old MAC for up to 45 s."""
+    cluster = cni_cluster(nodes=1)
+    cni = cluster.nodes[0]
+    pod = cluster.new_pod("again")
+    rc, first = cni.plugin("ADD", pod)
+    assert rc == 0, first
+    address = first["ips"][0]["address"].split("/")[0]
+    ping = cni.node.run(["ping", "-c", "1", "-W", "2", address], check=False)
+    assert ping.returncode == 0, ping.stdout
+
+    def node_entry() -> tuple[str, list[str]]:
+        (entry,) = json.loads(cni.node.run(["ip", "-j", "neigh", "show", address,
+                                            "dev", "wpbr0"]).stdout)
+        return entry.get("lladdr", ""), entry.get("state", [])
+
+    assert node_entry() == (first["interfaces"][2]["mac"], ["REACHABLE"])
+    rc, second = cni.plugin("ADD", pod)  # a new veth pair, a new MAC, the same address
+    assert rc == 0, second
+    assert second["ips"][0]["address"] == first["ips"][0]["address"]
+    assert second["interfaces"][2]["mac"] != first["interfaces"][2]["mac"]
+    assert node_entry()[0] == second["interfaces"][2]["mac"]
+    assert cni.plugin("DEL", pod)[0] == 0

@@ -11,7 +11,10 @@ request loop costs more than the kernel work. It keeps three rules:
    the pod's namespace under its final name, with MTU, MAC, gso limits and bridge master set
    (RTM_NEWLINK with IFLA_NET_NS_FD inside VETH_INFO_PEER), then enables hairpin on the bridge
    port, then configures the pod side: address, link up, routes. A failure part-way removes
-   the pair, so an ADD either completes or leaves nothing behind.
+   the pair, so an ADD either completes or leaves nothing behind. Last, the pod announces its
+   address with a gratuitous ARP (as the reference `bridge` plugin does): an address handed
+   out again, or a pod re-attached with a new veth, has a new MAC, and the node and the other
+   pods would otherwise send to the old one until their neighbour entry expires (15-45 s).
 3. **The calling thread returns to its own namespace.** Work inside a pod's namespace is done
    on a netlink socket opened while the thread is briefly `setns()`-ed into it; a socket
    stays bound to the namespace it was created in. If the thread cannot get back, the process
@@ -68,6 +71,7 @@ CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: which kind of namespace it is
 IFF_UP = 0x1
 AF_BRIDGE = 7
+ETH_P_ARP, ETH_P_IP = 0x0806, 0x0800  # ethertypes
 NETLINK_ROUTE = 0
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
@@ -107,6 +111,15 @@ def random_mac() -> str:
     octets = bytearray(secrets.token_bytes(6))
     octets[0] = (octets[0] & 0xFE) | 0x02
     return ":".join(f"{b:02x}" for b in octets)
+
+
+def gratuitous_arp(mac: str, address: ipaddress.IPv4Address) -> bytes:
+    """An ARP announcement (RFC 5227 2.3): a broadcast request for `address` from `address`
+    at `mac`. Linux replaces an existing neighbour entry's MAC on one at once."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    ip = address.packed
+    return (b"\xff" * 6 + hw + struct.pack("!H", ETH_P_ARP)
+            + struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1) + hw + ip + bytes(6) + ip)
 
 
 IP_FORWARD_SYSCTL = "/proc/sys/net/ipv4/ip_forward"
@@ -468,6 +481,7 @@ class PodNetwork:
             except BaseException:
                 self.delete_link(host_name)
                 raise
+            self._announce(ns_fd, spec, pod_mac)
         return PodInterfaces(bridge=spec.bridge, bridge_mac=bridge_mac, host_ifname=host_name,
                              host_mac=host_mac, container_ifname=spec.ifname,
                              container_mac=pod_mac, sandbox=spec.netns, mtu=spec.mtu)
@@ -517,6 +531,17 @@ class PodNetwork:
                               f"{exc}") from None
         finally:
             pod.close()
+
+    def _announce(self, ns_fd: int, spec: PodSpec, pod_mac: str) -> None:
+        """Best effort, as the reference plugin's: the pod works without it, only a reused
+        address answers late."""
+        with self.inside(ns_fd), contextlib.closing(
+                socket.socket(socket.AF_PACKET, socket.SOCK_RAW)) as raw:
+            try:
+                raw.sendto(gratuitous_arp(pod_mac, spec.address.ip), (spec.ifname, ETH_P_ARP))
+            except OSError as exc:
+                log.info("gratuitous ARP from %s in %s failed: %s", spec.ifname, spec.netns,
+                         exc)
 
     def delete_link(self, name: str) -> bool:
         """Delete a link by name; False if it was not there."""
