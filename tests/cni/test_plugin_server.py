@@ -210,11 +210,11 @@ def test_add_after_the_bridge_was_recreated(cni_cluster) -> None:
     assert cni.allocations() == []
 
 
-def test_a_new_veth_for_an_address_is_announced_to_the_node(cni_cluster) -> None:
+def test_a_new_veth_for_an_address_updates_the_nodes_neighbour_entry(cni_cluster) -> None:
     """An address that comes back on a new veth (an ADD again without DEL after an agent
-    crash; or an address handed out again) has a new MAC. The pod announces it (gratuitous
-    ARP), so the node's neighbour entry, still fresh with the old MAC, is updated at once and
-    traffic routed to the pod is not sent to the old MAC for up to 45 s."""
+    crash; or an address handed out again) has a new MAC. ADD sets the node's neighbour entry,
+    still fresh with the old MAC, to the new one at once, so traffic routed to the pod is not
+    sent to the old MAC for up to 45 s."""
     cluster = cni_cluster(nodes=1)
     cni = cluster.nodes[0]
     pod = cluster.new_pod("again")
@@ -229,7 +229,8 @@ def test_a_new_veth_for_an_address_is_announced_to_the_node(cni_cluster) -> None
                                             "dev", "wpbr0"]).stdout)
         return entry.get("lladdr", ""), entry.get("state", [])
 
-    assert node_entry() == (first["interfaces"][2]["mac"], ["REACHABLE"])
+    mac, state = node_entry()
+    assert mac == first["interfaces"][2]["mac"] and state != ["FAILED"]
     rc, second = cni.plugin("ADD", pod)  # a new veth pair, a new MAC, the same address
     assert rc == 0, second
     assert second["ips"][0]["address"] == first["ips"][0]["address"]

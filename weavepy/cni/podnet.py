@@ -11,10 +11,12 @@ request loop costs more than the kernel work. It keeps three rules:
    the pod's namespace under its final name, with MTU, MAC, gso limits and bridge master set
    (RTM_NEWLINK with IFLA_NET_NS_FD inside VETH_INFO_PEER), then enables hairpin on the bridge
    port, then configures the pod side: address, link up, routes. A failure part-way removes
-   the pair, so an ADD either completes or leaves nothing behind. Last, the pod announces its
-   address with a gratuitous ARP (as the reference `bridge` plugin does): an address handed
-   out again, or a pod re-attached with a new veth, has a new MAC, and the node and the other
-   pods would otherwise send to the old one until their neighbour entry expires (15-45 s).
+   the pair, so an ADD either completes or leaves nothing behind. Last, the node's neighbour
+   entry for the pod's address is set to the pod's MAC: an address handed out again, or a pod
+   re-attached with a new veth, has a new MAC, and the node (which forwards every packet from
+   other nodes to the pod) would otherwise send to the old one until its entry expires (15-45
+   s). The reference `bridge` plugin sends a gratuitous ARP instead, which needs CAP_NET_RAW;
+   the agent's DaemonSet does without it.
 3. **The calling thread returns to its own namespace.** Work inside a pod's namespace is done
    on a netlink socket opened while the thread is briefly `setns()`-ed into it; a socket
    stays bound to the namespace it was created in. If the thread cannot get back, the process
@@ -49,6 +51,7 @@ from pyroute2.netlink import (
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_EXCL,
+    NLM_F_REPLACE,
     NLM_F_REQUEST,
     NLMSG_ERROR,
 )
@@ -57,11 +60,13 @@ from pyroute2.netlink.rtnl import (
     RTM_DELLINK,
     RTM_NEWADDR,
     RTM_NEWLINK,
+    RTM_NEWNEIGH,
     RTM_NEWROUTE,
     RTM_SETLINK,
 )
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 log = logging.getLogger(__name__)
@@ -71,7 +76,7 @@ CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: which kind of namespace it is
 IFF_UP = 0x1
 AF_BRIDGE = 7
-ETH_P_ARP, ETH_P_IP = 0x0806, 0x0800  # ethertypes
+NUD_STALE = 0x04
 NETLINK_ROUTE = 0
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
@@ -111,15 +116,6 @@ def random_mac() -> str:
     octets = bytearray(secrets.token_bytes(6))
     octets[0] = (octets[0] & 0xFE) | 0x02
     return ":".join(f"{b:02x}" for b in octets)
-
-
-def gratuitous_arp(mac: str, address: ipaddress.IPv4Address) -> bytes:
-    """An ARP announcement (RFC 5227 2.3): a broadcast request for `address` from `address`
-    at `mac`. Linux replaces an existing neighbour entry's MAC on one at once."""
-    hw = bytes.fromhex(mac.replace(":", ""))
-    ip = address.packed
-    return (b"\xff" * 6 + hw + struct.pack("!H", ETH_P_ARP)
-            + struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1) + hw + ip + bytes(6) + ip)
 
 
 IP_FORWARD_SYSCTL = "/proc/sys/net/ipv4/ip_forward"
@@ -258,6 +254,14 @@ class RtnlRequests:
             attrs.append(["RTA_GATEWAY", str(route.gateway)])
         msg["attrs"] = attrs
         self.request(RTM_NEWROUTE, msg, NLM_F_CREATE | NLM_F_EXCL)
+
+    def set_neighbour(self, index: int, ip: ipaddress.IPv4Address, mac: str) -> None:
+        """Create or replace the neighbour entry `ip` -> `mac` on link `index`, STALE: used at
+        once, confirmed by the kernel's own probe on first use."""
+        msg = ndmsg()
+        msg["family"], msg["ifindex"], msg["state"] = 2, index, NUD_STALE
+        msg["attrs"] = [["NDA_DST", str(ip)], ["NDA_LLADDR", mac]]
+        self.request(RTM_NEWNEIGH, msg, NLM_F_CREATE | NLM_F_REPLACE)
 
     def set_hairpin(self, index: int) -> None:
         """Hairpin on a bridge port (what `bridge link set dev X hairpin on` sends)."""
@@ -481,7 +485,11 @@ class PodNetwork:
             except BaseException:
                 self.delete_link(host_name)
                 raise
-            self._announce(ns_fd, spec, pod_mac)
+            try:
+                self.rtnl.set_neighbour(bridge_index, spec.address.ip, pod_mac)
+            except NetlinkError as exc:  # the pod works without it; a reused address is late
+                log.warning("setting the node's neighbour entry for %s failed: %s",
+                            spec.address.ip, exc)
         return PodInterfaces(bridge=spec.bridge, bridge_mac=bridge_mac, host_ifname=host_name,
                              host_mac=host_mac, container_ifname=spec.ifname,
                              container_mac=pod_mac, sandbox=spec.netns, mtu=spec.mtu)
@@ -531,17 +539,6 @@ class PodNetwork:
                               f"{exc}") from None
         finally:
             pod.close()
-
-    def _announce(self, ns_fd: int, spec: PodSpec, pod_mac: str) -> None:
-        """Best effort, as the reference plugin's: the pod works without it, only a reused
-        address answers late."""
-        with self.inside(ns_fd), contextlib.closing(
-                socket.socket(socket.AF_PACKET, socket.SOCK_RAW)) as raw:
-            try:
-                raw.sendto(gratuitous_arp(pod_mac, spec.address.ip), (spec.ifname, ETH_P_ARP))
-            except OSError as exc:
-                log.info("gratuitous ARP from %s in %s failed: %s", spec.ifname, spec.netns,
-                         exc)
 
     def delete_link(self, name: str) -> bool:
         """Delete a link by name; False if it was not there."""
