@@ -265,18 +265,20 @@ class AgentBox:
 
     def api(self, node: SandboxNode, method: str, path: str, body: Any = None,
             timeout: float = 10) -> tuple[int, Any] | None:
-        """One API call inside the node; requests other than GET carry its API token."""
+        """One API call inside the node; requests other than GET carry its API token. None when
+        the agent does not answer: refused, timed out, or the call into the node overran (a
+        starved machine)."""
         token = None if method == "GET" else self.api_token(node)
-        result: tuple[int, Any] | None = node.call(http_json, method, path, API_PORT, body,
-                                                   timeout, token, timeout=timeout + 5)
+        try:
+            result: tuple[int, Any] | None = node.call(http_json, method, path, API_PORT, body,
+                                                       timeout, token, timeout=timeout + 5)
+        except TimeoutError:
+            return None
         return result
 
     def status(self, node: SandboxNode) -> dict[str, Any] | None:
         """The node's status, or None when it does not answer (a wait polls again)."""
-        try:
-            answer = self.api(node, "GET", "/status")
-        except TimeoutError:  # the call into the node itself overran: a starved machine
-            return None
+        answer = self.api(node, "GET", "/status")
         return answer[1] if answer is not None and answer[0] == 200 else None
 
     def dataplane(self, node: SandboxNode) -> DataPlaneView:
