@@ -425,6 +425,7 @@ class Agent:
                 await nursery.start(self.reconciler.run)
                 nursery.start_soon(self.joiner.settle, self.reconciler.settle)
                 nursery.start_soon(self.joiner.run, svc)
+                nursery.start_soon(self.joiner.keep_known, svc)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._enforce_policy)
                 await nursery.start(self._serve_cni)
@@ -503,7 +504,7 @@ class Agent:
                 log.warning("member events were dropped; re-reading the member list")
                 if self._resync(svc):
                     self.reconciler.poke("member resync")
-            self.joiner.save_known(svc)
+            self.joiner.members_changed()
 
     async def _enforce_policy(self) -> None:
         """The policy source's states -> the enforcer -> the kernel, and the periodic check.

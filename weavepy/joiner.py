@@ -9,7 +9,9 @@ of `weavepy.targets`:
   healed partition merge;
 * the last run's members (`known-peers.json`, weavepy.peerstore): joined once, all at once, at
   start, so a founder launched without peers finds its cluster again after a crash or a reboot;
-  the live members' addresses are saved again whenever they change;
+  the live members' addresses are saved again when they change: at once after a quiet spell,
+  then at most every `KNOWN_PEERS_SAVE_GAP` seconds (a join wave of N members would otherwise
+  rewrite the file N times on every node), in a worker thread;
 * when the start-up view is complete (`settle`): two seconds after the first successful join,
   two seconds after start when there is nobody to join, and at most 15 s after start. Until
   then the reconciler keeps the peers it programmed in the last run, so nothing flaps.
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 SETTLE_AFTER_JOIN = 2.0  # seconds after the first successful join before retained peers go
 SETTLE_MAX = 15.0  # ... and at most this long after start, joined or not
+KNOWN_PEERS_SAVE_GAP = 5.0  # seconds at least between two saves of the live members
 
 
 class Joiner:
@@ -59,6 +62,7 @@ class Joiner:
         self.known_peers = load_known_peers(state_dir)
         self.first_join: float | None = None
         self._changed = trio.Event()
+        self._members_changed = trio.Event()
         self._known_saved: list[str] | None = None
 
     def wake(self) -> None:
@@ -75,14 +79,30 @@ class Joiner:
                     found.add(f"{IPv4Address(member.addr)}:{member.port}")
         return found
 
-    def save_known(self, svc: GossipService) -> None:
+    def members_changed(self) -> None:
+        """A member event arrived: the live members may differ from those saved."""
+        self._members_changed.set()
+
+    async def keep_known(self, svc: GossipService) -> None:
         """Remember the live members' addresses (rejoined at the next start, as serf's
         snapshot does), so a node launched without peers finds its cluster again at once."""
+        try:
+            while True:
+                await self._members_changed.wait()
+                self._members_changed = trio.Event()
+                known = self._known_to_save(svc)
+                if known is not None:
+                    saved = await trio.to_thread.run_sync(save_known_peers, self.state_dir, known)
+                    self._known_saved = known if saved else self._known_saved
+                await trio.sleep(KNOWN_PEERS_SAVE_GAP)
+        finally:  # stopping: what changed since the last save is saved now
+            known = self._known_to_save(svc) if self._members_changed.is_set() else None
+            if known is not None and save_known_peers(self.state_dir, known):
+                self._known_saved = known
+
+    def _known_to_save(self, svc: GossipService) -> list[str] | None:
         known = sorted(self.live_addresses(svc))
-        if not known or known == self._known_saved:
-            return
-        if save_known_peers(self.state_dir, known):
-            self._known_saved = known
+        return known if known and known != self._known_saved else None
 
     async def settle(self, settled: Callable[[], None]) -> None:
         """Call `settled()` once the start-up view is complete (joined, or nobody to join)."""
