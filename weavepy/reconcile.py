@@ -11,7 +11,8 @@ This module owns the step from "what the agent knows" to "what the kernel should
   (`HostRulesKeeper`: egress masquerade, forward accepts, the API guard; weavepy.hostrules)
   with the peer nodes of the pass. It runs when poked (a member event, a block change, the
   device deleted or set down), at least every `interval`, and coalesces bursts of pokes into
-  one pass.
+  one pass: a poke after a quiet spell runs a pass within 5 ms, the next at least `PASS_GAP`
+  (1 s) after that pass started.
 
 The rules it keeps:
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +86,8 @@ log = logging.getLogger(__name__)
 
 PROGRAMMED_FILE = "vxlan-peers.json"
 DEBOUNCE = 0.005  # seconds: pokes within this window share one pass
+PASS_GAP = 1.0  # seconds at least from one poked pass's start to the next (a join wave of N
+#               members pokes every node N times; each pass reads the whole kernel state)
 WG_ERROR_RETRY = 2.0  # seconds: the next pass after one with WireGuard route errors
 
 
@@ -468,6 +472,7 @@ class Reconciler:
         self.local_blocks: tuple[IPv4Network, ...] = ()
         self._wakeup = trio.Event()
         self._reasons: list[str] = []
+        self._pass_started = -math.inf
         self._bridge_made = False
         self._saved: list[dict[str, Any]] | None = None
         self.kept: Mapping[str, float] = {}  # failed peers whose routes are kept, to when
@@ -498,19 +503,26 @@ class Reconciler:
             self.poke("start")
             task_status.started()
             while True:
-                # route errors on the TUN device (e.g. a source address not there yet) are
-                # retried soon, not after a whole interval
-                wait = (min(self.interval, WG_ERROR_RETRY)
-                        if self.last is not None and self.last.wireguard_errors
-                        else self.interval)
-                if self.next_expiry is not None:  # a kept peer's grace ends: drop its routes
-                    wait = min(wait, max(0.0, self.next_expiry - trio.current_time()) + DEBOUNCE)
-                with trio.move_on_after(wait):
-                    await self._wakeup.wait()
-                await trio.sleep(DEBOUNCE)
-                self._wakeup = trio.Event()
-                reasons, self._reasons = self._reasons, []
-                await self.run_pass(", ".join(dict.fromkeys(reasons)) or "periodic")
+                await self.run_pass(await self.next_pass())
+
+    async def next_pass(self) -> str:
+        """Wait for the next pass (it starts on return) and say why it runs: a poke (after
+        `DEBOUNCE`, and no sooner than `PASS_GAP` after the last pass started, so a burst of
+        pokes shares a pass), or the periodic interval."""
+        # route errors on the TUN device (e.g. a source address not there yet) are retried
+        # soon, not after a whole interval
+        wait = (min(self.interval, WG_ERROR_RETRY)
+                if self.last is not None and self.last.wireguard_errors else self.interval)
+        if self.next_expiry is not None:  # a kept peer's grace ends: drop its routes
+            wait = min(wait, max(0.0, self.next_expiry - trio.current_time()) + DEBOUNCE)
+        with trio.move_on_after(wait):
+            await self._wakeup.wait()
+        await trio.sleep(DEBOUNCE)
+        await trio.sleep_until(self._pass_started + PASS_GAP)
+        self._wakeup = trio.Event()
+        self._pass_started = trio.current_time()
+        reasons, self._reasons = self._reasons, []
+        return ", ".join(dict.fromkeys(reasons)) or "periodic"
 
     async def _device_events(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
         async for event in receive:
