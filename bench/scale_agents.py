@@ -9,6 +9,14 @@ The sandbox therefore pins each node's underlay neighbours as permanent entries 
 virtual network answers ARP without asking), which do not count against the cap; the agents'
 own VTEP entries are permanent already.
 
+One disk holds every node's state here, too. Each agent saves its IPAM state durably (write,
+fsync, rename, fsync of the directory) after every decided slot, as it must before it answers,
+so a join wave of N agents makes at least 2N^2 fsyncs on the one disk that N hosts would
+spread over N disks (the 69-agent attempts reached load averages above 100, which count
+threads waiting on the disk as well as those running). The agents' state and run directories are therefore on tmpfs (`/dev/shm`), where
+fsync costs nothing: the CPU of every save is still paid, the disk's latency is not. Hosts
+with their own disks pay a few fsyncs per decided slot each.
+
 `python -m bench scale_agents [--agents 100] [--duration 600] [--settle 30] [--sample 60]`
 
 `--agents` full agents (`weavepy launch`, encrypted gossip, profile lan) run in the nodes of one
@@ -28,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -43,6 +53,7 @@ from weavepy.devtools.sandbox import Sandbox, SandboxNode
 
 LAUNCH_BATCH = 4
 LOAD_CEILING, LOAD_WAIT_MAX = 1.5, 120.0  # 1-minute load per core before a batch; bound, s
+TMPFS = "/dev/shm"  # the agents' state directories (see the module docstring)
 MESH_POLL = 5.0  # seconds between checks of the full mesh (two calls into every node each)
 
 
@@ -103,9 +114,10 @@ def run(args: Sequence[str]) -> str:
         raise SystemExit("scale_agents needs root (it builds a sandbox of network namespaces)")
     n = opts.agents
     box = Sandbox.create(nodes=n, static_neighbours=True)
+    state_root = Path(tempfile.mkdtemp(prefix=f"weavepy-{box.prefix}-", dir=TMPFS))
     try:
         rig = AgentBox(box, pod_range=str(box.pod_range), profile=opts.profile,
-                       log_level="warning")
+                       log_level="warning", state_root=state_root)
         launched = time.monotonic()
         founder, others = box.nodes[0], box.nodes[1:]
         rig.launch(founder)
@@ -140,6 +152,7 @@ def run(args: Sequence[str]) -> str:
         after = _gossip_view(rig, box.nodes)
     finally:
         box.destroy()
+        shutil.rmtree(state_root, ignore_errors=True)
 
     udp_in = sum(e[0] - s[0] for s, e in zip(udp_start, udp_end, strict=True))
     udp_out = sum(e[1] - s[1] for s, e in zip(udp_start, udp_end, strict=True))
@@ -178,5 +191,6 @@ def run(args: Sequence[str]) -> str:
             "no pod traffic runs). Suspicions and probe failures are the agents' cumulative "
             "gossip counters, end minus start of the window. Underlay neighbours are pinned "
             "(permanent entries, no ARP): one kernel's neighbour table, shared by every "
-            "namespace, cannot resolve a full mesh of this size. All agents share the machine's "
-            f"{os.cpu_count()} cores.\n")
+            "namespace, cannot resolve a full mesh of this size. The agents' state directories "
+            "are on tmpfs: one disk's journal cannot stand for the fsyncs of N hosts' disks. All "
+            f"agents share the machine's {os.cpu_count()} cores.\n")

@@ -131,9 +131,10 @@ class AgentBox:
     extra_args: Sequence[str] = ()
     log_level: str = "info"
     agents: dict[str, ManagedProcess] = field(default_factory=dict)
+    state_root: Path | None = None  # holds each agent's state and run directory
 
     def __post_init__(self) -> None:
-        self.root = self.box.run_dir / "agents"
+        self.root = self.state_root or self.box.run_dir / "agents"
         self.root.mkdir(parents=True, exist_ok=True)
         self.key_file = self.root / "gossip.key"
         if not self.key_file.exists():
