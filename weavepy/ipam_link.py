@@ -210,6 +210,7 @@ class IpamLink:
         self._cluster_id = self.core.cluster_id
         self.trio_token: trio.lowlevel.TrioToken | None = None
         self._meta_tag = ""
+        self._refreshed_seq: int | None = None
         self._refresh_blocks(notify=False)
 
     # -- inputs (non-blocking; from the delegate and the membership task) ----------------------
@@ -264,6 +265,11 @@ class IpamLink:
         return status_document(self.status(), self.allocator.usage(), self.drops)
 
     def _refresh_blocks(self, notify: bool = True) -> None:
+        """Re-read the blocks, cluster id and tag after a change of the core's state (`seq`);
+        a batch that changed nothing (a member event, a refused message) costs nothing here."""
+        if self.core.seq == self._refreshed_seq:
+            return
+        self._refreshed_seq = self.core.seq
         now = trio.current_time() if notify else 0.0
         status = self.core.status(now)
         blocks = {m.name: [IPv4Network(b) for b in m.blocks] for m in status.members if m.blocks}
