@@ -16,7 +16,8 @@ spread over N disks. The agents' state and run directories are therefore on tmpf
 (`/dev/shm`), where fsync costs nothing: the CPU of every save is still paid, the disk's
 latency is not.
 
-`python -m bench scale_agents [--agents 100] [--duration 600] [--settle 30] [--sample 60]`
+`python -m bench scale_agents [--agents 100] [--duration 600] [--settle 30] [--sample 60]
+[--batch 4] [--profile lan]`
 
 `--agents` full agents (`weavepy launch`, encrypted gossip, profile lan) run in the nodes of one
 sandbox (one network namespace per node on the sandbox's underlay bridge). The first founds the
@@ -50,7 +51,6 @@ from bench.gossip_idle import rss_mib, watch_cpu
 from weavepy.devtools.agentbox import AgentBox
 from weavepy.devtools.sandbox import Sandbox, SandboxNode
 
-LAUNCH_BATCH = 4
 CPU_BUSY_CEILING, CPU_SAMPLE, CPU_WAIT_MAX = 0.6, 5.0, 120.0  # before a batch: busy share
 #                                                             over a sample (s); bound (s)
 TMPFS = "/dev/shm"  # the agents' state directories (see the module docstring)
@@ -119,9 +119,12 @@ def run(args: Sequence[str]) -> str:
     parser.add_argument("--settle", type=float, default=30.0)
     parser.add_argument("--sample", type=float, default=60.0, help="CPU sample window, s")
     parser.add_argument("--profile", choices=["lan", "wan", "local"], default="lan")
+    parser.add_argument("--batch", type=int, default=4, help="agents launched at once")
     opts = parser.parse_args(list(args))
     if not 2 <= opts.agents <= 200:
         parser.error("--agents must be within 2..200 (one sandbox)")
+    if opts.batch < 1:
+        parser.error("--batch must be at least 1")
     if os.geteuid() != 0:
         raise SystemExit("scale_agents needs root (it builds a sandbox of network namespaces)")
     n = opts.agents
@@ -134,13 +137,13 @@ def run(args: Sequence[str]) -> str:
         founder, others = box.nodes[0], box.nodes[1:]
         rig.launch(founder)
         rig.wait_api(founder, timeout=60)
-        for batch in range(0, len(others), LAUNCH_BATCH):
+        for batch in range(0, len(others), opts.batch):
             _wait_for_cpu()
-            for node in others[batch:batch + LAUNCH_BATCH]:
+            for node in others[batch:batch + opts.batch]:
                 rig.launch(node, [founder])
-            for node in others[batch:batch + LAUNCH_BATCH]:
+            for node in others[batch:batch + opts.batch]:
                 rig.wait_api(node, timeout=120)
-            for node in others[batch:batch + LAUNCH_BATCH]:  # as operators join: a few at a time
+            for node in others[batch:batch + opts.batch]:  # as operators join: a few at a time
                 rig.wait(f"{node.name} to hold a block", partial(rig.blocks_of, [node]), 300)
         all_started = time.monotonic() - launched
         rig.wait(f"a block and routes everywhere in {n} nodes",
@@ -175,7 +178,7 @@ def run(args: Sequence[str]) -> str:
     alive_seen = [view["alive"] for view in after.values()]
     rows = [
         ["agents", f"{n} (`weavepy launch`, profile {opts.profile}, encrypted gossip), one "
-         "sandbox node each"],
+         f"sandbox node each, launched {opts.batch} at a time"],
         ["all started (API up) / a block and routes everywhere",
          f"{all_started:.0f} s / {meshed:.0f} s after the first launch"],
         ["window", f"{elapsed / 60:.1f} min after {opts.settle:g} s of settling"],
