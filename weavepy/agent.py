@@ -378,7 +378,8 @@ class Agent:
         self.metrics.observe_reconcile(seconds, ok)
 
     def _table_changed(self) -> None:
-        self.reconciler.poke("block table changed")
+        own = tuple(self.ipam.blocks_by_node().get(self.config.name, ()))
+        self.reconciler.poke("block table changed", urgent=own != self.reconciler.local_blocks)
 
     def _cluster_id_learned(self, cluster_id: str) -> None:
         if self.identity.cluster_id != cluster_id:

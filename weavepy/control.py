@@ -105,8 +105,9 @@ class NodeControl:
         return self.agent.metrics.render()
 
     def readiness(self) -> tuple[bool, list[str]]:
-        """(ready, the reasons it is not): a usable block, routes programmed, the CNI socket
-        listening and, where checked, the CNI config installed."""
+        """(ready, the reasons it is not): a usable block, routes programmed, the pod bridge
+        serving the usable blocks, the CNI socket listening and, where checked, the CNI config
+        installed."""
         agent = self.agent
         reasons = []
         ipam = agent.ipam.status()
@@ -118,6 +119,8 @@ class NodeControl:
             reasons.append("routes not programmed yet")
         elif not last.ok:
             reasons.append("the last reconcile pass had errors")
+        elif ipam is not None and not set(ipam.owned_blocks) <= set(agent.reconciler.local_blocks):
+            reasons.append("the pod bridge does not serve this node's blocks yet")
         if not agent.cni_listening:
             reasons.append("the CNI socket is not listening")
         conflist = self.conflist_path()

@@ -12,7 +12,7 @@ This module owns the step from "what the agent knows" to "what the kernel should
   with the peer nodes of the pass. It runs when poked (a member event, a block change, the
   device deleted or set down), at least every `interval`, and coalesces bursts of pokes into
   one pass: a poke after a quiet spell runs a pass within 5 ms, the next at least `PASS_GAP`
-  (1 s) after that pass started.
+  (1 s) after that pass started, unless this node's own blocks changed (its pods wait).
 
 The rules it keeps:
 
@@ -473,15 +473,19 @@ class Reconciler:
         self._wakeup = trio.Event()
         self._reasons: list[str] = []
         self._pass_started = -math.inf
+        self._urgent = trio.Event()
         self._bridge_made = False
         self._saved: list[dict[str, Any]] | None = None
         self.kept: Mapping[str, float] = {}  # failed peers whose routes are kept, to when
         self.next_expiry: float | None = None
 
-    def poke(self, reason: str) -> None:
-        """Ask for a pass soon (cheap; many pokes make one pass)."""
+    def poke(self, reason: str, *, urgent: bool = False) -> None:
+        """Ask for a pass soon (cheap; many pokes make one pass). An urgent one (this node's
+        own blocks changed: its pods wait for the bridge) does not wait for `PASS_GAP`."""
         self._reasons.append(reason)
         self._wakeup.set()
+        if urgent:
+            self._urgent.set()
 
     def settle(self) -> None:
         """The view is complete: stop programming retained peers it does not know."""
@@ -518,8 +522,9 @@ class Reconciler:
         with trio.move_on_after(wait):
             await self._wakeup.wait()
         await trio.sleep(DEBOUNCE)
-        await trio.sleep_until(self._pass_started + PASS_GAP)
-        self._wakeup = trio.Event()
+        with trio.move_on_at(self._pass_started + PASS_GAP):
+            await self._urgent.wait()
+        self._wakeup, self._urgent = trio.Event(), trio.Event()
         self._pass_started = trio.current_time()
         reasons, self._reasons = self._reasons, []
         return ", ".join(dict.fromkeys(reasons)) or "periodic"

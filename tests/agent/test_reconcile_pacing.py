@@ -1,7 +1,8 @@
 """The reconciler's pacing: a poke after a quiet spell starts a pass at once (after
 `DEBOUNCE`); a burst of pokes, such as a join wave's member events, shares passes no closer
-than `PASS_GAP`; and with no poke a pass still runs every `interval`. Trio's mock clock
-stands in for time; the reconciler is the agent's own (its kernel side is not touched)."""
+than `PASS_GAP`, unless the node's own blocks changed; and with no poke a pass still runs
+every `interval`. Trio's mock clock stands in for time; the reconciler is the agent's own
+(its kernel side is not touched)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def reconciler(run_dir: Path) -> Reconciler:
                       ensure_bridge=unused, interval=30.0)
 
 
-async def passes_for(rec: Reconciler, pokes_at: list[float],
-                     until: float) -> list[tuple[float, str]]:
+async def passes_for(rec: Reconciler, pokes_at: list[float], until: float,
+                     urgent_at: float | None = None) -> list[tuple[float, str]]:
     """Drive `next_pass` as the run loop does, poking at the given times; the passes' start
     times (from the first poke's clock) and their reasons."""
     start = trio.current_time()
@@ -32,6 +33,9 @@ async def passes_for(rec: Reconciler, pokes_at: list[float],
         for i, at in enumerate(pokes_at):
             await trio.sleep_until(start + at)
             rec.poke(f"event {i}")
+        if urgent_at is not None:
+            await trio.sleep_until(start + urgent_at)
+            rec.poke("own block", urgent=True)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(poker)
@@ -53,6 +57,17 @@ def test_a_burst_of_pokes_shares_passes_spaced_by_the_gap(tmp_path: Path) -> Non
         assert all(b - a >= PASS_GAP - 1e-6 for a, b in itertools.pairwise(starts)), passes
         assert len(passes) <= 4, passes  # not 100
         assert "event 99" in passes[-1][1], passes  # the last event is not left behind
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_change_of_the_nodes_own_blocks_does_not_wait_for_the_gap(tmp_path: Path) -> None:
+    """Its pods wait for the bridge to carry the block's gateway."""
+    async def main() -> None:
+        rec = reconciler(tmp_path)
+        passes = await passes_for(rec, [1.0, 1.1], until=5.0, urgent_at=1.2)
+        assert passes[:2] == [(round(1.0 + DEBOUNCE, 3), "event 0"),
+                              (1.2, "event 1, own block")], passes  # not at 2.005
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
