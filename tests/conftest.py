@@ -1,4 +1,5 @@
-"""Shared test plumbing: the skip-or-fail rule, the sandbox fixture and the agent fixture.
+"""Shared test plumbing: the skip-or-fail rule, the sandbox fixture, the agent fixture and the
+bounded wait of trio tests (`wait_until`).
 
 The rule: a test that needs root, a network namespace or a third-party peer calls `require(...)`.
 Outside CI an unmet need skips with the reason printed (pytest -ra shows it); with CI=true it
@@ -13,10 +14,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import trio
 
 pytest_plugins = ["pytester"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    with trio.move_on_after(timeout):
+        while not condition():
+            await trio.sleep(0.02)
+        return
+    raise AssertionError(f"timed out after {timeout} s waiting until {what}")
 
 
 def require(condition: bool, why: str) -> None:

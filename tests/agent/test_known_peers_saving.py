@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import trio
 from gossip.config import GossipConfig
 from gossip.events import MemberState
 from gossip.transport import GossipService
+from tests.conftest import wait_until
 from weavepy import joiner as joiner_module
 from weavepy.joiner import Joiner
 from weavepy.peerstore import load_known_peers, save_known_peers
@@ -26,14 +26,6 @@ from weavepy.peerstore import load_known_peers, save_known_peers
 LOOPBACK = "127.0.0.1"
 FAST = dataclasses.replace(GossipConfig.local(), probe_interval=0.5, probe_timeout=0.1,
                            gossip_interval=0.05)
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    with trio.move_on_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
-        return
-    raise AssertionError(f"timed out after {timeout} s waiting until {what}")
 
 
 def alive(svc: GossipService) -> int:

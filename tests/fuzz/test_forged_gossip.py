@@ -14,7 +14,7 @@ import dataclasses
 import os
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
@@ -26,19 +26,12 @@ from gossip.keyring import Keyring
 from gossip.messages import Dead, Ping, Suspect
 from gossip.transport import GossipService
 from gossip.wire import encode_message
+from tests.conftest import wait_until
 
 LOOPBACK = "127.0.0.1"
 KEY = bytes(range(32))
 FAST = dataclasses.replace(GossipConfig.local(), probe_interval=0.5, probe_timeout=0.1,
                            gossip_interval=0.05, retransmit_mult=4)
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    with trio.move_on_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
-        return
-    raise AssertionError(f"timed out after {timeout} s waiting until {what}")
 
 
 def all_alive(svc: GossipService, names: set[str]) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 
@@ -23,6 +23,7 @@ from gossip.limits import DEFAULT_LIMITS
 from gossip.messages import ErrResp
 from gossip.transport import GossipService, JoinError
 from gossip.wire import StreamDecoder
+from tests.conftest import wait_until
 
 LOOPBACK = "127.0.0.1"
 # The local profile with quicker probes: a dead node is declared so in about 2 s. The LAN
@@ -57,14 +58,6 @@ class Inbox:
 
     def merge_remote_state(self, buf: bytes, join: bool) -> None:
         pass
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    with trio.move_on_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
-        return
-    raise AssertionError(f"timed out after {timeout} s waiting until {what}")
 
 
 def states(svc: GossipService) -> dict[str, MemberState]:
